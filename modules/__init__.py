@@ -1,0 +1,1 @@
+"""LoRA essay scoring: data, models, losses, trainer, scoring, sampling, voting, plots, converters."""
