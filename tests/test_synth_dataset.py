@@ -1,0 +1,148 @@
+"""The shipped synthetic dataset: reproducible, well-formed, honestly labelled, learnable."""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from modules import convert
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "aes_dataset_mtl"
+SPLITS = ("train", "valid", "test")
+FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "dataset.json", "README.md")
+
+
+def _load(split: str) -> list[dict]:
+    with open(DATA / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def meta() -> dict:
+    return json.loads((DATA / "dataset.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[dict]]:
+    return {s: _load(s) for s in SPLITS}
+
+
+def test_regeneration_is_byte_identical(tmp_path: Path) -> None:
+    out = tmp_path / "aes_dataset_mtl"
+    assert convert.main(["synth", "--out_dir", str(out), "--seed", "0"]) == 0
+    for name in FILES:
+        assert (out / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_other_seed_differs() -> None:
+    a = convert.generate_synthetic(0, {"train": 5, "valid": 0, "test": 0})["train"]
+    b = convert.generate_synthetic(1, {"train": 5, "valid": 0, "test": 0})["train"]
+    assert [r["essay"] for r in a] != [r["essay"] for r in b]
+
+
+def test_dataset_json_schema(meta: dict) -> None:
+    assert isinstance(meta["name"], str) and meta["language"] == "en"
+    assert 3 <= len(meta["prompts"]) <= 4
+    for p in meta["prompts"]:
+        assert set(p) == {"id", "title", "text"} and all(isinstance(v, str) and v for v in p.values())
+    assert [r["name"] for r in meta["rubrics"]] == list(convert.RUBRIC_NAMES)
+    for r in meta["rubrics"]:
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", r["name"])
+        assert (r["min"], r["max"]) == (1, 9) and r["description"]
+        assert list(r["levels"]) == [str(i) for i in range(1, 10)]
+        assert all(isinstance(v, str) and v for v in r["levels"].values())
+
+
+def test_records_schema(meta: dict, splits: dict[str, list[dict]]) -> None:
+    prompt_ids = {p["id"] for p in meta["prompts"]}
+    names = [r["name"] for r in meta["rubrics"]]
+    assert {s: len(v) for s, v in splits.items()} == {"train": 200, "valid": 30, "test": 60}
+    ids = []
+    for recs in splits.values():
+        for r in recs:
+            assert list(r) == ["id", "prompt_id", "essay", "scores", "feedback"]
+            assert re.fullmatch(r"synth-\d{5}", r["id"]) and r["prompt_id"] in prompt_ids
+            assert list(r["scores"]) == names
+            assert all(type(v) is int and 1 <= v <= 9 for v in r["scores"].values())
+            for field in ("essay", "feedback"):
+                assert r[field] and unicodedata.normalize("NFC", r[field]) == r[field]
+            assert 45 <= len(r["essay"].split()) <= 130
+            assert 1 <= len(re.findall(r"[.!?](?:\s|$)", r["feedback"])) <= 3
+            ids.append(r["id"])
+    assert len(ids) == len(set(ids))  # unique within and across splits
+    for split in SPLITS:  # one JSON object per line, UTF-8, ensure_ascii=False layout
+        for line in (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            assert line == json.dumps(json.loads(line), ensure_ascii=False)
+
+
+def test_scores_recomputable_from_text(splits: dict[str, list[dict]]) -> None:
+    max_noise = max(abs(n) for n in convert.NOISE)
+    assert max_noise == 1
+    exact = total = 0
+    for recs in splits.values():
+        for r in recs:
+            base = convert.score_from_measures(convert.measure_essay(r["essay"], r["prompt_id"]))
+            for name, score in r["scores"].items():
+                assert abs(score - base[name]) <= max_noise, (r["id"], name, score, base[name])
+                exact += score == base[name]
+                total += 1
+    assert 0.35 < exact / total < 0.75  # noise is present but not dominant
+
+
+def test_cue_lists_do_not_collide() -> None:
+    """A misspelling must never break another cue, and cue lists must not overlap."""
+    phrases = [*convert.INTRO_OPENERS, *convert.CONCLUSION_OPENERS, *convert.POSITION_MARKERS,
+               *convert.EXAMPLE_MARKERS, *convert.DEPTH_MARKERS, *convert.COUNTER_MARKERS,
+               *convert.TRANSITIONS, *convert.ADVANCED_WORDS, *convert.OFF_TOPIC_WORDS]
+    phrases += [w for p in convert.PROMPTS for w in [p["key"], *p["topic"]]]
+    for key in convert.MISSPELLINGS:
+        assert not any(convert._find(key, ph) for ph in phrases), key
+    topic_sets = [set(p["topic"]) for p in convert.PROMPTS]
+    assert all(not (a & b) for i, a in enumerate(topic_sets) for b in topic_sets[i + 1:])
+
+
+def test_measure_essay_detects_cues() -> None:
+    text = ("In this essay I discuss school uniforms. In my opinion, a dress code helps.\n\n"
+            "However, for example, 30 poeple said bullying fell. This means that identity "
+            "matters, a crucial point. My cat likes the sofa.\n\nIn conclusion, it works.")
+    m = convert.measure_essay(text, "school_uniforms")
+    assert (m["has_intro"], m["has_conclusion"], m["paragraphs"]) == (1, 1, 3)
+    assert (m["has_position"], m["has_key_phrase"], m["off_topic_sentences"]) == (1, 1, 1)
+    assert m["topic_found"] == ["dress code", "bullying", "identity"]
+    assert (m["example_markers"], m["has_number"], m["depth_markers"]) == (1, 1, 1)
+    assert (m["transitions"], m["advanced_words"], m["misspellings"]) == (1, 1, 1)
+
+
+def test_score_spread(splits: dict[str, list[dict]]) -> None:
+    for name in convert.RUBRIC_NAMES:
+        assert len({r["scores"][name] for r in splits["train"]}) >= 5, name
+    assert len({r["prompt_id"] for r in splits["train"]}) == len(convert.PROMPTS)
+
+
+def test_ridge_baseline_learnable(meta: dict, splits: dict[str, list[dict]]) -> None:
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import cohen_kappa_score
+
+    train, test = splits["train"], splits["test"]
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    xtr = vec.fit_transform([r["essay"] for r in train])
+    xte = vec.transform([r["essay"] for r in test])
+    qwks = {}
+    for rb in meta["rubrics"]:
+        lo, hi, name = rb["min"], rb["max"], rb["name"]
+        model = Ridge(alpha=1.0).fit(xtr, [r["scores"][name] for r in train])
+        pred = np.clip(np.rint(model.predict(xte)), lo, hi).astype(int)
+        qwks[name] = cohen_kappa_score([r["scores"][name] for r in test], pred,
+                                       weights="quadratic", labels=list(range(lo, hi + 1)))
+    mean = sum(qwks.values()) / len(qwks)
+    print({k: round(v, 3) for k, v in qwks.items()}, round(mean, 3))
+    assert mean >= 0.6, qwks
+    assert min(qwks.values()) >= 0.5, qwks
+    readme = (DATA / "README.md").read_text(encoding="utf-8")
+    assert f"**{mean:.3f}**" in readme  # the dataset card reports the same baseline
