@@ -1,0 +1,420 @@
+"""Dataset schema, loading with one-line validation errors, prompt rendering and label masks.
+
+A dataset folder holds ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` and ``dataset.json``
+(rubrics in order with ranges, writing prompts, language). Records are
+``{"id", "prompt_id", "essay", "scores": {rubric: int}, "feedback"}``; the original tool's
+``{"instruction", "output"}`` records are accepted too.
+
+Training examples are built by tokenising the rendered prompt and the target separately and
+concatenating the ids, so no prompt token can ever become a label. Inside the target, the
+score-number tokens (``ntl_labels``) and the feedback tokens (``emo_labels``) are found from
+character offsets, never from fixed token counts, so any tokenizer works.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from modules.losses import IGNORE_INDEX, number_token_values
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+PROMPT_FORMATS = ("chat", "plain")
+# Rubric range the original tool used; applied when a folder of original records has no dataset.json.
+ORIGINAL_RANGE = (1, 9)
+
+
+class DataError(ValueError):
+    """Bad input, reported as one line naming the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Rubric:
+    name: str
+    min: int
+    max: int
+    description: str = ""
+    levels: dict[str, str] | None = None
+
+    @property
+    def midpoint(self) -> int:
+        return (self.min + self.max) // 2
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    rubrics: tuple[Rubric, ...]
+    prompts: dict[str, str] = field(default_factory=dict)
+    language: str = "en"
+    name: str = ""
+
+    @property
+    def rubric_names(self) -> list[str]:
+        return [r.name for r in self.rubrics]
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(r.min, r.max) for r in self.rubrics]
+
+
+@dataclass(frozen=True)
+class EssayRecord:
+    id: str
+    prompt_id: str
+    essay: str
+    scores: tuple[int, ...]  # rubric order of DatasetInfo
+    feedback: str = ""
+    instruction: str | None = None  # set for the original tool's records: the prompt is used verbatim
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _fail(path: Path, line: int | None, fieldname: str | None, problem: str) -> DataError:
+    where = f"{path}:{line}" if line is not None else str(path)
+    return DataError(f"{where}: field '{fieldname}': {problem}" if fieldname else f"{where}: {problem}")
+
+
+# --------------------------------------------------------------------------- dataset.json
+
+def load_dataset_info(data_dir: str | Path) -> DatasetInfo:
+    """Read and validate ``dataset.json`` in ``data_dir``."""
+    path = Path(data_dir) / "dataset.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise _fail(path, err.lineno, None, f"invalid JSON ({err.msg})") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, 1, None, "expected a JSON object")
+    rubrics_raw = raw.get("rubrics")
+    if not isinstance(rubrics_raw, list) or not rubrics_raw:
+        raise _fail(path, None, "rubrics", "missing or empty list")
+    rubrics = []
+    for i, r in enumerate(rubrics_raw):
+        for key in ("name", "min", "max"):
+            if not isinstance(r, dict) or key not in r:
+                raise _fail(path, None, f"rubrics[{i}].{key}", "missing")
+        if not all(isinstance(r[k], int) and not isinstance(r[k], bool) for k in ("min", "max")) or r["min"] > r["max"]:
+            raise _fail(path, None, f"rubrics[{i}]", f"min/max must be integers with min <= max, got {r['min']!r}..{r['max']!r}")
+        rubrics.append(Rubric(str(r["name"]), r["min"], r["max"], nfc(r.get("description", "")), r.get("levels")))
+    names = [r.name for r in rubrics]
+    if len(set(names)) != len(names):
+        raise _fail(path, None, "rubrics", f"duplicate rubric names {names}")
+    prompts = {str(p["id"]): nfc(p.get("text", "")) for p in raw.get("prompts", []) if isinstance(p, dict) and "id" in p}
+    return DatasetInfo(tuple(rubrics), prompts, raw.get("language", "en"), raw.get("name", ""))
+
+
+def infer_dataset_info(path: str | Path) -> DatasetInfo:
+    """Rubrics of a folder of original ``{"instruction", "output"}`` records without dataset.json.
+
+    The original tool scored K rubrics 1-9 and wrote no schema, so K comes from the first score line.
+    """
+    path = Path(path)
+    first = _first_record(path)
+    if first is None:
+        raise _fail(path, None, None, "empty split (no records)")
+    lineno, obj = first
+    if not isinstance(obj, dict) or "output" not in obj:
+        raise _fail(path, lineno, "output", "missing, and no dataset.json beside the file to name the rubrics")
+    k = len(_split_output(str(obj["output"]))[0])
+    if k == 0:
+        raise _fail(path, lineno, "output", "first line holds no score")
+    logger.warning("%s: no dataset.json; inferred %d rubrics rubric_1..rubric_%d with range %d-%d",
+                   path, k, k, *ORIGINAL_RANGE)
+    return DatasetInfo(tuple(Rubric(f"rubric_{i + 1}", *ORIGINAL_RANGE) for i in range(k)))
+
+
+def _first_record(path: Path) -> tuple[int, Any] | None:
+    for lineno, obj in _iter_jsonl(path):
+        return lineno, obj
+    return None
+
+
+# --------------------------------------------------------------------------- records
+
+def _iter_jsonl(path: Path):
+    try:
+        handle = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    with handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise _fail(path, lineno, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
+def _split_output(output: str) -> tuple[list[str], str]:
+    """Original records: the output's first line is the space-separated score line, the rest feedback."""
+    first, _, rest = output.strip().partition("\n")
+    return first.split(), rest.strip()
+
+
+def _check_score(path: Path, lineno: int, fieldname: str, value: Any, rubric: Rubric) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _INT_RE.fullmatch(value))):
+        raise _fail(path, lineno, fieldname, f"score {value!r} is not an integer")
+    value = int(value)
+    if not rubric.min <= value <= rubric.max:
+        raise _fail(path, lineno, fieldname, f"score {value} outside {rubric.min}-{rubric.max}")
+    return value
+
+
+def _parse_record(path: Path, lineno: int, obj: Any, info: DatasetInfo) -> EssayRecord:
+    if not isinstance(obj, dict):
+        raise _fail(path, lineno, None, "expected a JSON object")
+    if "instruction" in obj and "essay" not in obj:
+        return _parse_original(path, lineno, obj, info)
+    for key in ("id", "essay", "scores"):
+        if key not in obj:
+            raise _fail(path, lineno, key, "missing")
+    if not isinstance(obj["essay"], str) or not obj["essay"].strip():
+        raise _fail(path, lineno, "essay", "must be a non-empty string")
+    scores = obj["scores"]
+    if not isinstance(scores, dict):
+        raise _fail(path, lineno, "scores", "must be an object {rubric: int}")
+    known = set(info.rubric_names)
+    for name in scores:
+        if name not in known:
+            raise _fail(path, lineno, f"scores.{name}", f"unknown rubric (dataset.json names {info.rubric_names})")
+    values = []
+    for rubric in info.rubrics:
+        if rubric.name not in scores:
+            raise _fail(path, lineno, f"scores.{rubric.name}", "missing")
+        values.append(_check_score(path, lineno, f"scores.{rubric.name}", scores[rubric.name], rubric))
+    feedback = obj.get("feedback", "")
+    if not isinstance(feedback, str):
+        raise _fail(path, lineno, "feedback", "must be a string")
+    return EssayRecord(str(obj["id"]), str(obj.get("prompt_id", "")), nfc(obj["essay"]), tuple(values), nfc(feedback))
+
+
+def _parse_original(path: Path, lineno: int, obj: dict, info: DatasetInfo) -> EssayRecord:
+    if "output" not in obj:
+        raise _fail(path, lineno, "output", "missing")
+    if not isinstance(obj["instruction"], str) or not obj["instruction"].strip():
+        raise _fail(path, lineno, "instruction", "must be a non-empty string")
+    tokens, feedback = _split_output(str(obj["output"]))
+    if len(tokens) != len(info.rubrics):
+        raise _fail(path, lineno, "output", f"score line has {len(tokens)} values, expected {len(info.rubrics)}")
+    values = tuple(_check_score(path, lineno, f"output[{i}]", tok, rubric)
+                   for i, (tok, rubric) in enumerate(zip(tokens, info.rubrics)))
+    instruction = nfc(obj["instruction"])
+    return EssayRecord(str(obj.get("id", f"{path.stem}-{lineno}")), str(obj.get("prompt_id", "")),
+                       nfc(str(obj.get("essay", instruction))), values, nfc(feedback), instruction)
+
+
+def dataset_info_for(path: str | Path) -> DatasetInfo:
+    """The schema of a split file: dataset.json beside it, else inferred from original records."""
+    path = Path(path)
+    if (path.parent / "dataset.json").exists():
+        return load_dataset_info(path.parent)
+    return infer_dataset_info(path)
+
+
+def load_split(path: str | Path, info: DatasetInfo | None = None, ratio: float = 1.0, seed: int = 42) -> list[EssayRecord]:
+    """Load and validate one jsonl split; ``ratio`` < 1 keeps a seeded random subset in file order."""
+    path = Path(path)
+    info = info or dataset_info_for(path)
+    records, seen = [], {}
+    for lineno, obj in _iter_jsonl(path):
+        record = _parse_record(path, lineno, obj, info)
+        if record.id in seen:
+            raise _fail(path, lineno, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})")
+        seen[record.id] = lineno
+        records.append(record)
+    if not records:
+        raise _fail(path, None, None, "empty split (no records)")
+    return subsample(records, ratio, seed)
+
+
+def subsample(records: Sequence[EssayRecord], ratio: float, seed: int) -> list[EssayRecord]:
+    """A seeded random ``ratio`` of the records (at least one), keeping their order."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"--ratio must be in (0, 1], got {ratio}")
+    if ratio == 1:
+        return list(records)
+    keep = max(1, round(ratio * len(records)))
+    chosen = sorted(random.Random(seed).sample(range(len(records)), keep))
+    return [records[i] for i in chosen]
+
+
+def load_splits(data_dir: str | Path, ratio: float = 1.0, seed: int = 42) -> tuple[DatasetInfo, dict[str, list[EssayRecord]]]:
+    """All three splits of a dataset folder; ``ratio`` subsamples the training split only."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found")
+    info = dataset_info_for(data_dir / "train.jsonl")
+    splits = {name: load_split(data_dir / f"{name}.jsonl", info, ratio if name == "train" else 1.0, seed)
+              for name in SPLITS}
+    return info, splits
+
+
+# --------------------------------------------------------------------------- rendering
+
+def score_line(scores: Sequence[int]) -> str:
+    return " ".join(str(int(s)) for s in scores)
+
+
+def render_instruction(record: EssayRecord, info: DatasetInfo, mtl: bool = False) -> str:
+    """The user message: task, rubric names and ranges, writing prompt and essay."""
+    if record.instruction is not None:
+        return record.instruction
+    # Names and ranges only, on one line: every prompt token is paid for in every training step.
+    if len(set(info.ranges)) == 1:
+        lo, hi = info.ranges[0]
+        rubric_text = f"in order, each scored {lo}-{hi}: " + ", ".join(info.rubric_names)
+    else:
+        rubric_text = "in order: " + ", ".join(f"{r.name} ({r.min}-{r.max})" for r in info.rubrics)
+    answer = (f"Answer with one line of {len(info.rubrics)} integer scores in this order, separated by spaces"
+              + (", then a new line with short feedback." if mtl else ", and nothing else."))
+    parts = [f"Score the essay on each rubric. {answer}", f"Rubrics {rubric_text}."]
+    writing_prompt = info.prompts.get(record.prompt_id)
+    if writing_prompt:
+        parts.append(f"Writing prompt: {writing_prompt}")
+    parts.append(f"Essay:\n{record.essay}")
+    return "\n\n".join(parts)
+
+
+def render_prompt(tokenizer, instruction: str, prompt_format: str = "chat") -> str:
+    """Wrap the instruction in the chat template, or the original tool's plain concatenation."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "chat" and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                             tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token or ""
+    return f"{bos}{instruction}\n"
+
+
+def target_text(record: EssayRecord, mtl: bool) -> str:
+    line = score_line(record.scores)
+    return f"{line}\n{record.feedback}" if mtl and record.feedback else line
+
+
+def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = False, prompt_format: str = "chat") -> str:
+    return render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
+
+
+# --------------------------------------------------------------------------- label masks
+
+def _score_spans(line: str) -> list[tuple[int, int]]:
+    return [m.span() for m in re.finditer(r"\d+", line)]
+
+
+def _overlaps(span: tuple[int, int], lo: int, hi: int) -> bool:
+    return span[0] < hi and span[1] > lo and span[1] > span[0]
+
+
+def encode_example(record: EssayRecord, info: DatasetInfo, tokenizer, *, mtl: bool = False,
+                   prompt_format: str = "chat", max_seq_length: int | None = None,
+                   number_values: torch.Tensor | None = None) -> dict[str, list[int]]:
+    """Token ids and the three label masks of one training example.
+
+    ``labels`` = target + EOS; ``ntl_labels`` = the score-number tokens; ``emo_labels`` = the
+    feedback tokens (MTL only); all other positions hold -100. When the example is longer than
+    ``max_seq_length`` the essay is shortened, never the target.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("a fast tokenizer is required: label masks come from character offsets")
+    if number_values is None:
+        number_values = number_token_values(tokenizer)
+    target = target_text(record, mtl)
+    enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+    target_ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    offsets = list(enc["offset_mapping"]) + [(len(target), len(target))]
+    prompt_ids = _prompt_ids(record, info, tokenizer, mtl, prompt_format, max_seq_length, len(target_ids))
+
+    line_len = len(score_line(record.scores))
+    spans = _score_spans(target[:line_len])
+    ntl, emo = [], []
+    for tok, span in zip(target_ids, offsets):
+        is_number = tok < len(number_values) and not torch.isnan(number_values[tok])
+        in_score = any(_overlaps(span, lo, hi) for lo, hi in spans)
+        ntl.append(tok if in_score and is_number else IGNORE_INDEX)
+        emo.append(tok if mtl and _overlaps(span, line_len + 1, len(target)) else IGNORE_INDEX)
+    if sum(t != IGNORE_INDEX for t in ntl) < len(spans):
+        logger.warning("%s: some score digits are not number tokens for this tokenizer; NTL skips them", record.id)
+
+    pad = [IGNORE_INDEX] * len(prompt_ids)
+    return {"input_ids": prompt_ids + target_ids, "labels": pad + target_ids,
+            "ntl_labels": pad + ntl, "emo_labels": pad + emo}
+
+
+def _prompt_ids(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool, prompt_format: str,
+                max_seq_length: int | None, target_len: int) -> list[int]:
+    """Prompt ids, shortening the essay until prompt + target fit in ``max_seq_length``."""
+    # Chat templates write their own BOS text; the plain format writes it too (render_prompt).
+    ids = tokenizer(build_prompt(record, info, tokenizer, mtl, prompt_format), add_special_tokens=False)["input_ids"]
+    if max_seq_length is None or len(ids) + target_len <= max_seq_length:
+        return list(ids)
+    text = record.instruction if record.instruction is not None else record.essay
+    for _ in range(8):
+        excess = len(ids) + target_len - max_seq_length
+        if excess <= 0:
+            return list(ids)
+        text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(text_ids) - excess
+        if keep <= 0:
+            break
+        text = tokenizer.decode(text_ids[:keep])
+        shorter = replace(record, instruction=text) if record.instruction is not None else replace(record, essay=text)
+        ids = tokenizer(build_prompt(shorter, info, tokenizer, mtl, prompt_format), add_special_tokens=False)["input_ids"]
+    if len(ids) + target_len > max_seq_length:
+        raise ValueError(f"{record.id}: prompt without the essay plus target exceeds max_seq_length={max_seq_length}")
+    return list(ids)
+
+
+class ScoringCollator:
+    """Pads encoded examples into tensors; padding is ignored by every label mask.
+
+    Left padding by default: every target then ends in the last column, so the trainer computes
+    logits for the target span only (``modules.trainer.logits_to_keep``).
+    """
+
+    keys = ("labels", "ntl_labels", "emo_labels")
+
+    def __init__(self, pad_token_id: int, padding_side: str = "left"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": torch.full((len(features), width), self.pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}
+        for key in self.keys:
+            batch[key] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            batch["input_ids"][row, cols] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][row, cols] = 1
+            for key in self.keys:
+                batch[key][row, cols] = torch.tensor(f[key])
+        return batch
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a killed run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,61 @@
+"""Shared fixtures: the three tokenizer families the label masks must handle."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Llama-3's pre-tokenisation splits numbers into groups of up to three digits, so "12" and "25"
+# become single tokens, and a number never carries the preceding space.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def build_llama3_style_tokenizer():
+    """A byte-level BPE tokenizer with Llama-3's number splitting, trained here on a tiny corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(str(n) for n in range(0, 400)),
+              "The essay scores 12 7 25 and 3 4 5. The writer uses clear examples and transitions.",
+              "Feedback: strong ideas, weak spelling; add details to support each paragraph."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|pad|>", chat_template=LLAMA3_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def llama3_style_tokenizer():
+    return build_llama3_style_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from modules.models import load_tokenizer
+    return load_tokenizer("tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from modules.models import load_tokenizer
+    try:
+        return load_tokenizer("smollm2-135m")
+    except (OSError, RuntimeError) as err:  # no package, no cache and no registry: offline machine
+        pytest.skip(f"smollm2-135m not available offline: {err}")

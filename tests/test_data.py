@@ -1,0 +1,218 @@
+"""Data layer: validation errors, original records, subsampling, rendering and label masks."""
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.data import (IGNORE_INDEX, DataError, DatasetInfo, EssayRecord, Rubric, ScoringCollator,
+                          build_prompt, encode_example, load_dataset_info, load_split, load_splits,
+                          score_line, target_text)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUBRICS = [{"name": "content", "min": 0, "max": 30, "description": "ideas"},
+           {"name": "style", "min": 1, "max": 9, "description": "voice"},
+           {"name": "mechanics", "min": 1, "max": 9}]
+
+
+def write_folder(tmp_path: Path, records: list, rubrics=RUBRICS, raw_lines: list[str] | None = None) -> Path:
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "t", "language": "en", "rubrics": rubrics,
+                                                       "prompts": [{"id": "p1", "text": "Describe patience."}]}))
+    lines = raw_lines if raw_lines is not None else [json.dumps(r) for r in records]
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def record(i: int = 1, **overrides) -> dict:
+    base = {"id": f"e{i}", "prompt_id": "p1", "essay": f"I waited for the bus number {i} patiently.",
+            "scores": {"content": 12, "style": 7, "mechanics": 3}, "feedback": "Clear story; check commas."}
+    base.update(overrides)
+    return base
+
+
+# --------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("line, field_text", [
+    ('{"id": "e2", "essay": "x", "scores": {', "invalid JSON"),
+    (json.dumps({"id": "e2", "essay": "text"}), "field 'scores': missing"),
+    (json.dumps(record(2, scores={"content": 5, "style": 5})), "field 'scores.mechanics': missing"),
+    (json.dumps(record(2, scores={"content": 5, "style": 5, "mechanics": 5, "voice": 2})), "field 'scores.voice': unknown rubric"),
+    (json.dumps(record(2, scores={"content": 31, "style": 5, "mechanics": 5})), "field 'scores.content': score 31 outside 0-30"),
+    (json.dumps(record(2, scores={"content": 3.5, "style": 5, "mechanics": 5})), "field 'scores.content': score 3.5 is not an integer"),
+    (json.dumps(record(1)), "field 'id': duplicate id 'e1'"),
+])
+def test_bad_record_names_file_line_and_field(tmp_path, line, field_text):
+    folder = write_folder(tmp_path, [], raw_lines=[json.dumps(record(1)), line])
+    with pytest.raises(DataError) as err:
+        load_split(folder / "train.jsonl")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{folder / 'train.jsonl'}:2:")
+    assert field_text in message
+
+
+def test_empty_split_and_missing_files(tmp_path):
+    folder = write_folder(tmp_path, [], raw_lines=[""])
+    with pytest.raises(DataError, match="train.jsonl: empty split"):
+        load_split(folder / "train.jsonl")
+    with pytest.raises(DataError, match="data folder not found"):
+        load_splits(tmp_path / "nope")
+
+
+def test_bad_dataset_json(tmp_path):
+    (tmp_path / "dataset.json").write_text('{"rubrics": [{"name": "a", "min": 5, "max": 1}]}')
+    with pytest.raises(DataError, match=r"dataset.json: field 'rubrics\[0\]'"):
+        load_dataset_info(tmp_path)
+
+
+def test_original_records_with_inferred_rubrics(tmp_path, caplog):
+    lines = [json.dumps({"instruction": f"Rate essay {i}", "output": f"{i} 5 6 7\nGood work."}) for i in range(1, 4)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        records = load_split(tmp_path / "train.jsonl")
+    assert "inferred 4 rubrics" in caplog.text
+    assert [r.scores for r in records] == [(1, 5, 6, 7), (2, 5, 6, 7), (3, 5, 6, 7)]
+    assert records[0].instruction == "Rate essay 1" and records[0].feedback == "Good work."
+    bad = json.dumps({"instruction": "x", "output": "1 5 6 10"})
+    (tmp_path / "valid.jsonl").write_text(lines[0] + "\n" + bad + "\n")
+    with pytest.raises(DataError, match=r"valid.jsonl:2: field 'output\[3\]': score 10 outside 1-9"):
+        load_split(tmp_path / "valid.jsonl")
+
+
+def test_ratio_is_seeded_and_not_head_of_file(tmp_path):
+    folder = write_folder(tmp_path, [record(i) for i in range(40)])
+    first = load_split(folder / "train.jsonl", ratio=0.25, seed=3)
+    again = load_split(folder / "train.jsonl", ratio=0.25, seed=3)
+    other = load_split(folder / "train.jsonl", ratio=0.25, seed=4)
+    assert len(first) == 10 and [r.id for r in first] == [r.id for r in again]
+    assert [r.id for r in first] != [f"e{i}" for i in range(10)]
+    assert [r.id for r in first] != [r.id for r in other]
+    ids = [int(r.id[1:]) for r in first]
+    assert ids == sorted(ids)  # file order kept
+    info, splits = load_splits(folder, ratio=0.25, seed=3)
+    assert len(splits["train"]) == 10 and len(splits["test"]) == 40
+
+
+def test_text_is_nfc_normalised(tmp_path):
+    decomposed = "Cafe\u0301 na\u0131\u0308ve"
+    folder = write_folder(tmp_path, [record(1, essay=decomposed, feedback=decomposed)])
+    rec = load_split(folder / "train.jsonl")[0]
+    assert rec.essay == unicodedata.normalize("NFC", decomposed) != decomposed
+    assert rec.feedback == rec.essay
+
+
+def test_shipped_dataset_validates():
+    info, splits = load_splits(ROOT / "aes_dataset_mtl")
+    assert len(info.rubrics) == 8 and all((r.min, r.max) == (1, 9) for r in info.rubrics)
+    assert all(len(splits[s]) > 0 for s in splits)
+    assert all(r.feedback for r in splits["train"])
+
+
+# --------------------------------------------------------------------------- masks
+
+def sample_info() -> DatasetInfo:
+    return DatasetInfo(tuple(Rubric(r["name"], r["min"], r["max"], r.get("description", "")) for r in RUBRICS),
+                       {"p1": "Write about a time you were patient."})
+
+
+def sample_records() -> list[EssayRecord]:
+    return [EssayRecord("a", "p1", "I waited two hours in line, and then the doors opened.", (12, 7, 3),
+                        "Vivid details; vary your sentences and check spelling."),
+            EssayRecord("b", "p1", "Patience is hard. My sister taught me to wait.", (25, 9, 1),
+                        "Good reflection, but the ending is abrupt.")]
+
+
+def number_groups(tokenizer, ids: list[int], positions: list[int]) -> list[str]:
+    """Re-assemble numbers from NTL positions: a token starting with a space, or not adjacent, starts a number."""
+    groups: list[str] = []
+    last = None
+    for pos in positions:
+        text = tokenizer.decode([ids[pos]])
+        if last is None or pos != last + 1 or text[:1].isspace():
+            groups.append("")
+        groups[-1] += text.strip()
+        last = pos
+    return groups
+
+
+def check_masks(tokenizer, prompt_format: str = "chat"):
+    info = sample_info()
+    for rec in sample_records():
+        ex = encode_example(rec, info, tokenizer, mtl=True, prompt_format=prompt_format)
+        ids, labels, ntl, emo = ex["input_ids"], ex["labels"], ex["ntl_labels"], ex["emo_labels"]
+        assert len(ids) == len(labels) == len(ntl) == len(emo)
+        prompt_ids = tokenizer(build_prompt(rec, info, tokenizer, True, prompt_format), add_special_tokens=False)["input_ids"]
+        n_prompt = len(prompt_ids)
+        # No prompt token is ever a label; the first label is the first target token.
+        assert ids[:n_prompt] == list(prompt_ids)
+        assert all(x == IGNORE_INDEX for x in labels[:n_prompt] + ntl[:n_prompt] + emo[:n_prompt])
+        assert labels[n_prompt] != IGNORE_INDEX
+        label_pos = [i for i, x in enumerate(labels) if x != IGNORE_INDEX]
+        assert label_pos == list(range(n_prompt, len(ids)))
+        assert all(labels[i] == ids[i] for i in label_pos)
+        assert tokenizer.decode([ids[i] for i in label_pos]) == target_text(rec, True) + tokenizer.eos_token
+        # NTL covers exactly the score numbers.
+        ntl_pos = [i for i, x in enumerate(ntl) if x != IGNORE_INDEX]
+        assert all(ntl[i] == ids[i] for i in ntl_pos)
+        assert number_groups(tokenizer, ids, ntl_pos) == score_line(rec.scores).split()
+        # EMO covers exactly the feedback.
+        emo_pos = [i for i, x in enumerate(emo) if x != IGNORE_INDEX]
+        assert emo_pos == list(range(emo_pos[0], emo_pos[-1] + 1))
+        assert tokenizer.decode([ids[i] for i in emo_pos]).strip() == rec.feedback
+        # Everything else in the target is separators or EOS.
+        rest = [ids[i] for i in label_pos if i not in set(ntl_pos) | set(emo_pos)]
+        assert tokenizer.decode(rest).replace(tokenizer.eos_token, "").strip() == ""
+        without_mtl = encode_example(rec, info, tokenizer, mtl=False, prompt_format=prompt_format)
+        assert all(x == IGNORE_INDEX for x in without_mtl["emo_labels"])
+        assert tokenizer.decode([x for x in without_mtl["labels"] if x != IGNORE_INDEX]) == score_line(rec.scores) + tokenizer.eos_token
+
+
+def test_masks_tiny_tokenizer(tiny_tokenizer):
+    assert len(tiny_tokenizer.tokenize("12")) == 2  # single-digit number tokens
+    check_masks(tiny_tokenizer, "chat")
+    check_masks(tiny_tokenizer, "plain")
+
+
+def test_masks_llama3_style_multi_digit_tokenizer(llama3_style_tokenizer):
+    assert llama3_style_tokenizer.tokenize("12") == ["12"]  # multi-digit number tokens
+    check_masks(llama3_style_tokenizer, "chat")
+    check_masks(llama3_style_tokenizer, "plain")
+
+
+def test_masks_smollm2_tokenizer(smollm2_tokenizer):
+    check_masks(smollm2_tokenizer, "chat")
+
+
+def test_truncation_shortens_the_essay_not_the_target(tiny_tokenizer):
+    info, rec = sample_info(), sample_records()[0]
+    long = EssayRecord(rec.id, rec.prompt_id, " ".join([rec.essay] * 40), rec.scores, rec.feedback)
+    full = encode_example(long, info, tiny_tokenizer, mtl=True)
+    cut = encode_example(long, info, tiny_tokenizer, mtl=True, max_seq_length=len(full["input_ids"]) // 2)
+    assert len(cut["input_ids"]) <= len(full["input_ids"]) // 2
+    target = lambda ex: [x for x in ex["labels"] if x != IGNORE_INDEX]
+    assert target(cut) == target(full)
+
+
+def test_collator_pads_and_masks(tiny_tokenizer):
+    info = sample_info()
+    feats = [encode_example(r, info, tiny_tokenizer, mtl=True) for r in sample_records()]
+    width = max(len(f["input_ids"]) for f in feats)
+    assert len(feats[0]["input_ids"]) != len(feats[1]["input_ids"])
+    for side in ("left", "right"):
+        batch = ScoringCollator(tiny_tokenizer.pad_token_id, side)(feats)
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "ntl_labels", "emo_labels"}
+        assert all(t.shape == (2, width) and t.dtype == torch.long for t in batch.values())
+        for row, f in enumerate(feats):
+            n = len(f["input_ids"])
+            real = slice(width - n, width) if side == "left" else slice(0, n)
+            pad = slice(0, width - n) if side == "left" else slice(n, width)
+            assert batch["attention_mask"][row].sum() == n and batch["attention_mask"][row, real].all()
+            assert batch["input_ids"][row, real].tolist() == f["input_ids"]
+            assert (batch["input_ids"][row, pad] == tiny_tokenizer.pad_token_id).all()
+            for key in ("labels", "ntl_labels", "emo_labels"):
+                assert batch[key][row, real].tolist() == f[key]
+                assert (batch[key][row, pad] == IGNORE_INDEX).all()
