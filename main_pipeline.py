@@ -1,0 +1,241 @@
+"""Train a LoRA essay scorer with CE + NTL + EMO, then score the test split and report QWK.
+
+    python main_pipeline.py --base_model_name smollm2-135m --mtl --no_wandb
+
+Stages: load data -> base model + tokenizer -> LoRA -> CustomTrainer (eval each epoch, best
+checkpoint by eval loss, early stopping) -> save adapter, tokenizer, run manifest -> greedy and
+probability-weighted inference on the test split -> evaluation_results.json + a printed table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("main_pipeline")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base_model_name", required=True, help="hub id, local dir, tiny-random-llama or smollm2-135m")
+    p.add_argument("--device_id", default=None, help="CUDA device index (CPU when no GPU)")
+    p.add_argument("--mtl", action="store_true", help="targets are score line + feedback; EMO on the feedback")
+    p.add_argument("--no_wandb", action="store_true")
+    p.add_argument("--dry_run", action="store_true", help="one forward pass on one batch, print every loss term, exit")
+    p.add_argument("--ratio", type=float, default=1.0, help="seeded random fraction of the training split")
+    p.add_argument("--ntl_weights", type=float, default=2.0, help="NTL weight; 0 disables, negative = dynamic")
+    p.add_argument("--emo_weights", type=float, default=0.1, help="EMO weight; 0 disables, negative = dynamic")
+    p.add_argument("--loss_type", choices=("mse", "was"), default="mse", help="NTL variant")
+    p.add_argument("--resume_checkpoint", default=None, help="run folder whose newest checkpoint-* to resume")
+    p.add_argument("--data_dir", default=str(ROOT / "aes_dataset_mtl"))
+    p.add_argument("--output_dir", default=None, help="run folder (default runs/<auto-name>)")
+    p.add_argument("--num_train_epochs", type=float, default=10)
+    p.add_argument("--max_steps", type=int, default=-1)
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--per_device_train_batch_size", type=int, default=4)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=8)
+    p.add_argument("--max_seq_length", type=int, default=1024)
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--lora_alpha", type=int, default=32)
+    p.add_argument("--lora_dropout", type=float, default=0.05)
+    p.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--early_stopping_patience", type=int, default=3)
+    p.add_argument("--emo_topk", type=int, default=64)
+    p.add_argument("--load_in_4bit", action="store_true", help="QLoRA (CUDA only)")
+    p.add_argument("--prompt_format", choices=("chat", "plain"), default="chat")
+    p.add_argument("--eval_steps", type=int, default=None, help="evaluate/save every N steps instead of each epoch")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--warmup_steps", type=float, default=0.03, help="int = steps, float in [0, 1) = ratio of all steps")
+    p.add_argument("--test_limit", type=int, default=None, help="score only the first N test essays")
+    p.add_argument("--no_weighted", action="store_true", help="skip the probability-weighted prediction")
+    p.add_argument("--generate_feedback", action="store_true", help="let greedy inference write the feedback too")
+    args = p.parse_args(argv)
+    if args.resume_checkpoint and args.output_dir and Path(args.output_dir) != Path(args.resume_checkpoint):
+        p.error("--resume_checkpoint names the run folder; do not also give a different --output_dir")
+    return args
+
+
+def run_name(args: argparse.Namespace) -> str:
+    model = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(args.base_model_name).name)
+    mode = "mtl" if args.mtl else "stl"
+    return f"{model}_{mode}_{args.loss_type}_ntl{args.ntl_weights:g}_emo{args.emo_weights:g}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint-* folder to resume from")
+    return checkpoints[-1]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn", "wandb", "gguf")
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def setup_wandb(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """Report to wandb unless --no_wandb; without an API key, run offline and say where the files go."""
+    if args.no_wandb:
+        return []
+    os.environ.setdefault("WANDB_PROJECT", "aes-lora")
+    os.environ["WANDB_DIR"] = str(run_dir)
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read_netrc()
+    if not has_key and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        os.environ["WANDB_MODE"] = "offline"
+    if os.environ.get("WANDB_MODE") == "offline":
+        print(f"wandb: offline mode; run files in {run_dir / 'wandb'} (upload later with `wandb sync`)")
+    return ["wandb"]
+
+
+def _read_netrc() -> str:
+    try:
+        return (Path.home() / ".netrc").read_text()
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device_id is not None and "LOCAL_RANK" not in os.environ:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(args.device_id))
+
+    from modules.data import DataError, load_splits
+    # Validate every split before any model is loaded: bad input fails in a second, not after minutes.
+    try:
+        info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run(args, info, splits)
+
+
+def run(args: argparse.Namespace, info, splits) -> int:
+    import torch
+    from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+
+    from modules.data import ScoringCollator, encode_example, write_json_atomic
+    from modules.losses import number_token_values
+    from modules.models import add_lora, default_dtype, load_base_model, resolve_device
+    from modules.scoring import evaluate_predictions, format_results_table, predict_split
+    from modules.trainer import LABEL_NAMES, CustomTrainer, LossConfig, compute_loss_terms
+
+    set_seed(args.seed)
+    resuming = args.resume_checkpoint is not None
+    run_dir = Path(args.resume_checkpoint or args.output_dir or ROOT / "runs" / run_name(args))
+    if resuming:
+        checkpoint = newest_checkpoint(run_dir)
+    elif not args.dry_run:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            print(f"error: {run_dir}: run folder exists and is not empty (use --resume_checkpoint to continue it)",
+                  file=sys.stderr)
+            return 2
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(0 if args.device_id is not None else None)
+    if args.load_in_4bit and device.type != "cuda":
+        print("error: --load_in_4bit needs a CUDA GPU (bitsandbytes QLoRA); drop the flag on CPU", file=sys.stderr)
+        return 2
+    model, tokenizer = load_base_model(args.base_model_name, device=device)
+    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()])
+    number_values = number_token_values(tokenizer)
+    loss_config = LossConfig(number_values, ntl_weight=args.ntl_weights,
+                             emo_weight=args.emo_weights if args.mtl else 0.0,
+                             loss_type=args.loss_type, emo_topk=args.emo_topk)
+
+    def encode(records):
+        return [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
+                               max_seq_length=args.max_seq_length, number_values=number_values) for r in records]
+
+    collator = ScoringCollator(tokenizer.pad_token_id)
+    if args.dry_run:
+        batch = collator(encode(splits["train"][: args.per_device_train_batch_size]))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            _, terms, _ = compute_loss_terms(model, batch, loss_config)
+        print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
+              + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+        return 0
+
+    train_set, valid_set = encode(splits["train"]), encode(splits["valid"])
+    report_to = setup_wandb(args, run_dir)
+    strategy = "steps" if args.eval_steps else "epoch"
+    training_args = TrainingArguments(
+        output_dir=str(run_dir), run_name=run_dir.name, seed=args.seed,
+        num_train_epochs=args.num_train_epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
+        eval_strategy=strategy, save_strategy=strategy, eval_steps=args.eval_steps, save_steps=args.eval_steps,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        save_total_limit=2, logging_steps=args.logging_steps, report_to=report_to,
+        label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
+        bf16=model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0)
+    trainer = CustomTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=valid_set,
+                            data_collator=collator, loss_config=loss_config,
+                            callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
+    if resuming:
+        print(f"resuming from {checkpoint} (global step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']})")
+    started = time.time()
+    train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if resuming else None)
+    train_seconds = time.time() - started
+    trainer.save_model(str(run_dir))
+    tokenizer.save_pretrained(str(run_dir))
+    write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
+
+    manifest = {
+        "command": [sys.executable, *sys.argv], "config": vars(args), "run_dir": str(run_dir),
+        "git_commit": git_commit(), "packages": package_versions(), "seed": args.seed, "device": str(device),
+        "dtype": str(model.dtype), "rubrics": info.rubric_names,
+        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "train": {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
+                  "best_checkpoint": trainer.state.best_model_checkpoint,
+                  "best_eval_loss": trainer.state.best_metric, **train_result.metrics},
+    }
+    write_json_atomic(run_dir / "run_manifest.json", manifest)
+
+    test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
+    started = time.time()
+    predictions = predict_split(model, tokenizer, test_records, info, mtl=args.mtl, prompt_format=args.prompt_format,
+                                batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
+                                generate_feedback=args.generate_feedback)
+    with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as out:
+        for row in predictions:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    results = evaluate_predictions(predictions, info)
+    write_json_atomic(run_dir / "evaluation_results.json", results)
+    manifest["inference_seconds"] = round(time.time() - started, 1)
+    write_json_atomic(run_dir / "run_manifest.json", manifest)
+    print(format_results_table(results, info))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

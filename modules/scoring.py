@@ -1,0 +1,327 @@
+"""Greedy and probability-weighted scoring of essays, and their evaluation (SPEC §6).
+
+Greedy prediction generates the score line and parses it. The weighted prediction is the
+expected score under the model's distribution over each rubric's valid values, computed
+exactly by teacher-forcing every candidate number, whatever the tokenizer does with digits.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import weakref
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from modules.data import DatasetInfo, EssayRecord, build_prompt, score_line
+from modules.voting import qwk
+
+logger = logging.getLogger(__name__)
+
+_INT_RE = re.compile(r"-?\d+", re.ASCII)
+_BYTE_DIGIT_RE = re.compile(r"<0x3[0-9]>")  # SentencePiece byte-fallback tokens for "0".."9"
+
+
+# --------------------------------------------------------------------------- parsing
+
+def parse_score_line(text: str, ranges: Sequence[tuple[int, int]]) -> list[int] | None:
+    """The K scores of the text's first line, or None when it is not a valid score line.
+
+    Valid means exactly K integers (ASCII ``-?\\d+``) before the first newline, each inside its
+    rubric's range; anything after the newline (feedback) is ignored.
+    """
+    numbers = [int(m) for m in _INT_RE.findall(text.split("\n", 1)[0])]
+    if len(numbers) != len(ranges):
+        return None
+    if not all(lo <= v <= hi for v, (lo, hi) in zip(numbers, ranges)):
+        return None
+    return numbers
+
+
+# --------------------------------------------------------------------------- vocabulary tables
+
+class _VocabInfo:
+    """Per-tokenizer tables, computed once: tokens with a newline, tokens continuing a number."""
+
+    def __init__(self, tokenizer) -> None:
+        ids = list(range(len(tokenizer)))
+        texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        self.size = len(ids)
+        self.newline_ids = [i for i, text in enumerate(texts) if "\n" in text]
+        # Raw token strings, not decoded ones: single-token decoding may drop a leading space
+        # (SentencePiece decoders strip it), which would turn "▁5" into a digit continuation.
+        self.digit_start = torch.tensor([_continues_number(tok) for tok in tokenizer.convert_ids_to_tokens(ids)],
+                                        dtype=torch.bool)
+
+
+def _continues_number(token: str | None) -> bool:
+    """True when a token placed right after a number would extend it: its text starts with an
+    ASCII digit. A token that starts with a space marker ("Ġ5", "▁5") starts a NEW number, so it
+    ends the current one; this matters for GPT-2-style tokenizers that glue spaces to digits."""
+    if not isinstance(token, str) or not token:
+        return False
+    return "0" <= token[0] <= "9" or bool(_BYTE_DIGIT_RE.fullmatch(token))
+
+
+_VOCAB_CACHE: "weakref.WeakKeyDictionary[object, _VocabInfo]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_info(tokenizer) -> _VocabInfo:
+    # Keyed on the tokenizer object (not id(), which is reused after garbage collection) and
+    # rebuilt when tokens were added since.
+    info = _VOCAB_CACHE.get(tokenizer)
+    if info is None or info.size != len(tokenizer):
+        info = _VOCAB_CACHE[tokenizer] = _VocabInfo(tokenizer)
+    return info
+
+
+def _eos_ids(tokenizer, model=None) -> list[int]:
+    """EOS of the tokenizer plus the model's generation-config EOS ids (chat end-of-turn tokens)."""
+    ids = [tokenizer.eos_token_id]
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS id(s) and every token whose text contains a newline: generation stops at the end of
+    the score line, whichever token carries the newline (``"\\n"``, ``".\\n\\n"``, ``"<0x0A>"``)."""
+    return list(dict.fromkeys(_eos_ids(tokenizer) + _vocab_info(tokenizer).newline_ids))
+
+
+# --------------------------------------------------------------------------- greedy
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+class _EvalMode:
+    """model.eval() for the block, restoring training mode after (the trainer scores mid-run)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
+def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
+                   batch_size: int = 8, max_new_tokens: int | None = None,
+                   generate_feedback: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` (special tokens removed), in batches.
+
+    Left padding keeps every prompt's last token at the end of the row, which batched
+    ``generate`` needs. Unless ``generate_feedback``, generation stops at the first token that
+    carries a newline and the text is cut at that newline, so only the score line is returned.
+    The default budget, 4 tokens per score plus 4, covers multi-digit numbers, signs and spaces.
+    """
+    k = len(ranges)
+    if max_new_tokens is None:
+        max_new_tokens = 4 * k + (128 if generate_feedback else 4)
+    stop = _eos_ids(tokenizer, model) if generate_feedback else list(dict.fromkeys(
+        _eos_ids(tokenizer, model) + stop_token_ids(tokenizer)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    device = _input_device(model)
+    texts: list[str] = []
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with _EvalMode(model), torch.inference_mode():
+            for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", disable=None):
+                batch = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
+                                  return_tensors="pt").to(device)
+                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                     pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+                new = out[:, batch["input_ids"].shape[1]:]
+                texts += tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    finally:
+        tokenizer.padding_side = saved_side
+    if not generate_feedback:
+        texts = [t.split("\n", 1)[0] for t in texts]
+    return texts
+
+
+# --------------------------------------------------------------------------- weighted
+
+def _forward(model, ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
+             last_only: bool = False):
+    kwargs = {"logits_to_keep": 1} if last_only else {}
+    return model(input_ids=ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
+
+
+def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.Tensor, line_so_far: str,
+                          lo: int, hi: int) -> torch.Tensor:
+    """Unnormalised log p(candidate tokens) + log p(number ends) for v = lo..hi (float32)."""
+    vocab = _vocab_info(tokenizer)
+    device = prompt_logits.device
+    cands = [tokenizer(line_so_far + str(v), add_special_tokens=False)["input_ids"] for v in range(lo, hi + 1)]
+    # Shared token prefix, capped so every candidate keeps at least one token to score.
+    common = min(len(c) for c in cands) - 1
+    for i in range(common):
+        if any(c[i] != cands[0][i] for c in cands):
+            common = i
+            break
+    cache, first_logits = prompt_cache, prompt_logits
+    if common > 0:
+        cache = copy.deepcopy(prompt_cache)
+        out = _forward(model, torch.tensor([cands[0][:common]], device=device), cache, last_only=True)
+        cache, first_logits = out.cache, out.logits[0, -1].float()
+    past = cache.get_seq_length()
+    suffixes = [c[common:] for c in cands]
+    n, width = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.zeros((n, width), dtype=torch.long, device=device)
+    mask = torch.zeros((n, past + width), dtype=torch.long, device=device)
+    mask[:, :past] = 1
+    for row, suffix in enumerate(suffixes):
+        ids[row, :len(suffix)] = torch.tensor(suffix, device=device)
+        mask[row, past:past + len(suffix)] = 1
+    batch_cache = copy.deepcopy(cache)  # forward and repeat both mutate the cache
+    batch_cache.batch_repeat_interleave(n)
+    logits = _forward(model, ids, batch_cache, attention_mask=mask).logits.float()
+    # Position j of row i predicts suffix token j + 1; the prefix's last logits predict token 0.
+    logprobs = torch.log_softmax(torch.cat([first_logits.expand(n, 1, -1), logits], dim=1), dim=-1)
+    digit = torch.zeros(logprobs.shape[-1], dtype=torch.bool, device=device)
+    size = min(vocab.size, digit.numel())
+    digit[:size] = vocab.digit_start[:size].to(device)
+    scores = torch.empty(n, dtype=torch.float32, device=device)
+    for row, suffix in enumerate(suffixes):
+        steps = len(suffix)
+        token_lp = logprobs[row, torch.arange(steps, device=device), ids[row, :steps]].sum()
+        end_lp = torch.logsumexp(logprobs[row, steps][~digit], dim=-1)  # log(1 - P(next token extends it))
+        scores[row] = token_lp + end_lp
+    return scores
+
+
+def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]],
+                     prefix_scores: Sequence[int] | None = None) -> tuple[list[float], list[list[float]]]:
+    """Expected score per rubric under the model, and the probabilities over lo..hi.
+
+    For rubric k, with ``line = "s_0 s_1 ... s_{k-1} "`` ("" for k = 0; ``s_j`` = ``prefix_scores[j]``,
+    or rubric j's own argmax below when None), every candidate v in lo..hi is teacher-forced::
+
+        score(v) = log P(tokens(line + str(v)) | prompt)             # all of its tokens
+                 + log(1 - P(next token starts with an ASCII digit))  # the number ENDS after v
+        p_v = exp(score(v) - logsumexp_u score(u)),   E_k = sum_v p_v * v
+
+    The end term is what makes multi-token numbers exact: without it "1" would also collect
+    the mass of "12", "13", ... With a tokenizer that has a "12" token, P("1") alone likewise
+    includes continuations like "1" + "2". ``line + str(v)`` is tokenised as one text, as in
+    training; the prompt is run once, the candidates' shared token prefix once per rubric, and
+    all candidates' remaining tokens in one batched forward over a repeated KV cache. When the
+    scores underflow (no finite mass), the rubric falls back to the uniform distribution.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError("weighted_predict needs a non-empty prompt")
+    if prefix_scores is not None and len(prefix_scores) < len(ranges) - 1:
+        raise ValueError(f"prefix_scores needs {len(ranges) - 1} values, got {len(prefix_scores)}")
+    expected: list[float] = []
+    probabilities: list[list[float]] = []
+    chosen: list[int] = []
+    with _EvalMode(model), torch.inference_mode():
+        out = _forward(model, torch.tensor([prompt_ids], device=_input_device(model)), last_only=True)
+        prompt_cache, prompt_logits = out.cache, out.logits[0, -1].float()
+        for k, (lo, hi) in enumerate(ranges):
+            line = score_line(chosen) + " " if chosen else ""
+            scores = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits, line, lo, hi)
+            total = torch.logsumexp(scores, dim=0)
+            if torch.isfinite(total):
+                p = torch.exp(scores - total)
+            else:
+                logger.warning("rubric %d: candidate probabilities underflow; using a uniform distribution", k)
+                p = torch.full_like(scores, 1.0 / scores.numel())
+            values = torch.arange(lo, hi + 1, dtype=torch.float32, device=p.device)
+            expected.append(float((p * values).sum()))
+            probabilities.append(p.cpu().tolist())
+            chosen.append(int(prefix_scores[k]) if prefix_scores is not None and k < len(prefix_scores)
+                          else lo + int(torch.argmax(p)))
+    return expected, probabilities
+
+
+# --------------------------------------------------------------------------- splits and evaluation
+
+def _round_half_up(x: float, lo: int, hi: int) -> int:
+    return int(min(max(np.floor(x + 0.5), lo), hi))
+
+
+def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
+                  prompt_format: str = "chat", batch_size: int = 8, weighted: bool = True,
+                  generate_feedback: bool = False) -> list[dict]:
+    """Greedy (and weighted) predictions for every record, one dict each.
+
+    An invalid generated line scores each rubric's midpoint and is marked ``valid: False``.
+    The weighted prediction conditions later rubrics on the greedy scores when they are valid
+    (what the model actually wrote), else on its own per-rubric argmax. Without ``weighted`` the
+    weighted keys hold None.
+    """
+    ranges = info.ranges
+    prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format) for r in records]
+    texts = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
+                           generate_feedback=generate_feedback)
+    fallback = [r.midpoint for r in info.rubrics]
+    predictions = []
+    for record, prompt, text in tqdm(list(zip(records, prompts, texts)), desc="weighted", unit="essay",
+                                     disable=None if weighted else True):
+        parsed = parse_score_line(text, ranges)
+        pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
+                "weighted": None, "weighted_expected": None, "probabilities": None,
+                "text": text, "valid": parsed is not None}
+        if weighted:
+            expected, probs = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
+            pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
+            pred["weighted_expected"] = expected
+            pred["probabilities"] = dict(zip(info.rubric_names, probs))
+        predictions.append(pred)
+    invalid = sum(not p["valid"] for p in predictions)
+    if invalid:
+        logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",
+                       invalid, len(predictions))
+    return predictions
+
+
+def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
+    gold = np.array([p["gold"] for p in predictions], dtype=int).reshape(len(predictions), -1)
+    pred = np.array([p[key] for p in predictions], dtype=int).reshape(len(predictions), -1)
+    block = {r.name: qwk(gold[:, k], pred[:, k], r.min, r.max) for k, r in enumerate(info.rubrics)}
+    lo, hi = min(r.min for r in info.rubrics), max(r.max for r in info.rubrics)
+    per_rubric = list(block.values())
+    block["overall"] = qwk(gold.ravel(), pred.ravel(), lo, hi)
+    block["average"] = float(np.mean(per_rubric))
+    return block
+
+
+def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
+    """QWK per rubric, pooled over all essay-rubric pairs (``overall``) and averaged, for the
+    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed."""
+    if not predictions:
+        raise ValueError("no predictions to evaluate")
+    results = {"token": _score_block(predictions, info, "greedy")}
+    results["token"]["invalid"] = sum(not p["valid"] for p in predictions)
+    if all(p.get("weighted") is not None for p in predictions):
+        results["weighted"] = _score_block(predictions, info, "weighted")
+    return results
+
+
+def format_results_table(results: dict, info: DatasetInfo) -> str:
+    """Plain-text QWK table: rubrics, overall and average down, token and weighted across."""
+    rows = info.rubric_names + ["overall", "average"]
+    width = max(len(r) for r in rows + ["invalid"])
+
+    def cell(block: str, row: str) -> str:
+        value = results.get(block, {}).get(row)
+        return f"{value:>9.4f}" if isinstance(value, float) else f"{'-':>9}"
+
+    lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
+    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows]
+    if "invalid" in results.get("token", {}):
+        lines.append(f"{'invalid':<{width}}  {results['token']['invalid']:>9d}")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""CustomTrainer: the HF Trainer with the composite loss CE + w_ntl * NTL + w_emo * EMO."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from modules.data import IGNORE_INDEX
+from modules.losses import composite_loss, emo_loss, ntl_mse, ntl_was
+
+logger = logging.getLogger(__name__)
+
+NTL_LOSSES = {"mse": ntl_mse, "was": ntl_was}
+LABEL_NAMES = ["labels", "ntl_labels", "emo_labels"]
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Align labels with logits: position t predicts token t+1, so labels move left by one.
+
+    Shifting the labels instead of slicing the logits keeps the [B,T,V] logits untouched (no copy).
+    """
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the one before the earliest label to the end.
+
+    With left padding every target ends at the last column, so this is the longest target + 1 and
+    the LM head never runs over the (much longer) prompts.
+    """
+    labeled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if labeled.numel() == 0:
+        return 1
+    return labels.shape[1] - max(int(labeled[0]) - 1, 0)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over labeled positions, computed on the gathered rows only."""
+    mask = labels != IGNORE_INDEX
+    if not mask.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[mask].float(), labels[mask])
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which auxiliary terms apply and how they are weighted (a weight of 0 disables its term)."""
+
+    number_values: torch.Tensor
+    ntl_weight: float = 2.0
+    emo_weight: float = 0.1
+    loss_type: str = "mse"
+    emo_topk: int = 64
+
+    def __post_init__(self):
+        if self.loss_type not in NTL_LOSSES:
+            raise ValueError(f"loss_type must be one of {sorted(NTL_LOSSES)}, got {self.loss_type!r}")
+
+
+def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfig) -> tuple[torch.Tensor, dict[str, float], object]:
+    """One forward pass and every loss term: the composite loss, its logged parts and the model outputs."""
+    attention_mask = inputs["attention_mask"]
+    keep = logits_to_keep(inputs["labels"])
+    # Positions from the mask, so left padding (the collator's default) does not shift them.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits  # [B, keep, V]: only the positions that predict a target token
+    labels, ntl_labels, emo_labels = (shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES)
+    ce = cross_entropy(logits, labels)
+    ntl = emo = None
+    if config.ntl_weight:
+        ntl = NTL_LOSSES[config.loss_type](logits, ntl_labels, config.number_values.to(logits.device))
+    if config.emo_weight:
+        embedding = model.get_output_embeddings().weight
+        emo = emo_loss(logits, emo_labels, embedding, top_k=config.emo_topk)
+    total, logged = composite_loss(ce, ntl, emo, config.ntl_weight, config.emo_weight)
+    return total, logged, outputs
+
+
+class CustomTrainer(Trainer):
+    """Trainer whose ``compute_loss`` adds Number Token Loss and EMO to the cross-entropy.
+
+    Weights follow the original tool: a weight of 0 disables its term, a negative weight selects
+    dynamic weighting (``modules.losses.composite_loss``). Every term is averaged over the steps
+    since the last log and logged as ``loss_ce``, ``loss_ntl``, ``loss_emo``, ``loss_total``
+    (and ``dynamic_lambda``) into ``state.log_history`` and every reporter (wandb).
+    """
+
+    # compute_loss returns a per-micro-batch mean; the Trainer divides it for gradient accumulation.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, logged, outputs = compute_loss_terms(model, inputs, self.loss_config)
+        if model.training:
+            for key, value in logged.items():
+                self._term_sums[key] += value
+            self._term_count += 1
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._term_count:
+            logs.update({k: round(v / self._term_count, 6) for k, v in self._term_sums.items()})
+            self._term_sums.clear()
+            self._term_count = 0
+        super().log(logs, *args, **kwargs)

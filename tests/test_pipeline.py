@@ -1,0 +1,127 @@
+"""main_pipeline.py end to end as a subprocess on tiny-random-llama: files, resume, dry run, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "aes_dataset_mtl"
+
+
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "main_pipeline.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """The shipped dataset cut to a few essays per split, so a run takes seconds."""
+    folder = tmp_path_factory.mktemp("data")
+    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
+    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
+        lines = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+TRAIN_FLAGS = ["--base_model_name", "tiny-random-llama", "--mtl", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--eval_steps", "2",
+               "--max_seq_length", "384"]
+
+
+def test_dry_run_prints_every_loss_term(small_data):
+    result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--dry_run", "--no_wandb")
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stdout.splitlines() if l.startswith("dry run:")][0]
+    for term in ("loss_ce", "loss_ntl", "loss_emo", "loss_total"):
+        assert term in line
+    dynamic = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--dry_run", "--no_wandb", "--ntl_weights", "-1")
+    assert dynamic.returncode == 0, dynamic.stderr
+    assert "dynamic_lambda" in dynamic.stdout
+
+
+def test_train_infer_evaluate_and_resume(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir), "--max_steps", "2",
+                     env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb: offline mode" in result.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*")), "real wandb wrote no offline run"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run_manifest.json", "predictions.jsonl",
+                 "evaluation_results.json", "tokenizer.json", "tokenizer_config.json", "checkpoint-2"):
+        assert (run_dir / name).exists(), name
+    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "tiny-random-llama"
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["seed"] == 42 and manifest["train"]["global_step"] == 2
+    assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
+    assert manifest["config"]["mtl"] is True
+    history = json.loads((run_dir / "log_history.json").read_text())
+    logged = [h for h in history if "loss_total" in h]
+    assert logged and all({"loss_ce", "loss_ntl", "loss_emo"} <= set(h) for h in logged)
+
+    rubrics = [r["name"] for r in json.loads((small_data / "dataset.json").read_text())["rubrics"]]
+    results = json.loads((run_dir / "evaluation_results.json").read_text())
+    assert set(results) == {"token", "weighted"}
+    for table in results.values():
+        assert set(rubrics) | {"overall", "average"} <= set(table)
+        assert all(-1.0 <= table[r] <= 1.0 for r in rubrics)
+    rows = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        assert len(row["gold"]) == len(row["greedy"]) == len(row["weighted"]) == len(rubrics)
+        assert set(row["probabilities"]) == set(rubrics)
+        assert all(abs(sum(p) - 1) < 1e-4 and len(p) == 9 for p in row["probabilities"].values())
+        assert "text" in row
+    assert "overall" in result.stdout and "average" in result.stdout
+
+    # Resume from checkpoint-2 to 4 steps: step count and optimizer state come back.
+    state_before = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state_before["global_step"] == 2
+    resumed = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--resume_checkpoint", str(run_dir),
+                      "--max_steps", "4", "--no_wandb")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoint-2'} (global step 2)" in resumed.stdout
+    state_after = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state_after["global_step"] == 4
+    steps = [h["step"] for h in state_after["log_history"] if "loss" in h]
+    assert steps == [1, 2, 3, 4]
+    # The first two steps' records come from the restored state, not from a new run.
+    first_two = [h for h in state_before["log_history"] if "loss" in h]
+    assert [h for h in state_after["log_history"] if "loss" in h][:2] == first_two
+    assert (run_dir / "checkpoint-4" / "optimizer.pt").exists()
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["train"]["global_step"] == 4
+
+
+def test_existing_run_folder_is_never_overwritten(small_data, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(tmp_path), "--no_wandb")
+    assert result.returncode == 2
+    assert "run folder exists" in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda rec: "{not json", "train.jsonl:3: invalid JSON"),
+    (lambda rec: json.dumps({k: v for k, v in rec.items() if k != "essay"}), "train.jsonl:3: field 'essay': missing"),
+    (lambda rec: json.dumps({**rec, "scores": {**rec["scores"], "task": 12}}), "train.jsonl:3: field 'scores.task': score 12 outside 1-9"),
+])
+def test_bad_input_is_one_line_before_model_load(small_data, tmp_path, mutate, expected):
+    folder = tmp_path / "bad"
+    shutil.copytree(small_data, folder)
+    lines = (folder / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    lines[2] = mutate(json.loads(lines[2]))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # A model that does not exist proves the data error comes before any model load.
+    result = run_cli("--base_model_name", "no-such/model", "--data_dir", str(folder), "--no_wandb", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr

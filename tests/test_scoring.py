@@ -1,0 +1,272 @@
+"""Scoring: score-line parsing, greedy generation, exact weighted prediction, QWK evaluation."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import cohen_kappa_score
+
+import modules.scoring as scoring
+from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt
+from modules.scoring import (evaluate_predictions, format_results_table, greedy_predict, parse_score_line,
+                             predict_split, stop_token_ids, weighted_predict)
+
+RANGES = [(0, 30), (1, 9), (0, 30)]  # "1" is a prefix of "12"; the third rubric follows a "12 7 " line
+INFO = DatasetInfo((Rubric("content", 0, 30), Rubric("style", 1, 9), Rubric("mechanics", 0, 30)))
+
+
+def peaky(model: torch.nn.Module, scale: float = 30.0) -> torch.nn.Module:
+    """A copy with a scaled output layer: a freshly initialised model is almost uniform over the
+    vocabulary, which would hide a wrong token index in the probability comparisons."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
+    pool's spinning makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from modules.models import load_base_model
+    model, tokenizer = load_base_model("tiny-random-llama", device=torch.device("cpu"))
+    return peaky(model), tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama3_tiny(llama3_style_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = llama3_style_tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return peaky(LlamaForCausalLM(config), scale=60.0), tok
+
+
+def essay(i: int, scores=(12, 7, 3)) -> EssayRecord:
+    return EssayRecord(f"e{i}", "p1", f"I waited for bus {i} and read a book about patience.", tuple(scores))
+
+
+# --------------------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("text, expected", [
+    ("12 7 3", [12, 7, 3]),
+    ("12 7 3\nGood essay, 4 5 6 more numbers", [12, 7, 3]),
+    ("  0 1 30  ", [0, 1, 30]),
+    ("12 7", None),
+    ("12 7 3 4", None),
+    ("31 7 3", None),
+    ("12 0 3", None),
+    ("12 -7 3", None),
+    ("\n12 7 3", None),
+    ("", None),
+])
+def test_parse_score_line(text, expected):
+    assert parse_score_line(text, RANGES) == expected
+
+
+def test_parse_negative_numbers():
+    assert parse_score_line("-2 0 2", [(-3, 3)] * 3) == [-2, 0, 2]
+    assert parse_score_line("-4 0 2", [(-3, 3)] * 3) is None
+
+
+# --------------------------------------------------------------------------- greedy
+
+def test_stop_token_ids(tiny, llama3_style_tokenizer):
+    for tok in (tiny[1], llama3_style_tokenizer):
+        stops = stop_token_ids(tok)
+        assert tok.eos_token_id in stops
+        assert any(tok.decode([i]) == "\n" for i in stops)
+        assert all("\n" in tok.decode([i]) for i in stops if i != tok.eos_token_id)
+        assert stop_token_ids(tok) == stops
+
+
+def manual_greedy(model, tokenizer, prompt: str, steps: int, stops: list[int]) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt in stops:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0]
+
+
+def test_greedy_matches_manual_loop_and_unbatched(tiny):
+    model, tok = tiny
+    prompts = [build_prompt(essay(i), INFO, tok) for i in range(3)]
+    prompts[1] = prompts[1].replace("a book about patience", "")  # different lengths: real left padding
+    side = tok.padding_side
+    batched = greedy_predict(model, tok, prompts, RANGES, batch_size=3, max_new_tokens=10)
+    assert tok.padding_side == side
+    single = [greedy_predict(model, tok, [p], RANGES, batch_size=1, max_new_tokens=10)[0] for p in prompts]
+    assert batched == single
+    assert batched[0] == manual_greedy(model, tok, prompts[0], 10, stop_token_ids(tok))
+    assert all(isinstance(t, str) and "\n" not in t for t in batched)
+
+
+def test_greedy_stops_at_newline_unless_feedback(tiny):
+    """A hook makes the newline token win at the 4th generated step."""
+    model, tok = tiny
+    newline = next(i for i in stop_token_ids(tok) if tok.decode([i]) == "\n")
+    calls = []
+
+    def force_newline(module, args, output):
+        calls.append(output.shape[1])
+        if len(calls) == 4:
+            output = output.clone()
+            output[..., newline] += 1e4
+        return output
+
+    prompt = build_prompt(essay(1), INFO, tok)
+    handle = model.get_output_embeddings().register_forward_hook(force_newline)
+    try:
+        short = greedy_predict(model, tok, [prompt], RANGES, max_new_tokens=20)[0]
+        steps_short = len(calls)
+        calls.clear()
+        long = greedy_predict(model, tok, [prompt], RANGES, max_new_tokens=20, generate_feedback=True)[0]
+    finally:
+        handle.remove()
+    assert steps_short == 4  # prefill + 3 tokens + the newline step, then stop
+    assert "\n" not in short and short
+    assert long.startswith(short + "\n") and len(long) > len(short) + 1
+
+
+# --------------------------------------------------------------------------- weighted
+
+def test_number_continuation_rule():
+    """Only a token whose own text starts with an ASCII digit extends the number before it; a
+    space-led digit token ("Ġ4" in GPT-2-style vocabularies) starts the next score."""
+    assert [scoring._continues_number(t) for t in ("5", "12", "<0x35>", "0x", "Ġ5", "▁5", " 5", "²", "\n", "", None)] \
+        == [True, True, True, True, False, False, False, False, False, False, False]
+
+
+def reference_weighted(model, tokenizer, prompt: str, ranges, prefix_scores=None):
+    """Brute force: every candidate's full sequence through the model without any cache."""
+    digit = torch.tensor([bool(t) and "0" <= t[0] <= "9" for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    chosen, expected, probs, raw = [], [], [], []
+    for k, (lo, hi) in enumerate(ranges):
+        line = " ".join(map(str, chosen)) + " " if chosen else ""
+        scores = []
+        for v in range(lo, hi + 1):
+            cand = tokenizer(line + str(v), add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + cand])
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].double(), dim=-1)
+            start = len(prompt_ids)
+            token_lp = sum(logp[start + j - 1, t] for j, t in enumerate(cand))
+            end_p = 1 - logp[-1].exp()[: len(digit)][digit].sum()
+            scores.append(float(token_lp + torch.log(end_p)))
+        scores = np.array(scores)
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        values = np.arange(lo, hi + 1)
+        expected.append(float((p * values).sum()))
+        probs.append(p)
+        raw.append(scores)
+        chosen.append(prefix_scores[k] if prefix_scores is not None and k < len(prefix_scores) else lo + int(p.argmax()))
+    return expected, probs, raw
+
+
+@pytest.mark.parametrize("family", ["digit_per_token", "multi_digit_tokens"])
+@pytest.mark.parametrize("prefix", [None, [12, 7]])
+def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
+    model, tok = tiny if family == "digit_per_token" else llama3_tiny
+    twelve = tok("12", add_special_tokens=False)["input_ids"]
+    assert len(twelve) == (2 if family == "digit_per_token" else 1)  # the family really is what it claims
+    prompt = f"{tok.bos_token}Essay: I waited for the bus.\nScores: "  # short: the reference is brute force
+    expected, probs = weighted_predict(model, tok, prompt, RANGES, prefix_scores=prefix)
+    ref_expected, ref_probs, ref_raw = reference_weighted(model, tok, prompt, RANGES, prefix)
+    for (lo, hi), p, rp in zip(RANGES, probs, ref_probs):
+        assert len(p) == hi - lo + 1
+        assert abs(sum(p) - 1) < 1e-5
+        np.testing.assert_allclose(p, rp, atol=1e-4)
+        assert np.ptp(rp) > 0.01  # not uniform: the comparison can tell candidates apart
+    np.testing.assert_allclose(expected, ref_expected, atol=1e-3)
+    if prefix is not None:
+        # Log scores too (tiny probabilities included). The shared "12 7 " tokens add a constant
+        # log-probability to the reference only, so differences are compared.
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            scores = scoring._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), "12 7 ", 0, 30)
+        np.testing.assert_allclose(scores.numpy() - scores[0].item(), ref_raw[2] - ref_raw[2][0], atol=1e-4)
+
+
+
+# --------------------------------------------------------------------------- splits and evaluation
+
+KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "text", "valid"}
+
+
+def test_predict_split_keys(tiny):
+    model, tok = tiny
+    info = DatasetInfo((Rubric("content", 1, 6), Rubric("style", 1, 4)))
+    records = [essay(i, scores=(3, 2)) for i in range(3)]
+    preds = predict_split(model, tok, records, info, mtl=False, batch_size=2)
+    assert [p["id"] for p in preds] == ["e0", "e1", "e2"]
+    for p in preds:
+        assert set(p) == KEYS
+        assert p["gold"] == [3, 2]
+        assert set(p["probabilities"]) == {"content", "style"}
+        assert [len(v) for v in p["probabilities"].values()] == [6, 4]
+        assert all(lo <= s <= hi for s, (lo, hi) in zip(p["weighted"], info.ranges))
+        if not p["valid"]:
+            assert p["greedy"] == [3, 2]  # midpoints of 1-6 and 1-4
+
+
+def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
+    model, tok = tiny
+    info = DatasetInfo((Rubric("content", 1, 6), Rubric("style", 1, 4)))
+    records = [essay(i, scores=(3, 2)) for i in range(3)]
+    seen = []
+    monkeypatch.setattr(scoring, "greedy_predict", lambda *a, **k: ["5 1", "7 1", "2 4\nNice."])
+    monkeypatch.setattr(scoring, "weighted_predict",
+                        lambda m, t, prompt, ranges, prefix_scores=None: (
+                            seen.append(prefix_scores) or ([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4])))
+    preds = predict_split(model, tok, records, info, mtl=True)
+    assert [p["valid"] for p in preds] == [True, False, True]
+    assert [p["greedy"] for p in preds] == [[5, 1], [3, 2], [2, 4]]
+    assert seen == [[5, 1], None, [2, 4]]
+    assert preds[0]["weighted"] == [3, 3] and preds[0]["weighted_expected"] == [2.5, 3.49]
+    assert preds[2]["text"] == "2 4\nNice."
+
+
+def test_evaluate_predictions_matches_sklearn():
+    rng = np.random.default_rng(0)
+    n = 40
+    gold = np.stack([rng.integers(0, 31, n), rng.integers(1, 10, n), rng.integers(0, 31, n)], axis=1)
+    greedy = np.clip(gold + rng.integers(-3, 4, gold.shape), [0, 1, 0], [30, 9, 30])
+    weighted = np.clip(gold + rng.integers(-1, 2, gold.shape), [0, 1, 0], [30, 9, 30])
+    preds = [{"id": str(i), "gold": gold[i].tolist(), "greedy": greedy[i].tolist(), "weighted": weighted[i].tolist(),
+              "valid": i % 7 != 0} for i in range(n)]
+    results = evaluate_predictions(preds, INFO)
+    for block, pred in (("token", greedy), ("weighted", weighted)):
+        rubric_qwks = []
+        for k, r in enumerate(INFO.rubrics):
+            expected = cohen_kappa_score(gold[:, k], pred[:, k], weights="quadratic", labels=list(range(r.min, r.max + 1)))
+            assert results[block][r.name] == pytest.approx(expected, abs=1e-9)
+            rubric_qwks.append(expected)
+        pooled = cohen_kappa_score(gold.ravel(), pred.ravel(), weights="quadratic", labels=list(range(0, 31)))
+        assert results[block]["overall"] == pytest.approx(pooled, abs=1e-9)
+        assert results[block]["average"] == pytest.approx(np.mean(rubric_qwks), abs=1e-9)
+    assert results["token"]["invalid"] == sum(i % 7 == 0 for i in range(n))
+    assert "invalid" not in results["weighted"]
+    table = format_results_table(results, INFO)
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[1:6]] == ["content", "style", "mechanics", "overall", "average"]
+    assert f"{results['weighted']['overall']:.4f}" in lines[4]

@@ -1,0 +1,76 @@
+"""compute_loss_terms: trimmed logits and left padding give exactly the full-logit losses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules.data import IGNORE_INDEX, ScoringCollator, encode_example, load_splits
+from modules.losses import composite_loss, emo_loss, ntl_mse, ntl_was, number_token_values
+from modules.models import add_lora, load_base_model
+from modules.trainer import LABEL_NAMES, LossConfig, compute_loss_terms, logits_to_keep, shift_labels
+
+
+@pytest.fixture(scope="module")
+def tiny_batch_parts():
+    model, tokenizer = load_base_model("tiny-random-llama")
+    info, splits = load_splits(Path(__file__).resolve().parents[1] / "aes_dataset_mtl")
+    values = number_token_values(tokenizer)
+    feats = [encode_example(r, info, tokenizer, mtl=True, number_values=values) for r in splits["train"][:3]]
+    return model, tokenizer, feats, values
+
+
+def reference_terms(model, feats, values, config: LossConfig) -> dict[str, float]:
+    """Each example alone, unpadded, full logits, labels shifted by hand, then pooled."""
+    rows = []
+    for f in feats:
+        logits = model(input_ids=torch.tensor([f["input_ids"]])).logits[0, :-1]
+        rows.append((logits, {k: torch.tensor(f[k][1:]) for k in LABEL_NAMES}))
+    logits = torch.cat([l for l, _ in rows])[None]
+    labels = {k: torch.cat([y[k] for _, y in rows])[None] for k in LABEL_NAMES}
+    mask = labels["labels"] != IGNORE_INDEX
+    ce = F.cross_entropy(logits[mask], labels["labels"][mask])
+    ntl = (ntl_mse if config.loss_type == "mse" else ntl_was)(logits, labels["ntl_labels"], values)
+    emo = emo_loss(logits, labels["emo_labels"], model.get_output_embeddings().weight, top_k=config.emo_topk)
+    return composite_loss(ce, ntl, emo, config.ntl_weight, config.emo_weight)[1]
+
+
+@pytest.mark.parametrize("loss_type, ntl_weight", [("mse", 2.0), ("was", 2.0), ("mse", -1.0)])
+def test_trimmed_left_padded_losses_equal_full_reference(tiny_batch_parts, loss_type, ntl_weight):
+    model, tokenizer, feats, values = tiny_batch_parts
+    config = LossConfig(values, ntl_weight=ntl_weight, emo_weight=0.1, loss_type=loss_type, emo_topk=16)
+    expected = reference_terms(model, feats, values, config)
+    with torch.no_grad():
+        for side in ("left", "right"):
+            batch = ScoringCollator(tokenizer.pad_token_id, side)(feats)
+            _, terms, outputs = compute_loss_terms(model, batch, config)
+            assert terms.keys() == expected.keys()
+            for key in expected:
+                assert terms[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), (side, key)
+    if ntl_weight < 0:
+        assert "dynamic_lambda" in terms
+
+
+def test_logits_to_keep_covers_every_label():
+    labels = torch.full((2, 10), IGNORE_INDEX)
+    labels[0, 7:] = 1
+    labels[1, 5:9] = 2
+    keep = logits_to_keep(labels)
+    assert keep == 6  # position 4 predicts the first label at 5
+    assert (shift_labels(labels)[:, :-keep] == IGNORE_INDEX).all()
+    assert logits_to_keep(torch.full((1, 4), IGNORE_INDEX)) == 1
+
+
+def test_loss_terms_backpropagate_into_lora(tiny_batch_parts):
+    _, tokenizer, feats, values = tiny_batch_parts
+    model, _ = load_base_model("tiny-random-llama")
+    model = add_lora(model, r=4, alpha=8, dropout=0.0)
+    batch = ScoringCollator(tokenizer.pad_token_id)(feats)
+    total, terms, _ = compute_loss_terms(model, batch, LossConfig(values))
+    total.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
