@@ -87,10 +87,11 @@ def _eos_ids(tokenizer, model=None) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS id(s) and every token whose text contains a newline: generation stops at the end of
-    the score line, whichever token carries the newline (``"\\n"``, ``".\\n\\n"``, ``"<0x0A>"``)."""
-    return list(dict.fromkeys(_eos_ids(tokenizer) + _vocab_info(tokenizer).newline_ids))
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS id(s) (the model's too, when given) and every token whose text contains a newline:
+    generation stops at the end of the score line, whichever token carries the newline
+    (``"\\n"``, ``".\\n\\n"``, ``"<0x0A>"``)."""
+    return list(dict.fromkeys(_eos_ids(tokenizer, model) + _vocab_info(tokenizer).newline_ids))
 
 
 # --------------------------------------------------------------------------- greedy
@@ -126,8 +127,7 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
     k = len(ranges)
     if max_new_tokens is None:
         max_new_tokens = 4 * k + (128 if generate_feedback else 4)
-    stop = _eos_ids(tokenizer, model) if generate_feedback else list(dict.fromkeys(
-        _eos_ids(tokenizer, model) + stop_token_ids(tokenizer)))
+    stop = _eos_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = _input_device(model)
     texts: list[str] = []

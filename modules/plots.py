@@ -1,0 +1,107 @@
+"""QWK-vs-m figures of a self-consistency run (SPEC §2, §6).
+
+Every panel draws the two votes (average, majority). With a bootstrap in ``curves`` the solid
+line is the mean over random orderings of each essay's samples and the shaded band its 95%
+interval; the thin dotted line is the curve of the bank's own sample order (``qwk_curves``),
+which is what a single real run of m samples would have given. Training baselines (greedy
+``token`` and probability-weighted ``weighted`` QWK from ``evaluation_results.json``) are
+horizontal lines. The Agg backend is used so plotting works on headless machines.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+VOTES = (("avg", "average vote", "tab:blue"), ("maj", "majority vote", "tab:orange"))
+BASELINES = (("token", "greedy", "tab:green", "--"), ("weighted", "weighted", "tab:red", ":"))
+
+
+def _baseline(baselines: dict | None, table: str, key: str) -> float | None:
+    block = (baselines or {}).get(table)
+    value = block.get(key) if isinstance(block, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _panel(ax, curves: dict, kind: str, baselines: dict | None, baseline_key: str, rubric: str | None = None,
+           legend: bool = True) -> None:
+    """One axes: both votes for curve family ``kind`` (overall / avgk / per_rubric)."""
+    ms = curves["ms"]
+    boot = curves.get("bootstrap")
+    for vote, label, color in VOTES:
+        observed = curves[f"{kind}_{vote}"]
+        band = boot[f"{kind}_{vote}"] if boot else None
+        if rubric is not None:
+            observed = observed[rubric]
+            band = band[rubric] if band else None
+        if band:
+            ax.plot(ms, band["mean"], color=color, lw=1.8, label=f"{label} (mean of {boot['n_orderings']} orderings)")
+            ax.fill_between(ms, band["lo"], band["hi"], color=color, alpha=0.2, lw=0, label=f"{label} 95% band")
+            ax.plot(ms, observed, color=color, lw=0.8, ls=":", label=f"{label} (bank order)")
+        else:
+            ax.plot(ms, observed, color=color, lw=1.8, marker="o" if len(ms) <= 12 else None, ms=3, label=label)
+    for table, label, color, style in BASELINES:
+        value = _baseline(baselines, table, baseline_key)
+        if value is not None:
+            ax.axhline(value, color=color, ls=style, lw=1.2, label=f"{label} baseline ({value:.3f})")
+    ax.set_xlabel("m (samples per essay)")
+    ax.set_ylabel("QWK")
+    ax.set_xlim(ms[0], max(ms[-1], ms[0] + 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7, loc="lower right")
+
+
+def _save(fig, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_overall(curves: dict, baselines: dict | None, path: str | Path, title: str) -> None:
+    """QWK over all essay-rubric pairs pooled, against m."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _panel(ax, curves, "overall", baselines, "overall")
+    ax.set_title(f"Overall QWK vs m\n{title}", fontsize=10)
+    _save(fig, path)
+
+
+def plot_average(curves: dict, baselines: dict | None, path: str | Path, title: str) -> None:
+    """Mean of the per-rubric QWKs, against m."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _panel(ax, curves, "avgk", baselines, "average")
+    ax.set_title(f"Average per-rubric QWK vs m\n{title}", fontsize=10)
+    _save(fig, path)
+
+
+def plot_per_rubric(curves: dict, baselines: dict | None, path: str | Path, title: str) -> None:
+    """Small multiples, one panel per rubric on a shared y axis; the legend once, below."""
+    names = list(curves["rubrics"])
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.9), sharex=True, sharey=True,
+                             squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
+        _panel(ax, curves, "per_rubric", baselines, name, rubric=name, legend=False)
+        ax.set_title(name, fontsize=9)
+        if i % cols:  # y labels on the left column only (shared y axis)
+            ax.set_ylabel("")
+        below = i + cols < len(names)  # x labels only where no panel sits below
+        ax.tick_params(labelbottom=not below)
+        if below:
+            ax.set_xlabel("")
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(f"Per-rubric QWK vs m\n{title}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.7 / (2.9 * rows + 0.9), 1, 1))
+    fig.legend(handles, [l.split(" (")[0] if "baseline" in l else l for l in labels], loc="lower center",
+               ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,424 @@
+"""Self-consistency of a LoRA essay scorer: sample m answers per essay, vote, plot QWK vs m.
+
+    python self_consistency.py run --adapter_dir runs/NAME --base_model_name smollm2-135m \\
+        --test_path aes_dataset_mtl/test.jsonl --max_m 50
+    python self_consistency.py analyze --bank_path consistency_results/RUN/samples.jsonl \\
+        --test_path aes_dataset_mtl/test.jsonl
+
+``run`` = ``sample`` + ``analyze``. ``sample`` writes the sample bank (``samples.jsonl``, one
+line per essay, fsynced as it goes; ``--resume`` continues a killed run). ``analyze``
+recomputes curves, best scores and figures from a bank without a model; its options default to
+the ``run_config.json`` beside the bank, so it reproduces ``run``'s outputs exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("self_consistency")
+
+BANK, CONFIG = "samples.jsonl", "run_config.json"
+# The flags that decide which samples get drawn: a resumed run must use the same ones.
+SAMPLING_KEYS = ("adapter_dir", "base_model_name", "test_path", "max_m", "chunk_m", "temperature", "top_k",
+                 "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format")
+ANALYSIS_DEFAULTS = {"fallback_score": None, "bootstrap": 200, "seed": 42, "baselines_json": None, "limit": None}
+DRY_RUN_LINES = 40
+
+
+class CliError(Exception):
+    """A usage problem reported as one line on stderr (exit 2)."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
+
+
+def _add_analysis_flags(p: argparse.ArgumentParser, from_config: bool) -> None:
+    """Flags that only shape the analysis; ``analyze`` takes unset ones from the run's config."""
+    default = (lambda key: None) if from_config else ANALYSIS_DEFAULTS.get
+    note = " (default: the run's value from run_config.json)" if from_config else ""
+    p.add_argument("--fallback_score", type=_int_list, default=None,
+                   help="vote of an essay-rubric with no valid sample: int or one per rubric" +
+                        (note or " (default: the rubric midpoints)"))
+    p.add_argument("--bootstrap", type=int, default=default("bootstrap"),
+                   help="random orderings for the 95%% bands; 0 = no bands" + (note or " (default 200)"))
+    p.add_argument("--seed", type=int, default=default("seed"),
+                   help="sampling seed (essay i uses seed + i) and bootstrap seed" + (note or " (default 42)"))
+    p.add_argument("--baselines_json", default=None,
+                   help="evaluation_results.json whose greedy/weighted QWKs are drawn as lines" +
+                        (note or " (default: <adapter_dir>/evaluation_results.json when present)"))
+    p.add_argument("--limit", type=int, default=None, help="only the first N essays of the test file" + note)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from modules.sampling import SAMPLERS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--adapter_dir", required=True, help="trained LoRA adapter folder (runs/<name>)")
+    sampling.add_argument("--base_model_name", required=True, help="the adapter's base: hub id, local dir or built-in")
+    sampling.add_argument("--test_path", required=True, help="test jsonl; dataset.json is read from its folder")
+    sampling.add_argument("--device_id", default=None, help="CUDA device index (default 0 when a GPU is present, else CPU)")
+    sampling.add_argument("--dry_run", action="store_true", help="load everything, print one prompt, exit")
+    sampling.add_argument("--max_m", type=int, default=50, help="samples per essay")
+    sampling.add_argument("--chunk_m", type=int, default=10, help="samples per generate call")
+    sampling.add_argument("--temperature", type=float, default=0.7)
+    sampling.add_argument("--top_k", type=int, default=9)
+    sampling.add_argument("--top_p", type=float, default=None, help="nucleus filter (default: the model's generation config)")
+    sampling.add_argument("--max_new_tokens", type=int, default=16)
+    sampling.add_argument("--sampler", choices=sorted(SAMPLERS), default="generate")
+    sampling.add_argument("--output_root", default="./consistency_results")
+    sampling.add_argument("--output_dir", default=None, help="run folder (default <output_root>/<tag or adapter>_<time>)")
+    sampling.add_argument("--tag", default=None, help="run folder name prefix instead of the adapter's name")
+    sampling.add_argument("--resume", action="store_true", help="continue the run in --output_dir, skipping finished essays")
+    sampling.add_argument("--mtl", action=argparse.BooleanOptionalAction, default=None,
+                          help="prompt as in MTL training (default: the adapter's run_manifest.json)")
+    sampling.add_argument("--prompt_format", choices=("chat", "plain"), default=None,
+                          help="prompt rendering used in training (default: the adapter's run_manifest.json, else chat)")
+    _add_analysis_flags(sampling, from_config=False)
+    sub.add_parser("run", parents=[sampling], help="sample, then analyze")
+    sub.add_parser("sample", parents=[sampling], help="write the sample bank only")
+    analyze = sub.add_parser("analyze", help="recompute curves, best scores and figures from a bank")
+    analyze.add_argument("--bank_path", required=True)
+    analyze.add_argument("--test_path", required=True)
+    analyze.add_argument("--output_dir", default=None, help="where to write (default: the bank's folder)")
+    _add_analysis_flags(analyze, from_config=True)
+    args = parser.parse_args(argv)
+
+    checks = [("limit", 1), ("bootstrap", 0)] + ([("max_m", 1), ("chunk_m", 1), ("top_k", 1), ("max_new_tokens", 1)]
+                                                 if args.command != "analyze" else [])
+    for key, low in checks:
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            parser.error(f"--{key} must be >= {low}, got {getattr(args, key)}")
+    if args.command != "analyze":
+        if args.temperature <= 0:
+            parser.error(f"--temperature must be > 0, got {args.temperature}")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+# --------------------------------------------------------------------------- settings
+
+def read_json(path: Path) -> dict:
+    from modules.data import DataError
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return obj
+
+
+def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, str]:
+    """mtl and prompt_format as in training: flags, else the adapter's run_manifest.json, else defaults.
+
+    The prompt must be rendered exactly as in training, or the adapter scores a prompt it never saw.
+    """
+    manifest = Path(args.adapter_dir) / "run_manifest.json"
+    config = read_json(manifest).get("config") if manifest.is_file() else None
+    config = config if isinstance(config, dict) else {}
+    mtl = args.mtl if args.mtl is not None else bool(config.get("mtl", False))
+    fmt = args.prompt_format or config.get("prompt_format") or "chat"
+    if fmt not in ("chat", "plain"):
+        raise CliError(f"{manifest}: field 'config.prompt_format': unknown format {fmt!r}")
+    given = [args.mtl is not None, args.prompt_format is not None]
+    parts = ["flags"] if any(given) else []
+    if not all(given):
+        parts.append("run_manifest.json" if config else "defaults")
+        if not config:
+            logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if "
+                           "they differed)", manifest, mtl, fmt)
+    return mtl, fmt, " + ".join(parts)
+
+
+def resolve_fallback(values: list[int] | None, info) -> list[int]:
+    """Per-rubric fallback vote: one int for all rubrics, one per rubric, or the midpoints."""
+    if values is None:
+        return [r.midpoint for r in info.rubrics]
+    if len(values) == 1:
+        values = values * len(info.rubrics)
+    if len(values) != len(info.rubrics):
+        raise CliError(f"--fallback_score has {len(values)} values; give 1 or {len(info.rubrics)} (one per rubric)")
+    for v, r in zip(values, info.rubrics):
+        if not r.min <= v <= r.max:
+            raise CliError(f"--fallback_score {v} is outside rubric '{r.name}' range {r.min}-{r.max}")
+    return list(values)
+
+
+def load_baselines(path: str | None) -> dict | None:
+    return read_json(Path(path)) if path else None
+
+
+def load_records(test_path: str, limit: int | None):
+    from modules.data import dataset_info_for, load_split
+
+    info = dataset_info_for(test_path)
+    records = load_split(test_path, info)
+    return info, records[:limit] if limit else records
+
+
+def make_title(config_args: dict, m: int) -> str:
+    """Model, sampling settings and m for the figures; parts the config does not know are left out."""
+    parts = []
+    if config_args.get("adapter_dir"):
+        parts.append(f"{Path(config_args['adapter_dir']).name} on {config_args.get('base_model_name', '?')}")
+    parts += [f"{label}={config_args[key]}" for key, label in (("temperature", "T"), ("top_k", "top_k"), ("top_p", "top_p"))
+              if config_args.get(key) is not None]
+    return ", ".join(parts + [f"max m={m}"])
+
+
+# --------------------------------------------------------------------------- analysis
+
+def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, *, fallback: list[int],
+                 n_bootstrap: int, seed: int, baselines: dict | None, config_args: dict) -> tuple[dict, dict]:
+    """Votes, curves, bootstrap bands, best scores and figures of a bank; writes them into out_dir.
+
+    Essays are taken in test-file order, so the result does not depend on the bank's line order.
+    """
+    import numpy as np
+
+    from modules.data import DataError, write_json_atomic
+    from modules.plots import plot_average, plot_overall, plot_per_rubric
+    from modules.sampling import read_bank
+    from modules.voting import INVALID, best_scores, bootstrap_curves, qwk_curves
+
+    rows = {row["id"]: row for row in read_bank(bank_path, info.ranges)}
+    expected = [r.id for r in records]
+    missing = [i for i in expected if i not in rows]
+    unknown = sorted(set(rows) - set(expected))
+    if missing or unknown:
+        detail = [f"{len(missing)} essays missing (first {missing[0]!r}; an unfinished run? continue it with "
+                  f"--resume)"] if missing else []
+        detail += [f"{len(unknown)} not among the {len(expected)} test essays (first {unknown[0]!r})"] if unknown else []
+        raise DataError(f"{bank_path}: essay ids do not match {test_path}: " + ", ".join(detail))
+    counts = sorted({len(rows[i]["samples"]) for i in expected})
+    if len(counts) > 1:
+        raise DataError(f"{bank_path}: essays hold different numbers of samples {counts}; finish the run with --resume")
+    n, m, k = len(records), counts[0], len(info.rubrics)
+    samples = np.full((n, m, k), INVALID, dtype=np.int64)
+    for e, record in enumerate(records):
+        row = rows[record.id]
+        if row["gold"] != list(record.scores):
+            raise DataError(f"{bank_path}: essay {record.id!r}: gold {row['gold']} differs from {test_path} "
+                            f"({list(record.scores)})")
+        for j, sample in enumerate(row["samples"]):
+            if sample["scores"] is not None:
+                samples[e, j] = sample["scores"]
+    gold = np.array([r.scores for r in records], dtype=np.int64)
+
+    curves = qwk_curves(samples, gold, info.ranges, fallback, rubric_names=info.rubric_names)
+    if n_bootstrap:
+        curves["bootstrap"] = bootstrap_curves(samples, gold, info.ranges, fallback, n_orderings=n_bootstrap,
+                                               seed=seed, rubric_names=info.rubric_names)
+    invalid = int((samples == INVALID).all(axis=2).sum())
+    curves.update(invalid_rate=invalid / (n * m), invalid_samples=invalid, fallback=list(fallback))
+    best = best_scores(curves)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "curves.json", curves)
+    write_json_atomic(out_dir / "best_qwk_scores.json", best)
+    title = make_title(config_args, m)
+    plot_overall(curves, baselines, out_dir / "overall_qwk_vs_m.png", title)
+    plot_average(curves, baselines, out_dir / "average_qwk_vs_m.png", title)
+    plot_per_rubric(curves, baselines, out_dir / "per_rubric_qwk_vs_m.png", title)
+    return curves, best
+
+
+def print_summary(curves: dict, best: dict, out_dir: Path) -> None:
+    print(f"overall QWK ({curves['n_essays']} essays, m = 1..{curves['ms'][-1]}):")
+    for vote, label in (("avg", "average vote"), ("maj", "majority vote")):
+        b = best[vote]
+        print(f"  {label:<14} m=1 {b['m1']['overall']:.4f}   best {b['best']['overall']:.4f} (m={b['best']['m']})"
+              f"   m={b['max_m']['m']} {b['max_m']['overall']:.4f}")
+    print(f"invalid samples: {curves['invalid_samples']} ({100 * curves['invalid_rate']:.1f}%)")
+    print(f"outputs: {out_dir}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    bank = Path(args.bank_path)
+    config_path = bank.parent / CONFIG
+    saved = read_json(config_path).get("args", {}) if config_path.is_file() else {}
+    opts = {key: getattr(args, key) if getattr(args, key) is not None else saved.get(key, default)
+            for key, default in ANALYSIS_DEFAULTS.items()}
+    info, records = load_records(args.test_path, opts["limit"])
+    fallback = resolve_fallback(opts["fallback_score"], info)
+    baselines_path = opts["baselines_json"]
+    if args.baselines_json is None and baselines_path and not Path(baselines_path).is_file():
+        logger.warning("baselines %s (from %s) not found; plotting without baselines", baselines_path, config_path)
+        baselines_path = None
+    out_dir = Path(args.output_dir) if args.output_dir else bank.parent
+    curves, best = analyze_bank(bank, args.test_path, records, info, out_dir, fallback=fallback,
+                                n_bootstrap=opts["bootstrap"], seed=opts["seed"],
+                                baselines=load_baselines(baselines_path), config_args=saved)
+    print_summary(curves, best, out_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------- sampling
+
+def check_output_dir(args: argparse.Namespace) -> Path | None:
+    """The run folder to continue or create; never an existing non-empty one unless resuming."""
+    if args.resume:
+        if not args.output_dir:
+            raise CliError("--resume needs --output_dir naming the run folder to continue")
+        out = Path(args.output_dir)
+        if not (out / CONFIG).is_file():
+            raise CliError(f"{out}: no {CONFIG} there; not a self-consistency run to resume")
+        return out
+    if args.output_dir:
+        out = Path(args.output_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CliError(f"{out}: output folder exists and is not empty (use --resume to continue that run)")
+        return out
+    return None
+
+
+def create_output_dir(args: argparse.Namespace) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", args.tag or Path(args.adapter_dir).resolve().name)
+    base = Path(args.output_root) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):  # two runs started in the same second get -1, -2, ...
+        out = base.with_name(f"{base.name}-{i}") if i else base
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise CliError(f"{base}: could not create a new run folder")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from modules.data import DataError, build_prompt, write_json_atomic
+    from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
+
+    # Everything that can be wrong with the input fails here, before minutes of model loading.
+    info, records = load_records(args.test_path, args.limit)
+    fallback = resolve_fallback(args.fallback_score, info)
+    mtl, prompt_format, prompt_source = prompt_settings(args)
+    if args.baselines_json is not None and not Path(args.baselines_json).is_file():
+        raise CliError(f"{args.baselines_json}: baselines file not found")
+    default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
+    baselines_path = args.baselines_json or (str(default_baselines.resolve()) if default_baselines.is_file() else None)
+    out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
+    resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
+                "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
+                "fallback_score": fallback, "baselines_json": baselines_path}
+    saved, done = None, set()
+    if args.resume:
+        saved = read_json(out_dir / CONFIG)
+        before = saved.get("args", {})
+        diffs = [k for k in SAMPLING_KEYS if before.get(k) != resolved[k]]
+        if diffs:
+            raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
+                f"{k} {resolved[k]!r} (run used {before.get(k)!r})" for k in diffs))
+        bank = out_dir / BANK
+        done = {row["id"] for row in read_bank(bank, info.ranges, repair=True)} if bank.exists() else set()
+        extra = done - {r.id for r in records}
+        if extra:
+            raise DataError(f"{bank}: holds essays that are not among the {len(records)} test essays "
+                            f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
+
+    from main_pipeline import git_commit, package_versions
+    from modules.models import load_adapter, resolve_device
+
+    device = resolve_device(args.device_id) if args.device_id is not None else None
+    try:
+        model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
+    except (ValueError, OSError) as err:
+        raise CliError(str(err).strip().splitlines()[0]) from None
+    param = next(model.parameters())
+
+    if args.dry_run:
+        prompt = build_prompt(records[0], info, tokenizer, mtl, prompt_format)
+        n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        print(f"dry run: {len(records)} essays, {len(info.rubrics)} rubrics, mtl={mtl}, prompt_format={prompt_format} "
+              f"({prompt_source}), sampler={args.sampler}, {param.device}, {param.dtype}")
+        print(f"--- prompt of essay {records[0].id} ({n_tokens} tokens) ---")
+        lines = prompt.splitlines()
+        print("\n".join(lines[:DRY_RUN_LINES]))
+        if len(lines) > DRY_RUN_LINES:
+            print(f"... ({len(lines) - DRY_RUN_LINES} more lines)")
+        return 0
+
+    if out_dir is None:
+        out_dir = create_output_dir(args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved["output_dir"] = str(out_dir.resolve())
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    command = [sys.executable, *sys.argv]
+    if saved is None:
+        config = {"command": command, "created": now, "args": resolved, "prompt_settings_from": prompt_source,
+                  "git_commit": git_commit(), "packages": package_versions(), "device": str(param.device),
+                  "dtype": str(param.dtype), "rubrics": info.rubric_names}
+    else:
+        config = {**saved, "args": resolved}
+        config.setdefault("resumes", []).append({"command": command, "at": now, "git_commit": git_commit()})
+    config["n_essays"] = len(records)
+    write_json_atomic(out_dir / CONFIG, config)
+
+    bank = out_dir / BANK
+    todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
+    if done:
+        print(f"resuming {out_dir}: {len(done)} of {len(records)} essays already sampled")
+    sampler = SAMPLERS[args.sampler]
+    sample_args = dict(max_m=args.max_m, chunk_m=args.chunk_m, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+
+    from tqdm.auto import tqdm
+
+    started, drawn, invalid = time.perf_counter(), 0, 0
+    with bank.open("a", encoding="utf-8") as handle, \
+            tqdm(total=len(records), initial=len(records) - len(todo), desc="sampling", unit="essay") as bar:
+        for index, record in todo:
+            prompt = build_prompt(record, info, tokenizer, mtl, prompt_format)
+            # Essay i is seeded with seed + i (its position in the test file), so a resumed or
+            # --limit'ed run draws exactly the samples a full uninterrupted run would.
+            samples = sampler(model, tokenizer, prompt, info.ranges, generator_seed=args.seed + index, **sample_args)
+            row = bank_line(record.id, record.scores, samples)
+            append_bank_line(handle, row)
+            drawn, invalid = drawn + len(samples), invalid + row["invalid"]
+            bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}",
+                            invalid=f"{invalid}/{drawn}")
+            bar.update(1)
+
+    if args.command == "sample":
+        print(f"sample bank: {bank}")
+        return 0
+    curves, best = analyze_bank(bank, args.test_path, records, info, out_dir, fallback=fallback,
+                                n_bootstrap=args.bootstrap, seed=args.seed,
+                                baselines=load_baselines(baselines_path), config_args=resolved)
+    print_summary(curves, best, out_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules.data import DataError
+
+    try:
+        return cmd_analyze(args) if args.command == "analyze" else cmd_sample(args)
+    except (DataError, CliError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

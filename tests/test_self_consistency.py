@@ -1,0 +1,293 @@
+"""self_consistency.py on a real tiny-random-llama LoRA adapter: outputs, analyze, resume, errors, sampler."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "aes_dataset_mtl"
+PNGS = ("overall_qwk_vs_m.png", "average_qwk_vs_m.png", "per_rubric_qwk_vs_m.png")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "self_consistency.py"), *args]
+
+
+def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> SimpleNamespace:
+    """A saved LoRA adapter with its run manifest and baselines, and a 4-essay test file."""
+    from modules.models import add_lora, load_base_model
+
+    root = tmp_path_factory.mktemp("sc")
+    adapter = root / "adapter"
+    model, _ = load_base_model("tiny-random-llama")
+    add_lora(model, r=2, alpha=4, dropout=0.0).save_pretrained(adapter)
+    (adapter / "run_manifest.json").write_text(json.dumps(
+        {"config": {"mtl": False, "prompt_format": "chat", "base_model_name": "tiny-random-llama"}}))
+    rubrics = [r["name"] for r in json.loads((DATA / "dataset.json").read_text())["rubrics"]]
+    table = {name: 0.1 * (i % 5) for i, name in enumerate(rubrics)}
+    (adapter / "evaluation_results.json").write_text(json.dumps(
+        {"token": {**table, "overall": 0.31, "average": 0.27, "invalid": 0},
+         "weighted": {**table, "overall": 0.42, "average": 0.38}}))
+    data = root / "data"
+    data.mkdir()
+    shutil.copy(DATA / "dataset.json", data / "dataset.json")
+    lines = (DATA / "test.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return SimpleNamespace(root=root, adapter=adapter, test=data / "test.jsonl", rubrics=rubrics,
+                           ids=[json.loads(line)["id"] for line in lines])
+
+
+def sample_flags(setup, *extra: str) -> list[str]:
+    return ["--adapter_dir", str(setup.adapter), "--base_model_name", "tiny-random-llama", "--test_path",
+            str(setup.test), "--max_m", "6", "--chunk_m", "3", "--bootstrap", "20", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(setup) -> Path:
+    result = run_cli("run", *sample_flags(setup, "--output_root", str(setup.root / "results"), "--tag", "e2e"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = list((setup.root / "results").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("e2e_"), folders
+    assert "overall QWK" in result.stdout and str(folders[0]) in result.stdout
+    return folders[0]
+
+
+def read_bank(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_run_writes_every_output(setup, run_dir):
+    import matplotlib.image
+
+    for name in ("run_config.json", "samples.jsonl", "curves.json", "best_qwk_scores.json", *PNGS):
+        assert (run_dir / name).is_file(), name
+    for name in PNGS:
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(run_dir / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    bank = read_bank(run_dir / "samples.jsonl")
+    assert [row["id"] for row in bank] == setup.ids
+    for row in bank:
+        assert len(row["samples"]) == 6 and len(row["gold"]) == len(setup.rubrics)
+        assert row["invalid"] == sum(s["scores"] is None for s in row["samples"])
+        assert all(isinstance(s["text"], str) and "\n" not in s["text"] for s in row["samples"])
+    curves = json.loads((run_dir / "curves.json").read_text())
+    assert curves["ms"] == list(range(1, 7)) and curves["rubrics"] == setup.rubrics
+    for key in ("overall_avg", "overall_maj", "avgk_avg", "avgk_maj"):
+        assert len(curves[key]) == 6
+        assert len(curves["bootstrap"][key]["lo"]) == 6
+    assert curves["bootstrap"]["n_orderings"] == 20 and curves["bootstrap"]["seed"] == 42
+    assert curves["invalid_rate"] == sum(r["invalid"] for r in bank) / 24
+    best = json.loads((run_dir / "best_qwk_scores.json").read_text())
+    assert set(best) == {"avg", "maj"} and best["avg"]["max_m"]["m"] == 6
+    config = json.loads((run_dir / "run_config.json").read_text())
+    args = config["args"]
+    assert (args["mtl"], args["prompt_format"], args["max_m"], args["seed"]) == (False, "chat", 6, 42)
+    assert args["fallback_score"] == [5] * len(setup.rubrics)  # midpoints of 1-9
+    assert args["baselines_json"] == str((setup.adapter / "evaluation_results.json").resolve())
+    assert {"git_commit", "packages", "command"} <= set(config) and "torch" in config["packages"]
+
+
+def test_analyze_reproduces_run(setup, run_dir, tmp_path):
+    result = run_cli("analyze", "--bank_path", str(run_dir / "samples.jsonl"), "--test_path", str(setup.test),
+                     "--output_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("curves.json", "best_qwk_scores.json"):
+        assert (tmp_path / name).read_bytes() == (run_dir / name).read_bytes(), name
+    assert all((tmp_path / name).is_file() for name in PNGS)
+
+
+def test_killed_sample_resumes_to_the_same_bank(setup, run_dir, tmp_path):
+    out = tmp_path / "killed"
+    bank = out / "samples.jsonl"
+    proc = subprocess.Popen(cli("sample", *sample_flags(setup, "--output_dir", str(out))), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if bank.is_file() and bank.read_bytes().endswith(b"\n"):
+            break
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    lines = bank.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert lines, "no essay was flushed before the kill"
+    if len(lines) == len(setup.ids):  # the process outran the poll: cut it back to one finished essay
+        bank.write_text(lines[0], encoding="utf-8")
+    first = json.loads(lines[0])
+    with bank.open("a", encoding="utf-8") as handle:  # what a kill in the middle of a write leaves
+        handle.write('{"id": "' + setup.ids[-1] + '", "gold": [1, 2')
+
+    result = run_cli("sample", *sample_flags(setup, "--output_dir", str(out), "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already sampled" in result.stdout and "torn last line" in result.stderr
+    rows = read_bank(bank)
+    assert sorted(row["id"] for row in rows) == sorted(setup.ids)
+    assert rows[0] == first
+    # Same seed and settings: the resumed bank is the uninterrupted run's bank, line for line.
+    assert bank.read_text(encoding="utf-8") == (run_dir / "samples.jsonl").read_text(encoding="utf-8")
+    assert len(json.loads((out / "run_config.json").read_text())["resumes"]) == 1
+
+
+def test_mismatched_base_model_is_one_line(setup):
+    result = run_cli("run", *sample_flags(setup, "--output_root", str(setup.root / "mismatch")),
+                     "--base_model_name", "smollm2-135m")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "trained on base model 'tiny-random-llama'" in result.stderr and "Traceback" not in result.stderr
+    assert not (setup.root / "mismatch").exists()
+
+
+def test_dry_run_prints_the_training_prompt(setup, capsys):
+    import self_consistency  # in-process: the same code path as the CLI, without a second model-loading process
+
+    assert self_consistency.main(["run", *sample_flags(setup, "--output_root", str(setup.root / "dry")),
+                                  "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "mtl=False, prompt_format=chat (run_manifest.json)" in out
+    assert f"prompt of essay {setup.ids[0]}" in out and "<|assistant|>" in out
+    assert not (setup.root / "dry").exists()
+
+
+def test_input_errors_are_one_line_before_model_load(setup, run_dir, tmp_path, capsys):
+    import self_consistency
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(setup.test.parent / "dataset.json", bad / "dataset.json")
+    rows = setup.test.read_text().splitlines()
+    record = json.loads(rows[1])
+    record["scores"]["task"] = 12
+    (bad / "test.jsonl").write_text("\n".join([rows[0], json.dumps(record)]) + "\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    base = ["--adapter_dir", str(setup.adapter), "--test_path", str(setup.test)]
+    cases = [
+        (["run", "--adapter_dir", str(setup.adapter), "--base_model_name", "no-such/model", "--test_path",
+          str(bad / "test.jsonl")], "test.jsonl:2: field 'scores.task': score 12 outside 1-9"),
+        (["run", *base, "--base_model_name", "no-such/model", "--output_dir", str(tmp_path / "full")],
+         "output folder exists and is not empty"),
+        (["sample", *base, "--base_model_name", "no-such/model", "--resume"], "--resume needs --output_dir"),
+        (["sample", *sample_flags(setup, "--output_dir", str(run_dir), "--resume", "--temperature", "0.9")],
+         "temperature 0.9 (run used 0.7)"),
+        (["run", *base, "--base_model_name", "no-such/model", "--fallback_score", "1,2"],
+         "--fallback_score has 2 values; give 1 or 8"),
+        (["analyze", "--bank_path", str(run_dir / "samples.jsonl"), "--test_path", str(DATA / "test.jsonl")],
+         "essay ids do not match"),
+    ]
+    for argv, expected in cases:
+        assert self_consistency.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and expected in err, (argv, err)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+
+
+def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
+    """A bank with real scores: curves.json is exactly voting's curves of the [N, m, K] array."""
+    import self_consistency
+    from modules.sampling import read_bank as read_checked
+    from modules.voting import INVALID, best_scores, bootstrap_curves, qwk_curves
+
+    rng = np.random.default_rng(0)
+    gold = np.array([[json.loads(line)["scores"][r] for r in setup.rubrics]
+                     for line in setup.test.read_text().splitlines()])
+    n, m, k = len(setup.ids), 5, len(setup.rubrics)
+    samples = np.clip(gold[:, None, :] + rng.integers(-2, 3, size=(n, m, k)), 1, 9)
+    samples[0, 1] = INVALID
+    samples[2, :] = INVALID
+    bank = tmp_path / "samples.jsonl"
+    with bank.open("w") as handle:
+        for i in (3, 1, 0, 2):  # line order must not matter
+            drawn = [{"text": "", "scores": None if s[0] == INVALID else s.tolist()} for s in samples[i]]
+            handle.write(json.dumps({"id": setup.ids[i], "gold": gold[i].tolist(), "samples": drawn,
+                                     "invalid": sum(d["scores"] is None for d in drawn)}) + "\n")
+        handle.write('{"id": "torn')
+    assert self_consistency.main(["analyze", "--bank_path", str(bank), "--test_path", str(setup.test),
+                                  "--bootstrap", "30", "--seed", "7", "--fallback_score", "4"]) == 0
+    expected = qwk_curves(samples, gold, [(1, 9)] * k, 4, rubric_names=setup.rubrics)
+    expected["bootstrap"] = bootstrap_curves(samples, gold, [(1, 9)] * k, 4, n_orderings=30, seed=7,
+                                             rubric_names=setup.rubrics)
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert {key: curves[key] for key in expected} == json.loads(json.dumps(expected))
+    assert curves["invalid_rate"] == 6 / 20 and curves["fallback"] == [4] * k
+    assert json.loads((tmp_path / "best_qwk_scores.json").read_text()) == json.loads(json.dumps(best_scores(expected)))
+    assert len(set(curves["overall_avg"])) > 1  # real variation, not a constant fallback curve
+    # reading never changes the file; repair=True cuts the torn line off
+    assert bank.read_bytes().endswith(b'"torn')
+    assert len(read_checked(bank, [(1, 9)] * k, repair=True)) == n
+    assert bank.read_bytes().endswith(b"\n")
+
+
+@pytest.fixture(scope="module")
+def adapter_model(setup):
+    from modules.models import load_adapter
+
+    return load_adapter("tiny-random-llama", setup.adapter)
+
+
+def test_generate_sampler_chunks_seeds_and_stops(adapter_model, monkeypatch):
+    from modules.sampling import SAMPLERS, generate_sampler
+    from modules.scoring import stop_token_ids
+
+    model, tokenizer = adapter_model
+    assert SAMPLERS["generate"] is generate_sampler
+    calls = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    ranges = [(1, 9)] * 8
+    kwargs = dict(max_m=5, chunk_m=2, temperature=0.7, top_k=9, max_new_tokens=6)
+    first = generate_sampler(model, tokenizer, "Score: ", ranges, generator_seed=3, **kwargs)
+    assert [c["num_return_sequences"] for c in calls] == [2, 2, 1] and len(first) == 5
+    call = calls[0]
+    assert call["do_sample"] is True and call["temperature"] == 0.7 and call["top_k"] == 9
+    assert set(stop_token_ids(tokenizer)) <= set(call["eos_token_id"]) and call["pad_token_id"] == tokenizer.pad_token_id
+    assert "top_p" not in call  # the model's generation config decides, as in the original tool
+    assert generate_sampler(model, tokenizer, "Score: ", ranges, generator_seed=3, **kwargs) == first
+    assert generate_sampler(model, tokenizer, "Score: ", ranges, generator_seed=4, **kwargs) != first
+    generate_sampler(model, tokenizer, "Score: ", ranges, generator_seed=3, top_p=0.9, **kwargs)
+    assert calls[-1]["top_p"] == 0.9
+
+
+def test_generate_sampler_parses_the_score_line(adapter_model):
+    import torch
+
+    from modules.sampling import generate_sampler
+
+    _, tokenizer = adapter_model
+    answers = ["3 4 5 6 7 8 9 1\nGood essay.", "3 4 5", "3 4 5 6 7 8 9 10"]
+
+    class Scripted:  # writes fixed answers, to check text -> scores without a trained model
+        generation_config = None
+
+        def get_input_embeddings(self):
+            return torch.nn.Embedding(1, 1)
+
+        def generate(self, input_ids, num_return_sequences, **_):
+            rows = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[:num_return_sequences]]
+            width = max(map(len, rows))
+            rows = [r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]
+            return torch.cat([input_ids.repeat(num_return_sequences, 1), torch.tensor(rows)], dim=1)
+
+    out = generate_sampler(Scripted(), tokenizer, "Score: ", [(1, 9)] * 8, max_m=3, chunk_m=3, temperature=1.0,
+                           top_k=9, max_new_tokens=32, generator_seed=0)
+    assert out[0] == {"text": "3 4 5 6 7 8 9 1", "scores": [3, 4, 5, 6, 7, 8, 9, 1]}
+    assert [o["scores"] for o in out[1:]] == [None, None]  # too few scores; 10 out of range
