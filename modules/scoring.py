@@ -114,6 +114,13 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+def score_line_budget(tokenizer, ranges: Sequence[tuple[int, int]]) -> int:
+    """Tokens a valid score line can take: each rubric's widest number plus its separator, plus
+    the newline. An untrained model that never closes the line then costs no more than that."""
+    widest = [max(len(tokenizer(str(v), add_special_tokens=False)["input_ids"]) for v in (lo, hi)) for lo, hi in ranges]
+    return sum(widest) + len(ranges) + 1
+
+
 def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
                    batch_size: int = 8, max_new_tokens: int | None = None,
                    generate_feedback: bool = False) -> list[str]:
@@ -122,11 +129,10 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
     Left padding keeps every prompt's last token at the end of the row, which batched
     ``generate`` needs. Unless ``generate_feedback``, generation stops at the first token that
     carries a newline and the text is cut at that newline, so only the score line is returned.
-    The default budget, 4 tokens per score plus 4, covers multi-digit numbers, signs and spaces.
+    The default budget is ``score_line_budget`` (plus 128 tokens with feedback).
     """
-    k = len(ranges)
     if max_new_tokens is None:
-        max_new_tokens = 4 * k + (128 if generate_feedback else 4)
+        max_new_tokens = score_line_budget(tokenizer, ranges) + (128 if generate_feedback else 0)
     stop = _eos_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = _input_device(model)
