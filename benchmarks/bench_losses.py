@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,7 @@ def step_times(name: str, args) -> dict[str, float]:
 
 
 def peak_rss_mb(name: str, loss: str, args) -> float:
-    """Max RSS of a fresh process that loads the model and runs two steps with one loss."""
+    """Peak RSS of a fresh process that loads the model and runs two steps with one loss."""
     cmd = [sys.executable, __file__, "--models", name, "--seq_len", str(args.seq_len), "--batch", str(args.batch),
            "--target_len", str(args.target_len), "--_memory_of", loss]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -107,7 +106,10 @@ def memory_child(name: str, loss: str, args) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for _ in range(2):
         train_step(model, optimizer, batch, configs(values)[loss])
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the parent.
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
 
 
 def main() -> None:
