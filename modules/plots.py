@@ -10,6 +10,7 @@ horizontal lines. The Agg backend is used so plotting works on headless machines
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -58,6 +59,11 @@ def _panel(ax, curves: dict, kind: str, baselines: dict | None, baseline_key: st
         ax.legend(fontsize=7, loc="lower right")
 
 
+def _wrap(title: str, width: int = 80) -> str:
+    """Long adapter names would run off a single-panel figure; break the title into lines."""
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def _save(fig, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -68,7 +74,7 @@ def plot_overall(curves: dict, baselines: dict | None, path: str | Path, title: 
     """QWK over all essay-rubric pairs pooled, against m."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _panel(ax, curves, "overall", baselines, "overall")
-    ax.set_title(f"Overall QWK vs m\n{title}", fontsize=10)
+    ax.set_title(f"Overall QWK vs m\n{_wrap(title)}", fontsize=10)
     _save(fig, path)
 
 
@@ -76,7 +82,7 @@ def plot_average(curves: dict, baselines: dict | None, path: str | Path, title: 
     """Mean of the per-rubric QWKs, against m."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _panel(ax, curves, "avgk", baselines, "average")
-    ax.set_title(f"Average per-rubric QWK vs m\n{title}", fontsize=10)
+    ax.set_title(f"Average per-rubric QWK vs m\n{_wrap(title)}", fontsize=10)
     _save(fig, path)
 
 
