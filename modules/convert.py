@@ -14,12 +14,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
+
+from modules.data import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -575,14 +576,6 @@ def render_readme(splits: dict[str, list[dict]], meta: dict[str, Any], seed: int
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write UTF-8 with '\\n' newlines atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_synthetic(out_dir: str | Path, seed: int = 0,
                     sizes: dict[str, int] | None = None) -> dict[str, Any]:
     """Generate and write the dataset folder; returns a summary (sizes, QWK)."""
@@ -591,11 +584,11 @@ def write_synthetic(out_dir: str | Path, seed: int = 0,
     splits = generate_synthetic(seed, sizes)
     meta = dataset_meta()
     for split, recs in splits.items():
-        _write_text(out / f"{split}.jsonl",
+        write_text_atomic(out / f"{split}.jsonl",
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    _write_text(out / "dataset.json", json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(out / "dataset.json", json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
     qwk = ridge_baseline(splits["train"], splits["test"], meta["rubrics"])
-    _write_text(out / "README.md", render_readme(splits, meta, seed, out.name, qwk))
+    write_text_atomic(out / "README.md", render_readme(splits, meta, seed, out.name, qwk))
     return {"sizes": {k: len(v) for k, v in splits.items()}, "qwk": qwk,
             "mean_words": sum(len(r["essay"].split()) for v in splits.values() for r in v)
             / sum(len(v) for v in splits.values())}

@@ -412,9 +412,15 @@ class ScoringCollator:
         return batch
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a killed run never leaves half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 with "\\n" newlines through a temporary file and a rename, so a killed run
+    never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
     tmp.replace(path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
