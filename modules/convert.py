@@ -1,5 +1,8 @@
 """Dataset converters and the deterministic synthetic sample dataset.
 
+Real corpora (``asap``, ``ellipse``, ``csv`` subcommands) are converted by
+``modules/converters.py``; this file holds the CLI and the synthetic generator.
+
 ``python -m modules.convert synth --out_dir aes_dataset_mtl --seed 0`` writes the
 shipped sample dataset (SPEC section 3). Every essay is assembled from templates
 around a latent quality; every rubric score is a documented function of lexical
@@ -16,11 +19,13 @@ import logging
 import math
 import random
 import re
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
-from modules.data import write_text_atomic
+from modules import converters
+from modules.data import DataError, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -616,13 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_valid", type=int, default=SPLIT_SIZES["valid"])
     p.add_argument("--n_test", type=int, default=SPLIT_SIZES["test"])
     p.set_defaults(func=_cmd_synth)
+    converters.add_parsers(sub)  # asap, ellipse, csv: real corpora (modules/converters.py)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DataError as err:  # bad input: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
