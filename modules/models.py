@@ -114,6 +114,15 @@ def resolve_device(device_id: int | str | None = None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def check_4bit(device: torch.device) -> None:
+    """Raise a one-line ValueError unless 4-bit QLoRA can run: a CUDA device and bitsandbytes
+    (an optional GPU extra, not in requirements.txt)."""
+    if torch.device(device).type != "cuda":
+        raise ValueError("--load_in_4bit needs a CUDA GPU (bitsandbytes QLoRA); drop the flag on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load_in_4bit needs bitsandbytes, which is not installed: pip install bitsandbytes")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it (half the memory, fp32 range); float32 elsewhere.
 
@@ -514,15 +523,15 @@ def load_base_model(
         # Load straight onto the GPU instead of staging the whole model in host memory.
         kwargs["device_map"] = {"": device}
     if load_in_4bit:
-        if device.type != "cuda":
-            raise ValueError("--load_in_4bit needs a CUDA device (bitsandbytes); drop it on CPU")
+        check_4bit(device)
         from transformers import BitsAndBytesConfig
 
+        # The original tool's QLoRA: NF4 with double quantisation, computing in bf16.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=torch.bfloat16,
         )
     model = _load_pretrained(AutoModelForCausalLM.from_pretrained, name, **kwargs)
     if "device_map" not in kwargs:
