@@ -5,10 +5,15 @@
 Stages: load data -> base model + tokenizer -> LoRA -> CustomTrainer (eval each epoch, best
 checkpoint by eval loss, early stopping) -> save adapter, tokenizer, run manifest -> greedy and
 probability-weighted inference on the test split -> evaluation_results.json + a printed table.
+
+Runs unchanged under ``torchrun --nproc_per_node N`` or ``accelerate launch``: the Trainer trains
+with DDP (or DeepSpeed/FSDP from an accelerate config), each process scores every N-th test essay,
+and rank 0 alone writes the run folder and prints.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -107,7 +112,9 @@ def setup_wandb(args: argparse.Namespace, run_dir: Path) -> list[str]:
     has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read_netrc()
     if not has_key and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
         os.environ["WANDB_MODE"] = "offline"
-    if os.environ.get("WANDB_MODE") == "offline":
+    from modules import dist
+
+    if os.environ.get("WANDB_MODE") == "offline" and dist.is_main():  # only rank 0 reports to wandb
         print(f"wandb: offline mode; run files in {run_dir / 'wandb'} (upload later with `wandb sync`)")
     return ["wandb"]
 
@@ -121,27 +128,46 @@ def _read_netrc() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules import dist
+
+    # Under a launcher only rank 0 logs INFO; the others keep warnings and errors.
+    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.device_id is not None and "LOCAL_RANK" not in os.environ:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(args.device_id))
 
     from modules.data import DataError, load_splits
-    # Validate every split before any model is loaded: bad input fails in a second, not after minutes.
+    # Validate every split before any model is loaded: bad input fails in a second, not after minutes
+    # (on every rank: each one reads the data and stops with the same line).
     try:
         info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run(args, info, splits)
+    from modules.models import check_4bit
+
+    try:
+        device = dist.device(0 if args.device_id is not None else None)
+        if args.load_in_4bit:
+            check_4bit(device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dist.init(device)
+    try:
+        return run(args, info, splits, device)
+    finally:
+        dist.finish()
 
 
-def run(args: argparse.Namespace, info, splits) -> int:
+def run(args: argparse.Namespace, info, splits, device) -> int:
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
+    from modules import dist
     from modules.data import ScoringCollator, encode_example, write_json_atomic
     from modules.losses import number_token_values
-    from modules.models import add_lora, default_dtype, load_base_model, resolve_device
+    from modules.models import add_lora, load_adapter, load_base_model
     from modules.scoring import evaluate_predictions, format_results_table, predict_split
     from modules.trainer import LABEL_NAMES, CustomTrainer, LossConfig, compute_loss_terms
 
@@ -151,17 +177,19 @@ def run(args: argparse.Namespace, info, splits) -> int:
     if resuming:
         checkpoint = newest_checkpoint(run_dir)
     elif not args.dry_run:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            print(f"error: {run_dir}: run folder exists and is not empty (use --resume_checkpoint to continue it)",
-                  file=sys.stderr)
+        # Rank 0 picks and creates the one run folder (its name holds rank 0's clock) and tells the others.
+        error = None
+        if dist.is_main():
+            if run_dir.exists() and any(run_dir.iterdir()):
+                error = f"{run_dir}: run folder exists and is not empty (use --resume_checkpoint to continue it)"
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir, error = dist.broadcast((run_dir, error))
+        if error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
-        run_dir.mkdir(parents=True, exist_ok=True)
 
-    device = resolve_device(0 if args.device_id is not None else None)
-    if args.load_in_4bit and device.type != "cuda":
-        print("error: --load_in_4bit needs a CUDA GPU (bitsandbytes QLoRA); drop the flag on CPU", file=sys.stderr)
-        return 2
-    model, tokenizer = load_base_model(args.base_model_name, device=device)
+    model, tokenizer = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()])
     number_values = number_token_values(tokenizer)
@@ -179,8 +207,9 @@ def run(args: argparse.Namespace, info, splits) -> int:
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             _, terms, _ = compute_loss_terms(model, batch, loss_config)
-        print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
-              + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+        if dist.is_main():
+            print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
         return 0
 
     train_set, valid_set = encode(splits["train"]), encode(splits["valid"])
@@ -196,44 +225,66 @@ def run(args: argparse.Namespace, info, splits) -> int:
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=report_to,
         label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
-        bf16=model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0)
+        bf16=model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
+        # Multi-process: the process group dist.init made (gloo/NCCL); every LoRA weight gets a
+        # gradient each step, so DDP need not search the graph for unused parameters.
+        ddp_backend=dist.backend(), ddp_find_unused_parameters=False)
     trainer = CustomTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=valid_set,
                             data_collator=collator, loss_config=loss_config,
                             callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
-    if resuming:
+    if resuming and dist.is_main():
         print(f"resuming from {checkpoint} (global step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']})")
     started = time.time()
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if resuming else None)
     train_seconds = time.time() - started
-    trainer.save_model(str(run_dir))
-    tokenizer.save_pretrained(str(run_dir))
-    write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
+    trainer.save_model(str(run_dir))  # every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
 
     manifest = {
         "command": [sys.executable, *sys.argv], "config": vars(args), "run_dir": str(run_dir),
         "git_commit": git_commit(), "packages": package_versions(), "seed": args.seed, "device": str(device),
+        "world_size": dist.world_size(), "ddp_backend": dist.backend(),
         "dtype": str(model.dtype), "rubrics": info.rubric_names,
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "train": {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
                   "best_checkpoint": trainer.state.best_model_checkpoint,
                   "best_eval_loss": trainer.state.best_metric, **train_result.metrics},
     }
-    write_json_atomic(run_dir / "run_manifest.json", manifest)
+    if dist.is_main():
+        tokenizer.save_pretrained(str(run_dir))
+        write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
+        write_json_atomic(run_dir / "run_manifest.json", manifest)
+    if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
+                                   and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
+        # FSDP and ZeRO-3 leave each process a shard of the weights, but every process scores its own
+        # essays with the whole model: load the saved adapter again once rank 0 has written it.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+        del trainer, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        unset_hf_deepspeed_config()  # or from_pretrained would partition the reloaded model again
+        dist.barrier()
+        model, _ = load_adapter(args.base_model_name, run_dir, device=device)
+
+    # Each rank scores every world_size-th test essay; rank 0 puts them back in test order.
     test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
     started = time.time()
-    predictions = predict_split(model, tokenizer, test_records, info, mtl=args.mtl, prompt_format=args.prompt_format,
-                                batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
-                                generate_feedback=args.generate_feedback)
-    with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as out:
-        for row in predictions:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    results = evaluate_predictions(predictions, info)
-    write_json_atomic(run_dir / "evaluation_results.json", results)
-    manifest["inference_seconds"] = round(time.time() - started, 1)
-    write_json_atomic(run_dir / "run_manifest.json", manifest)
-    print(format_results_table(results, info))
-    print(f"run folder: {run_dir}")
+    predictions = dist.gather(predict_split(
+        model, tokenizer, dist.shard(test_records), info, mtl=args.mtl, prompt_format=args.prompt_format,
+        batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
+        generate_feedback=args.generate_feedback))
+    if dist.is_main():
+        with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as out:
+            for row in predictions:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        results = evaluate_predictions(predictions, info)
+        write_json_atomic(run_dir / "evaluation_results.json", results)
+        manifest["inference_seconds"] = round(time.time() - started, 1)
+        write_json_atomic(run_dir / "run_manifest.json", manifest)
+        print(format_results_table(results, info))
+        print(f"run folder: {run_dir}")
+    dist.barrier()
     return 0
 
 

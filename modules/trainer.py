@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
+from modules import dist
 from modules.data import IGNORE_INDEX
 from modules.losses import composite_loss, emo_loss, ntl_mse, ntl_was
 
@@ -62,6 +64,27 @@ class LossConfig:
             raise ValueError(f"loss_type must be one of {sorted(NTL_LOSSES)}, got {self.loss_type!r}")
 
 
+def output_embedding(model) -> torch.Tensor:
+    """The whole output embedding matrix E of a model, also inside the Trainer's wrappers.
+
+    DDP and DeepSpeed hold the model as ``.module``; FSDP2 shards E as a DTensor and ZeRO-3
+    partitions it, so those two are gathered (a collective: every rank computes the loss at the
+    same step). E is frozen under LoRA; the gathered copy carries no gradient.
+    """
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    weight = model.get_output_embeddings().weight
+    if isinstance(weight, DTensor):
+        with torch.no_grad():
+            return weight.full_tensor()
+    if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+    return weight
+
+
 def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfig) -> tuple[torch.Tensor, dict[str, float], object]:
     """One forward pass and every loss term: the composite loss, its logged parts and the model outputs."""
     attention_mask = inputs["attention_mask"]
@@ -77,7 +100,7 @@ def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfi
     if config.ntl_weight:
         ntl = NTL_LOSSES[config.loss_type](logits, ntl_labels, config.number_values.to(logits.device))
     if config.emo_weight:
-        embedding = model.get_output_embeddings().weight
+        embedding = output_embedding(model)
         emo = emo_loss(logits, emo_labels, embedding, top_k=config.emo_topk)
     total, logged = composite_loss(ce, ntl, emo, config.ntl_weight, config.emo_weight)
     return total, logged, outputs
@@ -111,7 +134,11 @@ class CustomTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._term_count:
-            logs.update({k: round(v / self._term_count, 6) for k, v in self._term_sums.items()})
+            # Every rank logs the training loss at the same step, so the terms can be averaged over
+            # ranks here, like the Trainer's own "loss" (under one process this is the local mean).
+            keys = sorted(self._term_sums)
+            means = dist.mean([self._term_sums[k] / self._term_count for k in keys], self.args.device)
+            logs.update({k: round(v, 6) for k, v in zip(keys, means)})
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, *args, **kwargs)

@@ -1,0 +1,121 @@
+"""Multi-process runs under ``torchrun`` / ``accelerate launch`` (SPEC §8).
+
+The launcher starts one process per device and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
+this module turns that into the few things both CLIs need: which device a process uses, one
+process group (gloo on CPU, NCCL on CUDA), which process writes files (rank 0), and moving
+Python objects between processes. Without a launcher every function is the single-process
+identity (rank 0 of 1, barriers are no-ops), so the CLIs have one code path.
+
+The Trainer (through accelerate) reuses the process group created here instead of making its own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# How long a process waits for the others in a collective: the Trainer's ddp_timeout default
+# (NCCL's own default is 10 minutes, short for a rank that waits while rank 0 writes files).
+TIMEOUT = timedelta(minutes=30)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    """The process that writes files and prints summaries."""
+    return rank() == 0
+
+
+def device(device_id: int | str | None = None) -> torch.device:
+    """This process's device: under a launcher the GPU of its ``LOCAL_RANK`` (the CPU when there is
+    no GPU, and ``device_id`` is ignored); alone, ``resolve_device(device_id)``."""
+    from modules.models import resolve_device
+
+    if world_size() == 1:
+        return resolve_device(device_id)
+    if device_id is not None:
+        logger.warning("--device_id %s ignored: under a launcher each process uses the GPU of its LOCAL_RANK",
+                       device_id)
+    return resolve_device(local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init(on: torch.device) -> None:
+    """Join the launcher's process group: NCCL for CUDA devices, gloo for the CPU. One process: no-op."""
+    if world_size() == 1 or dist.is_initialized():
+        return
+    if on.type == "cuda":
+        torch.cuda.set_device(on)  # NCCL collectives and gather_object use the current device
+        dist.init_process_group("nccl", device_id=on, timeout=TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    logger.info("process %d of %d (%s backend) on %s", rank(), world_size(), dist.get_backend(), on)
+
+
+def backend() -> str | None:
+    return dist.get_backend() if dist.is_initialized() else None
+
+
+def barrier() -> None:
+    """Wait until every process got here (no-op alone)."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` on every process (picklable objects)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This process's share: every ``world_size``-th item from its rank on (undone by :func:`gather`)."""
+    return list(items[rank()::world_size()])
+
+
+def gather(part: list[T]) -> list[T] | None:
+    """On rank 0, every process's :func:`shard` put back into the original order; None elsewhere."""
+    if not dist.is_initialized() or world_size() == 1:
+        return list(part)
+    n = world_size()
+    parts: list[Any] | None = [None] * n if is_main() else None
+    dist.gather_object(part, parts, dst=0)
+    if parts is None:
+        return None
+    whole: list[Any] = [None] * sum(len(p) for p in parts)
+    for r, p in enumerate(parts):
+        whole[r::n] = p
+    return whole
+
+
+def mean(values: list[float], on: torch.device) -> list[float]:
+    """Element-wise mean of ``values`` over all processes (every process must call it)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(tensor)
+    return (tensor / world_size()).tolist()
+
+
+def finish() -> None:
+    """Leave the process group (a no-op when there is none)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
