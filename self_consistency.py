@@ -9,6 +9,11 @@
 line per essay, fsynced as it goes; ``--resume`` continues a killed run). ``analyze``
 recomputes curves, best scores and figures from a bank without a model; its options default to
 the ``run_config.json`` beside the bank, so it reproduces ``run``'s outputs exactly.
+
+Under ``torchrun --nproc_per_node N`` the essays are shared out over the N processes; each one
+appends to its own ``samples.rank<r>.jsonl``, and rank 0 merges them into ``samples.jsonl`` in
+test-file order and analyses. Essay i is seeded with seed + i whichever process draws it, so the
+merged bank is the one a single process would write.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("self_consistency")
 
 BANK, CONFIG = "samples.jsonl", "run_config.json"
+PARTIAL_BANK = "samples.rank{rank}.jsonl"  # one per process of a multi-process run, merged into BANK
 # The flags that decide which samples get drawn: a resumed run must use the same ones.
 SAMPLING_KEYS = ("adapter_dir", "base_model_name", "test_path", "max_m", "chunk_m", "temperature", "top_k",
                  "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format")
@@ -304,7 +310,34 @@ def create_output_dir(args: argparse.Namespace) -> Path:
     raise CliError(f"{base}: could not create a new run folder")
 
 
+def bank_files(out_dir: Path) -> list[Path]:
+    """The merged bank and the per-process partial banks present in a run folder, merged one first."""
+    return [p for p in (out_dir / BANK, *sorted(out_dir.glob(PARTIAL_BANK.format(rank="*")))) if p.is_file()]
+
+
+def merge_banks(out_dir: Path, records, info) -> Path:
+    """Write every essay of the run folder's banks into ``samples.jsonl`` in test-file order (one
+    atomic write), then delete the partial banks. An essay found twice (a resumed run with another
+    number of processes) was drawn with the same seed both times; the first copy is kept."""
+    from modules.data import write_text_atomic
+    from modules.sampling import read_bank
+
+    files = bank_files(out_dir)
+    rows: dict[str, dict] = {}
+    for path in files:
+        for row in read_bank(path, info.ranges):
+            rows.setdefault(row["id"], row)
+    merged = out_dir / BANK
+    write_text_atomic(merged, "".join(json.dumps(rows[r.id], ensure_ascii=False) + "\n"
+                                      for r in records if r.id in rows))
+    for path in files:
+        if path != merged:
+            path.unlink()
+    return merged
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    from modules import dist
     from modules.data import DataError, build_prompt, write_json_atomic
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
 
@@ -320,6 +353,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
                 "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
                 "fallback_score": fallback, "baselines_json": baselines_path}
+    # One process appends to samples.jsonl itself; under a launcher each has its own partial bank.
+    own_bank = BANK if dist.world_size() == 1 else PARTIAL_BANK.format(rank=dist.rank())
     saved, done = None, set()
     if args.resume:
         saved = read_json(out_dir / CONFIG)
@@ -328,24 +363,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if diffs:
             raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
                 f"{k} {resolved[k]!r} (run used {before.get(k)!r})" for k in diffs))
-        bank = out_dir / BANK
-        done = {row["id"] for row in read_bank(bank, info.ranges, repair=True)} if bank.exists() else set()
-        extra = done - {r.id for r in records}
-        if extra:
-            raise DataError(f"{bank}: holds essays that are not among the {len(records)} test essays "
-                            f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
+        # Done: every essay in the merged bank or in any process's partial bank (a killed run may have
+        # had another number of processes). Each process cuts a torn last line off its own bank only.
+        for bank in bank_files(out_dir):
+            ids = {row["id"] for row in read_bank(bank, info.ranges, repair=bank.name == own_bank)}
+            extra = ids - {r.id for r in records}
+            if extra:
+                raise DataError(f"{bank}: holds essays that are not among the {len(records)} test essays "
+                                f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
+            done |= ids
 
     from main_pipeline import git_commit, package_versions
-    from modules.models import load_adapter, resolve_device
+    from modules.models import load_adapter
 
-    device = resolve_device(args.device_id) if args.device_id is not None else None
+    # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
+    # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU.
+    device = dist.device(args.device_id) if args.device_id is not None or dist.world_size() > 1 else None
     try:
         model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
     except (ValueError, OSError) as err:
         raise CliError(str(err).strip().splitlines()[0]) from None
     param = next(model.parameters())
+    dist.init(param.device)
 
     if args.dry_run:
+        if not dist.is_main():
+            return 0
         prompt = build_prompt(records[0], info, tokenizer, mtl, prompt_format)
         n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         print(f"dry run: {len(records)} essays, {len(info.rubrics)} rubrics, mtl={mtl}, prompt_format={prompt_format} "
@@ -357,26 +400,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(f"... ({len(lines) - DRY_RUN_LINES} more lines)")
         return 0
 
-    if out_dir is None:
-        out_dir = create_output_dir(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every process has checked the folder above; only now may rank 0 create it or rewrite its config.
+    dist.barrier()
+    error = None
+    if dist.is_main():
+        try:
+            out_dir = out_dir or create_output_dir(args)
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except (CliError, OSError) as err:
+            error = str(err)
+    out_dir, error = dist.broadcast((out_dir, error))  # one folder for all, named by rank 0's clock
+    if error:
+        raise CliError(error)
     resolved["output_dir"] = str(out_dir.resolve())
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    command = [sys.executable, *sys.argv]
-    if saved is None:
-        config = {"command": command, "created": now, "args": resolved, "prompt_settings_from": prompt_source,
-                  "git_commit": git_commit(), "packages": package_versions(), "device": str(param.device),
-                  "dtype": str(param.dtype), "rubrics": info.rubric_names}
-    else:
-        config = {**saved, "args": resolved}
-        config.setdefault("resumes", []).append({"command": command, "at": now, "git_commit": git_commit()})
-    config["n_essays"] = len(records)
-    write_json_atomic(out_dir / CONFIG, config)
+    if dist.is_main():
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        command = [sys.executable, *sys.argv]
+        if saved is None:
+            config = {"command": command, "created": now, "args": resolved, "prompt_settings_from": prompt_source,
+                      "git_commit": git_commit(), "packages": package_versions(), "device": str(param.device),
+                      "dtype": str(param.dtype), "rubrics": info.rubric_names, "world_size": dist.world_size()}
+        else:
+            config = {**saved, "args": resolved}
+            config.setdefault("resumes", []).append({"command": command, "at": now, "git_commit": git_commit(),
+                                                     "world_size": dist.world_size()})
+        config["n_essays"] = len(records)
+        write_json_atomic(out_dir / CONFIG, config)
+        if done:
+            print(f"resuming {out_dir}: {len(done)} of {len(records)} essays already sampled")
 
-    bank = out_dir / BANK
-    todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
-    if done:
-        print(f"resuming {out_dir}: {len(done)} of {len(records)} essays already sampled")
+    bank = out_dir / own_bank
+    # The essays still to draw, shared out over the processes (all of them to a single process).
+    todo = dist.shard([(i, r) for i, r in enumerate(records) if r.id not in done])
     sampler = SAMPLERS[args.sampler]
     sample_args = dict(max_m=args.max_m, chunk_m=args.chunk_m, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, max_new_tokens=args.max_new_tokens)
@@ -384,8 +439,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     started, drawn, invalid = time.perf_counter(), 0, 0
+    label = "sampling" if dist.world_size() == 1 else f"sampling (rank 0 of {dist.world_size()})"
     with bank.open("a", encoding="utf-8") as handle, \
-            tqdm(total=len(records), initial=len(records) - len(todo), desc="sampling", unit="essay") as bar:
+            tqdm(total=len(done) + len(todo), initial=len(done), desc=label, unit="essay",
+                 disable=None if dist.is_main() else True) as bar:
         for index, record in todo:
             prompt = build_prompt(record, info, tokenizer, mtl, prompt_format)
             # Essay i is seeded with seed + i (its position in the test file), so a resumed or
@@ -398,6 +455,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                             invalid=f"{invalid}/{drawn}")
             bar.update(1)
 
+    dist.barrier()  # every process has written its share
+    if not dist.is_main():
+        return 0
+    if bank_files(out_dir) != [out_dir / BANK]:
+        bank = merge_banks(out_dir, records, info)
     if args.command == "sample":
         print(f"sample bank: {bank}")
         return 0
@@ -410,7 +472,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules import dist
+
+    # Under a launcher only rank 0 logs INFO; the others keep warnings and errors.
+    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from modules.data import DataError
 
     try:
@@ -418,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CliError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist.finish()
 
 
 if __name__ == "__main__":
