@@ -84,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--top_k", type=int, default=9)
     sampling.add_argument("--top_p", type=float, default=None, help="nucleus filter (default: the model's generation config)")
     sampling.add_argument("--max_new_tokens", type=int, default=16)
-    sampling.add_argument("--sampler", choices=sorted(SAMPLERS), default="generate")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=next(iter(SAMPLERS)),
+                          help="trie: exact and fast (default); generate: the original's HF generate loop")
+    sampling.add_argument("--essay_batch", type=int, default=8,
+                          help="essays sampled together (trie sampler); lower it when memory is short")
     sampling.add_argument("--output_root", default="./consistency_results")
     sampling.add_argument("--output_dir", default=None, help="run folder (default <output_root>/<tag or adapter>_<time>)")
     sampling.add_argument("--tag", default=None, help="run folder name prefix instead of the adapter's name")
@@ -103,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_analysis_flags(analyze, from_config=True)
     args = parser.parse_args(argv)
 
-    checks = [("limit", 1), ("bootstrap", 0)] + ([("max_m", 1), ("chunk_m", 1), ("top_k", 1), ("max_new_tokens", 1)]
-                                                 if args.command != "analyze" else [])
+    sampling_checks = [("max_m", 1), ("chunk_m", 1), ("top_k", 1), ("max_new_tokens", 1), ("essay_batch", 1)]
+    checks = [("limit", 1), ("bootstrap", 0)] + (sampling_checks if args.command != "analyze" else [])
     for key, low in checks:
         if getattr(args, key) is not None and getattr(args, key) < low:
             parser.error(f"--{key} must be >= {low}, got {getattr(args, key)}")
@@ -443,17 +446,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with bank.open("a", encoding="utf-8") as handle, \
             tqdm(total=len(done) + len(todo), initial=len(done), desc=label, unit="essay",
                  disable=None if dist.is_main() else True) as bar:
-        for index, record in todo:
-            prompt = build_prompt(record, info, tokenizer, mtl, prompt_format)
-            # Essay i is seeded with seed + i (its position in the test file), so a resumed or
+        # The generate sampler runs essay by essay as the original did; the trie sampler batches
+        # essays, and each batch's essays are appended as soon as the batch ends.
+        batch_size = args.essay_batch if args.sampler == "trie" else 1
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            prompts = [build_prompt(record, info, tokenizer, mtl, prompt_format) for _, record in batch]
+            # Essay i is seeded with seed + i (its position in the test file), so a resumed, sharded or
             # --limit'ed run draws exactly the samples a full uninterrupted run would.
-            samples = sampler(model, tokenizer, prompt, info.ranges, generator_seed=args.seed + index, **sample_args)
-            row = bank_line(record.id, record.scores, samples)
-            append_bank_line(handle, row)
-            drawn, invalid = drawn + len(samples), invalid + row["invalid"]
+            drawn_samples = sampler(model, tokenizer, prompts, info.ranges,
+                                    generator_seeds=[args.seed + index for index, _ in batch], **sample_args)
+            for (_, record), samples in zip(batch, drawn_samples):
+                row = bank_line(record.id, record.scores, samples)
+                append_bank_line(handle, row)
+                drawn, invalid = drawn + len(samples), invalid + row["invalid"]
             bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}",
                             invalid=f"{invalid}/{drawn}")
-            bar.update(1)
+            bar.update(len(batch))
 
     dist.barrier()  # every process has written its share
     if not dist.is_main():

@@ -1,9 +1,12 @@
 """Samplers for self-consistency, and the sample bank they fill (SPEC §2, §6, §9).
 
-A sampler draws ``max_m`` answers for one essay prompt and returns them as
+A sampler draws ``max_m`` answers for each of a batch of essay prompts and returns, per prompt,
 ``[{"text": str, "scores": [int] * K or None}]``. Samplers are registered by name in
 :data:`SAMPLERS` (the ``--sampler`` choices); every sampler must be seeded and reproducible
-from ``generator_seed`` alone, so that a resumed run redraws nothing differently.
+from each prompt's generator seed alone, so that a resumed run redraws nothing differently.
+
+``generate`` is the original tool's sampler. ``trie`` (the default) draws from the same
+distribution with far less compute: see :func:`trie_sample`.
 
 The bank (``samples.jsonl``) holds one JSON line per essay,
 ``{"id", "gold": [int] * K, "samples": [{"text", "scores"}], "invalid": int}``. It is appended
@@ -19,27 +22,39 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from modules.data import DataError
-from modules.scoring import parse_score_line, stop_token_ids
+from modules.scoring import _EvalMode, _input_device, parse_score_line, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 Sample = dict  # {"text": str, "scores": list[int] | None}
 
 
-def generate_sampler(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]], *, max_m: int,
-                     chunk_m: int, temperature: float, top_k: int, top_p: float | None = None,
-                     max_new_tokens: int, generator_seed: int) -> list[Sample]:
-    """The original tool's sampler: HF ``generate`` with ``num_return_sequences=chunk_m``, repeated.
+def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
+                    generator_seeds: Sequence[int], max_m: int, chunk_m: int, temperature: float, top_k: int,
+                    top_p: float | None = None, max_new_tokens: int) -> list[list[Sample]]:
+    """The original tool's sampler: per prompt, HF ``generate`` with ``num_return_sequences=chunk_m``,
+    repeated until ``max_m``; prompt e is seeded with ``torch.manual_seed(generator_seeds[e])``.
 
     Every ``generate`` call recomputes the prompt's prefill, exactly as the original did (the
-    fast samplers exist to avoid that). Dropout is off while sampling. Generation stops at the end of the score line (any token that
+    trie sampler exists to avoid that). Dropout is off while sampling. Generation stops at the end of the score line (any token that
     carries a newline) or at EOS; the text is cut at the first newline, so what is stored is
     the score line the sample was parsed from. ``top_p=None`` is not passed to ``generate``
     at all, so the model's own generation config applies, as it did in the original (passing
     ``None`` would switch a configured nucleus filter off).
     """
+    if len(generator_seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(generator_seeds)} generator seeds")
+    return [_generate_one(model, tokenizer, prompt, ranges, generator_seed=seed, max_m=max_m, chunk_m=chunk_m,
+                          temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+            for prompt, seed in zip(prompts, generator_seeds)]
+
+
+def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]], *, generator_seed: int,
+                  max_m: int, chunk_m: int, temperature: float, top_k: int, top_p: float | None,
+                  max_new_tokens: int) -> list[Sample]:
     if max_m < 1 or chunk_m < 1:
         raise ValueError(f"max_m and chunk_m must be >= 1, got {max_m} and {chunk_m}")
     stop = stop_token_ids(tokenizer, model)
@@ -70,9 +85,177 @@ def generate_sampler(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     return samples
 
 
-SamplerFn = Callable[..., list[Sample]]
-# Name -> sampler with generate_sampler's signature; the CLI's --sampler choices.
-SAMPLERS: dict[str, SamplerFn] = {"generate": generate_sampler}
+# --------------------------------------------------------------------------- the trie sampler
+
+# generate() settings that change the sampling distribution beyond temperature, top-k and top-p,
+# with the value that leaves it unchanged. The trie sampler refuses a model whose generation
+# config sets any of them, rather than silently drawing from a different distribution.
+_NEUTRAL_GENERATION_SETTINGS = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "bad_words_ids": (None,), "sequence_bias": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0),
+    "min_p": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+    "top_h": (None,), "renormalize_logits": (None, False), "watermarking_config": (None,),
+}
+
+
+def sampling_processors(model, temperature: float, top_k: int, top_p: float | None) -> LogitsProcessorList:
+    """The logits warpers ``generate(do_sample=True, ...)`` applies, in its order:
+    temperature, top-k, top-p (``top_p=None`` = the model's generation config, as in ``generate``).
+
+    Raises ``ValueError`` when the model's generation config sets anything else that changes
+    the distribution (a repetition penalty, min-p, ...), which only ``--sampler generate`` honours.
+    """
+    config = getattr(model, "generation_config", None)
+    changed = [f"{name}={getattr(config, name)!r}" for name, neutral in _NEUTRAL_GENERATION_SETTINGS.items()
+               if getattr(config, name, None) not in neutral]
+    if changed:
+        raise ValueError("the model's generation config sets " + ", ".join(changed) +
+                         "; the trie sampler implements temperature, top_k and top_p only: use --sampler generate")
+    if top_p is None:
+        top_p = getattr(config, "top_p", None)
+    processors = LogitsProcessorList()
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p))
+    return processors
+
+
+def _tree_attention_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[B, 1, Q, L]`` from a boolean "query q sees cache slot l" table; the model
+    uses a 4D mask as given, which is what lets one cache row hold a whole trie."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
+                generator_seeds: Sequence[int], max_m: int, temperature: float, top_k: int,
+                top_p: float | None = None, max_new_tokens: int, chunk_m: int | None = None) -> list[list[Sample]]:
+    """``max_m`` samples for each prompt, from the distribution of :func:`generate_sample`.
+
+    Exactness: a sample is a chain of draws ``t_i ~ q(. | prompt, t_<i)`` with ``q`` the model's
+    next-token distribution after the same warpers (:func:`sampling_processors`), ending at the
+    same stop tokens or after ``max_new_tokens``. Drawing ``c`` i.i.d. chains that share a prefix
+    is drawing ``c`` i.i.d. next tokens from ``q(. | prefix)`` and splitting the chains by token,
+    so the samples form a trie, and each distinct prefix goes through the model once, however
+    many samples pass through it. Identical samples leave the trie next to each other, so each
+    essay's samples are finally put in a uniformly random order (m i.i.d. draws in random order
+    are again i.i.d.).
+
+    Compute: one prefill per prompt; then one forward per depth for all prompts' new trie nodes,
+    in one batch row per prompt. The trie lives in that row's KV cache after the prompt, and a
+    4D attention mask lets each node see only the prompt and its own ancestors, at the position
+    its depth gives, so its logits are those of its path as a plain sequence, while the prompt's
+    keys and values are stored once rather than once per sample.
+
+    Essay ``e`` draws only from ``torch.Generator().manual_seed(generator_seeds[e])``, so its
+    samples do not depend on which other essays share its batch (up to float rounding of
+    batched matmuls, which can only matter for a draw within ~1e-7 of a bucket edge).
+    ``chunk_m`` is accepted for the samplers' common signature and has no effect: all ``max_m``
+    samples of an essay share one trie.
+    """
+    if max_m < 1 or max_new_tokens < 1:
+        raise ValueError(f"max_m and max_new_tokens must be >= 1, got {max_m} and {max_new_tokens}")
+    if len(generator_seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(generator_seeds)} generator seeds")
+    if not prompts:
+        return []
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"the trie sampler needs sdpa or eager attention (custom 4D masks), the model uses "
+                         f"{attention!r}: use --sampler generate")
+    processors = sampling_processors(model, temperature, top_k, top_p)
+    stop = set(stop_token_ids(tokenizer, model))
+    device = _input_device(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if not all(prompt_ids):
+        raise ValueError("trie_sample needs non-empty prompts")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in generator_seeds]
+    lengths = [len(ids) for ids in prompt_ids]
+    width = max(lengths)
+    # Left padding, with positions counted from each prompt's first real token, gives every
+    # row the logits it would have alone.
+    input_ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    seen = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
+        seen[row, width - len(ids):] = True
+    positions = (seen.long().cumsum(-1) - 1).clamp(min=0)
+
+    # Live trie nodes: (essay, samples passing through, path); seen[n] = the cache slots node n
+    # attends to (its prompt and its ancestors); rows[b] = the essay of cache batch row b.
+    live: list[tuple[int, int, tuple[int, ...]]] = [(e, max_m, ()) for e in range(len(prompts))]
+    rows = list(range(len(prompts)))
+    ended: list[list[tuple[tuple[int, ...], int]]] = [[] for _ in prompts]  # (path, count) per essay
+    with _EvalMode(model), torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=seen.long(), position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
+        for depth in range(max_new_tokens):
+            probs = torch.softmax(processors(input_ids[:, :0], logits.float()), dim=-1).cpu()
+            grown, parents = [], []
+            for node, (essay, count, path) in enumerate(live):
+                draws = torch.multinomial(probs[node], count, replacement=True, generator=generators[essay])
+                tokens, counts = torch.unique(draws, return_counts=True)
+                for token, n in zip(tokens.tolist(), counts.tolist()):
+                    if token in stop or depth + 1 == max_new_tokens:
+                        ended[essay].append((path + (token,), n))
+                    else:
+                        grown.append((essay, n, path + (token,)))
+                        parents.append(node)
+            if not grown:
+                break
+            active = sorted({essay for essay, _, _ in grown})
+            if active != rows:  # essays whose samples all ended leave the batch
+                cache.batch_select_indices(torch.tensor([rows.index(e) for e in active], device=device))
+                rows = active
+            # Node i of essay row b takes query slot j (cache slot base + j); rows with fewer new
+            # nodes get padding queries that see only themselves (a fully masked row would be NaN).
+            slot = {e: 0 for e in rows}
+            where = []
+            for essay, _, _ in grown:
+                where.append((rows.index(essay), slot[essay]))
+                slot[essay] += 1
+            queries = max(slot.values())
+            base = seen.shape[1]
+            b_idx = torch.tensor([b for b, _ in where], device=device)
+            j_idx = torch.tensor([j for _, j in where], device=device)
+            seen = torch.cat([seen[torch.tensor(parents, device=device)],
+                              seen.new_zeros((len(grown), queries))], dim=1)
+            seen[torch.arange(len(grown), device=device), base + j_idx] = True
+            visible = torch.zeros((len(rows), queries, base + queries), dtype=torch.bool, device=device)
+            visible[:, torch.arange(queries), base + torch.arange(queries)] = True
+            visible[b_idx, j_idx] = seen
+            step_ids = torch.zeros((len(rows), queries), dtype=torch.long, device=device)
+            step_ids[b_idx, j_idx] = torch.tensor([path[-1] for _, _, path in grown], device=device)
+            step_positions = torch.zeros_like(step_ids)
+            step_positions[b_idx, j_idx] = torch.tensor([lengths[e] + depth for e, _, _ in grown], device=device)
+            out = model(input_ids=step_ids, attention_mask=_tree_attention_mask(visible, dtype),
+                        position_ids=step_positions, cache=cache, use_cache=True)
+            cache, logits, live = out.cache, out.logits[b_idx, j_idx], grown
+
+    results = []
+    for essay, paths in enumerate(ended):
+        texts = tokenizer.batch_decode([list(path) for path, _ in paths], skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
+        samples = []
+        for text, (_, n) in zip(texts, paths):
+            line = text.split("\n", 1)[0]
+            samples += [{"text": line, "scores": parse_score_line(line, ranges)} for _ in range(n)]
+        order = torch.randperm(len(samples), generator=generators[essay]).tolist()
+        results.append([samples[i] for i in order])
+    return results
+
+
+SamplerFn = Callable[..., list[list[Sample]]]
+# Name -> sampler with generate_sample's signature (a batch of prompts, one seed each); the
+# CLI's --sampler choices. The first is the default.
+SAMPLERS: dict[str, SamplerFn] = {"trie": trie_sample, "generate": generate_sample}
 
 
 # --------------------------------------------------------------------------- the bank

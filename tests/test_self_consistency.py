@@ -240,11 +240,15 @@ def adapter_model(setup):
 
 
 def test_generate_sampler_chunks_seeds_and_stops(adapter_model, monkeypatch):
-    from modules.sampling import SAMPLERS, generate_sampler
+    from modules.sampling import SAMPLERS, generate_sample
     from modules.scoring import stop_token_ids
 
     model, tokenizer = adapter_model
-    assert SAMPLERS["generate"] is generate_sampler
+    assert SAMPLERS["generate"] is generate_sample
+
+    def generate_sampler(model, tokenizer, prompt, ranges, generator_seed, **kwargs):
+        return generate_sample(model, tokenizer, [prompt], ranges, generator_seeds=[generator_seed], **kwargs)[0]
+
     calls = []
     real_generate = model.generate
 
@@ -270,7 +274,7 @@ def test_generate_sampler_chunks_seeds_and_stops(adapter_model, monkeypatch):
 def test_generate_sampler_parses_the_score_line(adapter_model):
     import torch
 
-    from modules.sampling import generate_sampler
+    from modules.sampling import generate_sample
 
     _, tokenizer = adapter_model
     answers = ["3 4 5 6 7 8 9 1\nGood essay.", "3 4 5", "3 4 5 6 7 8 9 10"]
@@ -287,7 +291,97 @@ def test_generate_sampler_parses_the_score_line(adapter_model):
             rows = [r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]
             return torch.cat([input_ids.repeat(num_return_sequences, 1), torch.tensor(rows)], dim=1)
 
-    out = generate_sampler(Scripted(), tokenizer, "Score: ", [(1, 9)] * 8, max_m=3, chunk_m=3, temperature=1.0,
-                           top_k=9, max_new_tokens=32, generator_seed=0)
+    [out] = generate_sample(Scripted(), tokenizer, ["Score: "], [(1, 9)] * 8, max_m=3, chunk_m=3, temperature=1.0,
+                            top_k=9, max_new_tokens=32, generator_seeds=[0])
     assert out[0] == {"text": "3 4 5 6 7 8 9 1", "scores": [3, 4, 5, 6, 7, 8, 9, 1]}
     assert [o["scores"] for o in out[1:]] == [None, None]  # too few scores; 10 out of range
+
+
+# --------------------------------------------------------------------------- the trie sampler
+
+TRIE_PROMPTS = ["Score: ", "The essay is clear and well argued. Scores:", "Rate it 1-9 on each rubric:\n"]
+
+
+def first_two_tokens(tokenizer, bank: list[list[dict]]) -> list[list[tuple]]:
+    """A fixed function of each sample (its first two tokens): equal sample distributions give equal
+    distributions of this, so a chi-square test on it can tell two samplers apart."""
+    return [[tuple(tokenizer(s["text"], add_special_tokens=False)["input_ids"][:2]) for s in essay] for essay in bank]
+
+
+def chi_square_p(a: list, b: list) -> float:
+    """Two-sample chi-square test of homogeneity; categories expected fewer than 5 times are pooled."""
+    from collections import Counter
+
+    from scipy.stats import chi2_contingency
+
+    ca, cb = Counter(a), Counter(b)
+    common = [k for k in ca.keys() | cb.keys() if (ca[k] + cb[k]) / 2 >= 5]
+    table = [[ca[k] for k in common] + [len(a) - sum(ca[k] for k in common)],
+             [cb[k] for k in common] + [len(b) - sum(cb[k] for k in common)]]
+    table = [list(col) for col in zip(*table) if sum(col) > 0]
+    return float(chi2_contingency(list(zip(*table)))[1])
+
+
+def test_trie_sampler_draws_from_the_generate_distribution(adapter_model):
+    from modules.sampling import generate_sample, trie_sample
+
+    model, tokenizer = adapter_model
+    ranges = [(1, 9)] * 8
+    kwargs = dict(max_m=400, chunk_m=50, temperature=1.0, max_new_tokens=6)
+    seeds = [11, 12, 13]
+    reference = first_two_tokens(tokenizer, generate_sample(model, tokenizer, TRIE_PROMPTS, ranges,
+                                                            generator_seeds=seeds, top_k=9, **kwargs))
+    trie = first_two_tokens(tokenizer, trie_sample(model, tokenizer, TRIE_PROMPTS, ranges,
+                                                   generator_seeds=[s + 100 for s in seeds], top_k=9, **kwargs))
+    narrower = first_two_tokens(tokenizer, trie_sample(model, tokenizer, TRIE_PROMPTS, ranges,
+                                                       generator_seeds=seeds, top_k=6, **kwargs))
+    for essay in range(len(TRIE_PROMPTS)):
+        assert len(set(reference[essay])) > 5  # a real distribution, not one answer
+        assert chi_square_p(reference[essay], trie[essay]) > 0.001
+        # The test has the power to see a different distribution.
+        assert chi_square_p(reference[essay], narrower[essay]) < 0.001
+
+
+def test_trie_sampler_with_top_k_1_is_greedy(adapter_model):
+    from modules.sampling import trie_sample
+    from modules.scoring import greedy_predict
+
+    # One top token: every sample is the greedy answer, so the batched, tree-masked forwards
+    # must give each path the logits of plain decoding of that path.
+    model, tokenizer = adapter_model
+    ranges = [(1, 9)] * 8
+    greedy = greedy_predict(model, tokenizer, TRIE_PROMPTS, ranges, max_new_tokens=8)
+    bank = trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[0, 1, 2], max_m=5,
+                       temperature=0.7, top_k=1, max_new_tokens=8)
+    assert [[s["text"] for s in essay] for essay in bank] == [[g] * 5 for g in greedy]
+
+
+def test_trie_sampler_is_seeded_and_independent_of_its_batch(adapter_model):
+    from modules.sampling import SAMPLERS, trie_sample
+
+    model, tokenizer = adapter_model
+    assert next(iter(SAMPLERS)) == "trie" and SAMPLERS["trie"] is trie_sample
+    kwargs = dict(max_m=30, temperature=1.0, top_k=9, max_new_tokens=6)
+    ranges = [(1, 9)] * 8
+    together = trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[5, 6, 7], **kwargs)
+    alone = trie_sample(model, tokenizer, TRIE_PROMPTS[1:2], ranges, generator_seeds=[6], **kwargs)
+    assert alone[0] == together[1] and [len(e) for e in together] == [30, 30, 30]
+    assert trie_sample(model, tokenizer, TRIE_PROMPTS[1:2], ranges, generator_seeds=[8], **kwargs) != alone
+    # Shuffled out of the trie, where samples that share a first token are adjacent.
+    firsts = [key[:1] for key in first_two_tokens(tokenizer, together[:1])[0]]
+    runs = sum(1 for a, b in zip(firsts, firsts[1:]) if a != b) + 1
+    assert 1 < len(set(firsts)) < runs
+
+
+def test_trie_sampler_refuses_settings_it_does_not_implement(adapter_model):
+    from modules.sampling import trie_sample
+
+    model, tokenizer = adapter_model
+    saved = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(ValueError, match="repetition_penalty=1.3.*--sampler generate"):
+            trie_sample(model, tokenizer, ["Score: "], [(1, 9)], generator_seeds=[0], max_m=2, temperature=1.0,
+                        top_k=9, max_new_tokens=4)
+    finally:
+        model.generation_config.repetition_penalty = saved
