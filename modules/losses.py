@@ -105,7 +105,8 @@ def ntl_was(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
     return _empty_safe_mean((dist * gaps).sum(1))
 
 
-def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: int = 64) -> Tensor:
+def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: int = 64,
+             log_probs: bool = False) -> Tensor:
     """EMO loss (embedding-space distance between the prediction and the gold token).
 
     At every labeled position, with p = softmax over the full vocabulary, J the top_k tokens by
@@ -118,6 +119,10 @@ def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: in
     Degenerate case: when every w_j is 0 (all top-k mass on the gold token, or underflow), q = 0
     and l = 1 - 0 = 1. This is the value of the eps-normalised formula itself (which tends to 1
     as ||sum w_j n(E_j)|| -> 0), it is constant there (zero gradient), and never NaN.
+
+    ``log_probs=True`` declares that ``logits`` are already log-probabilities (log_softmax rows,
+    as the trainer passes them), so p_j = exp(logits_j) and the full-vocabulary normaliser, a
+    dense pass forward and backward, is skipped; the value is the same.
 
     E is treated as a fixed cost geometry (it is detached: gradients flow to the logits only, as
     in the EMO paper). It is evaluated with Gram matrices, <n(E_y), sum w n(E)> = w . s and
@@ -133,7 +138,9 @@ def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: in
     rows = logits[mask].float()                                          # [N, V]
     gold = labels[mask]                                                  # [N]
     top_logits, top_ids = rows.topk(min(top_k, vocab), dim=-1)           # [N, k]
-    w = (top_logits - torch.logsumexp(rows, dim=-1, keepdim=True)).exp()  # p_j without [N, V] softmax
+    if not log_probs:
+        top_logits = top_logits - torch.logsumexp(rows, dim=-1, keepdim=True)
+    w = top_logits.exp()                                                 # p_j without [N, V] softmax
     w = w.masked_fill(top_ids == gold[:, None], 0.0)
     with torch.no_grad():
         emb = embedding_weight.detach().to(logits.device)

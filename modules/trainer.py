@@ -41,12 +41,28 @@ def logits_to_keep(labels: torch.Tensor) -> int:
     return labels.shape[1] - max(int(labeled[0]) - 1, 0)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy over labeled positions, computed on the gathered rows only."""
-    mask = labels != IGNORE_INDEX
-    if not mask.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), labels[mask])
+def labeled_log_probs(logits: torch.Tensor, labels: torch.Tensor, *aux_labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """log_softmax of the labeled rows of ``logits [B, T, V]`` as ``[N, V]``, and each label tensor
+    cut to the same N rows.
+
+    Every loss reads only labeled rows, and NTL and EMO give the same value on log-probabilities
+    as on logits (softmax is shift-invariant per row), so the rows are gathered, upcast and
+    normalised once for all terms: the [B, T, V] logits are then copied and back-propagated
+    through once instead of once per term. Auxiliary labels must lie inside the labeled rows.
+    """
+    target = labels != IGNORE_INDEX
+    for aux in aux_labels:
+        if bool(((aux != IGNORE_INDEX) & ~target).any()):
+            raise ValueError("ntl_labels/emo_labels mark a position that labels does not")
+    rows = torch.log_softmax(logits[target].float(), dim=-1)
+    return (rows, labels[target], *(aux[target] for aux in aux_labels))
+
+
+def cross_entropy(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of ``[N, V]`` log-probabilities; 0 (keeping the graph) without rows."""
+    if labels.numel() == 0:
+        return log_probs.sum() * 0.0
+    return F.nll_loss(log_probs, labels)
 
 
 @dataclass(frozen=True)
@@ -94,14 +110,15 @@ def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfi
     outputs = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=keep, use_cache=False)
     logits = outputs.logits  # [B, keep, V]: only the positions that predict a target token
-    labels, ntl_labels, emo_labels = (shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES)
-    ce = cross_entropy(logits, labels)
+    log_probs, labels, ntl_labels, emo_labels = labeled_log_probs(
+        logits, *(shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES))
+    ce = cross_entropy(log_probs, labels)
     ntl = emo = None
     if config.ntl_weight:
-        ntl = NTL_LOSSES[config.loss_type](logits, ntl_labels, config.number_values.to(logits.device))
+        ntl = NTL_LOSSES[config.loss_type](log_probs, ntl_labels, config.number_values.to(logits.device))
     if config.emo_weight:
         embedding = output_embedding(model)
-        emo = emo_loss(logits, emo_labels, embedding, top_k=config.emo_topk)
+        emo = emo_loss(log_probs, emo_labels, embedding, top_k=config.emo_topk, log_probs=True)
     total, logged = composite_loss(ce, ntl, emo, config.ntl_weight, config.emo_weight)
     return total, logged, outputs
 
