@@ -385,3 +385,29 @@ def test_trie_sampler_refuses_settings_it_does_not_implement(adapter_model):
                         top_k=9, max_new_tokens=4)
     finally:
         model.generation_config.repetition_penalty = saved
+
+
+def test_trie_sampler_matches_greedy_on_smollm2_when_essays_stop_at_different_depths():
+    import torch
+
+    from modules.data import render_prompt
+    from modules.models import load_base_model
+    from modules.sampling import trie_sample
+    from modules.scoring import greedy_predict
+
+    # A real chat model: two answers end early (EOS, newline), one runs on, so the batch drops
+    # finished essays' cache rows mid-way; top_k=1 must still reproduce greedy decoding.
+    try:
+        model, tokenizer = load_base_model("smollm2-135m", device=torch.device("cpu"))
+    except (OSError, ValueError) as err:
+        pytest.skip(f"smollm2-135m not available offline: {err}")
+    questions = ["What is 2+2? Answer with one number.", "Write a long story about a dog and a cat.",
+                 "Score this essay from 0 to 9: 'I like dogs.' Answer with one number only."]
+    prompts = [render_prompt(tokenizer, q) for q in questions]
+    ranges = [(0, 9)]
+    greedy = greedy_predict(model, tokenizer, prompts, ranges, max_new_tokens=12)
+    bank = trie_sample(model, tokenizer, prompts, ranges, generator_seeds=[0, 1, 2], max_m=4, temperature=0.7,
+                       top_k=1, max_new_tokens=12)
+    lengths = [len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in greedy]
+    assert min(lengths) < 9 and max(lengths) == 12  # the batch really shrinks mid-way
+    assert [[s["text"] for s in essay] for essay in bank] == [[g] * 4 for g in greedy]
