@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from modules import dist
-    from modules.data import ScoringCollator, encode_example, write_json_atomic
+    from modules.data import ScoringCollator, encode_example, write_json_atomic, write_jsonl_atomic
     from modules.losses import number_token_values
     from modules.models import add_lora, load_adapter, load_base_model
     from modules.scoring import evaluate_predictions, format_results_table, predict_split
@@ -275,9 +275,7 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
         batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
         generate_feedback=args.generate_feedback))
     if dist.is_main():
-        with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as out:
-            for row in predictions:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)
         results = evaluate_predictions(predictions, info)
         write_json_atomic(run_dir / "evaluation_results.json", results)
         manifest["inference_seconds"] = round(time.time() - started, 1)

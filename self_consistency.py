@@ -322,7 +322,7 @@ def merge_banks(out_dir: Path, records, info) -> Path:
     """Write every essay of the run folder's banks into ``samples.jsonl`` in test-file order (one
     atomic write), then delete the partial banks. An essay found twice (a resumed run with another
     number of processes) was drawn with the same seed both times; the first copy is kept."""
-    from modules.data import write_text_atomic
+    from modules.data import write_jsonl_atomic
     from modules.sampling import read_bank
 
     files = bank_files(out_dir)
@@ -331,8 +331,7 @@ def merge_banks(out_dir: Path, records, info) -> Path:
         for row in read_bank(path, info.ranges):
             rows.setdefault(row["id"], row)
     merged = out_dir / BANK
-    write_text_atomic(merged, "".join(json.dumps(rows[r.id], ensure_ascii=False) + "\n"
-                                      for r in records if r.id in rows))
+    write_jsonl_atomic(merged, (rows[r.id] for r in records if r.id in rows))
     for path in files:
         if path != merged:
             path.unlink()

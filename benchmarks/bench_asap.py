@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from modules.convert import ridge_baseline  # noqa: E402
 from modules.converters import convert_asap  # noqa: E402
-from modules.data import SPLITS, DataError, write_json_atomic, write_text_atomic  # noqa: E402
+from modules.data import SPLITS, DataError, write_json_atomic, write_jsonl_atomic  # noqa: E402
 
 ASAP7 = ROOT.parent / "shared" / "data" / "asap" / "asap_set7.tsv"
 MIN_TEST = 150
@@ -141,8 +141,7 @@ def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], seed: int
     meta = json.loads((full_dir / "dataset.json").read_text(encoding="utf-8"))
     meta["subset"] = {"of": str(full_dir), "seed": seed, "sizes": sizes}
     for split, records in subset.items():
-        write_text_atomic(data_dir / f"{split}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_jsonl_atomic(data_dir / f"{split}.jsonl", records)
     write_json_atomic(data_dir / "dataset.json", meta)
     return subset
 

@@ -14,7 +14,6 @@ do well by reading the essay.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from modules import converters
-from modules.data import DataError, write_text_atomic
+from modules.data import DataError, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -589,9 +588,8 @@ def write_synthetic(out_dir: str | Path, seed: int = 0,
     splits = generate_synthetic(seed, sizes)
     meta = dataset_meta()
     for split, recs in splits.items():
-        write_text_atomic(out / f"{split}.jsonl",
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    write_text_atomic(out / "dataset.json", json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+        write_jsonl_atomic(out / f"{split}.jsonl", recs)
+    write_json_atomic(out / "dataset.json", meta)
     qwk = ridge_baseline(splits["train"], splits["test"], meta["rubrics"])
     write_text_atomic(out / "README.md", render_readme(splits, meta, seed, out.name, qwk))
     return {"sizes": {k: len(v) for k, v in splits.items()}, "qwk": qwk,

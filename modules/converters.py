@@ -80,7 +80,6 @@ import argparse
 import csv
 import hashlib
 import io
-import json
 import logging
 import math
 import random
@@ -89,7 +88,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from modules.data import SPLITS, DataError, load_splits, nfc, write_text_atomic
+from modules.data import SPLITS, DataError, load_splits, nfc, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -501,9 +500,8 @@ def write_dataset(out_dir: str | Path, meta: dict, records: Sequence[dict], repo
     report.out_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     for split, recs in splits.items():
-        write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    write_text_atomic(out / "dataset.json",
-                      json.dumps({**meta, "conversion": report.to_dict()}, ensure_ascii=False, indent=2) + "\n")
+        write_jsonl_atomic(out / f"{split}.jsonl", recs)
+    write_json_atomic(out / "dataset.json", {**meta, "conversion": report.to_dict()})
     load_splits(out)  # the folder must load with the training code's own validation
     logger.info("wrote %s: %s", out, report.split_sizes)
     return report
