@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 Sample = dict  # {"text": str, "scores": list[int] | None}
 
 
+def line_sample(text: str, ranges: Sequence[tuple[int, int]]) -> Sample:
+    """A generated text as stored in the bank: its first line, and that line's scores (or None)."""
+    line = text.split("\n", 1)[0]
+    return {"text": line, "scores": parse_score_line(line, ranges)}
+
+
 def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                     generator_seeds: Sequence[int], max_m: int, chunk_m: int, temperature: float, top_k: int,
                     top_p: float | None = None, max_new_tokens: int) -> list[list[Sample]]:
@@ -59,7 +65,7 @@ def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int
         raise ValueError(f"max_m and chunk_m must be >= 1, got {max_m} and {chunk_m}")
     stop = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = model.get_input_embeddings().weight.device
+    device = _input_device(model)
     enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
     extra = {} if top_p is None else {"top_p": top_p}
     training = getattr(model, "training", False)
@@ -76,9 +82,7 @@ def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int
                                      max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, **extra)
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True,
                                                clean_up_tokenization_spaces=False)
-                for text in texts:
-                    line = text.split("\n", 1)[0]
-                    samples.append({"text": line, "scores": parse_score_line(line, ranges)})
+                samples += [line_sample(text, ranges) for text in texts]
     finally:
         if training:
             model.train(True)
@@ -245,8 +249,8 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
                                        clean_up_tokenization_spaces=False)
         samples = []
         for text, (_, n) in zip(texts, paths):
-            line = text.split("\n", 1)[0]
-            samples += [{"text": line, "scores": parse_score_line(line, ranges)} for _ in range(n)]
+            sample = line_sample(text, ranges)  # parsed once per distinct path, copied per draw
+            samples += [dict(sample) for _ in range(n)]
         order = torch.randperm(len(samples), generator=generators[essay]).tolist()
         results.append([samples[i] for i in order])
     return results
