@@ -136,28 +136,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.device_id is not None and "LOCAL_RANK" not in os.environ:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(args.device_id))
 
-    from modules.data import DataError, load_splits
-    # Validate every split before any model is loaded: bad input fails in a second, not after minutes
-    # (on every rank: each one reads the data and stops with the same line).
-    try:
-        info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from modules.data import load_splits
     from modules.models import check_4bit
 
     try:
         device = dist.device(0 if args.device_id is not None else None)
-        if args.load_in_4bit:
-            check_4bit(device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     dist.init(device)
     try:
+        # Validate every split before any model is loaded: bad input fails in a second, not after
+        # minutes. Every process checks; they agree on the verdict and rank 0 reports it.
+        error = None
+        try:
+            info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
+            if args.load_in_4bit:
+                check_4bit(device)
+        except ValueError as err:  # DataError is a ValueError
+            error = str(err)
+        error = dist.first_error(error)
+        if error:
+            return stop(error)
         return run(args, info, splits, device)
     finally:
         dist.finish()
+
+
+def stop(error: str) -> int:
+    """End a run on an error every process met: rank 0 prints the one line, and all exit 2.
+
+    The barrier keeps the other processes alive until rank 0 has printed: a launcher stops the
+    remaining processes as soon as one exits, and could otherwise cut rank 0 off before its line.
+    """
+    from modules import dist
+
+    if dist.is_main():
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    dist.barrier()
+    return 2
 
 
 def run(args: argparse.Namespace, info, splits, device) -> int:
@@ -186,8 +203,7 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
                 run_dir.mkdir(parents=True, exist_ok=True)
         run_dir, error = dist.broadcast((run_dir, error))
         if error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return stop(error)
 
     model, tokenizer = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,

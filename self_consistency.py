@@ -339,54 +339,61 @@ def merge_banks(out_dir: Path, records, info) -> Path:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from main_pipeline import git_commit, package_versions, stop
     from modules import dist
     from modules.data import DataError, build_prompt, write_json_atomic
+    from modules.models import load_adapter
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
 
-    # Everything that can be wrong with the input fails here, before minutes of model loading.
-    info, records = load_records(args.test_path, args.limit)
-    fallback = resolve_fallback(args.fallback_score, info)
-    mtl, prompt_format, prompt_source = prompt_settings(args)
-    if args.baselines_json is not None and not Path(args.baselines_json).is_file():
-        raise CliError(f"{args.baselines_json}: baselines file not found")
-    default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
-    baselines_path = args.baselines_json or (str(default_baselines.resolve()) if default_baselines.is_file() else None)
-    out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
-    resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
-                "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
-                "fallback_score": fallback, "baselines_json": baselines_path}
-    # One process appends to samples.jsonl itself; under a launcher each has its own partial bank.
-    own_bank = BANK if dist.world_size() == 1 else PARTIAL_BANK.format(rank=dist.rank())
-    saved, done = None, set()
-    if args.resume:
-        saved = read_json(out_dir / CONFIG)
-        before = saved.get("args", {})
-        diffs = [k for k in SAMPLING_KEYS if before.get(k) != resolved[k]]
-        if diffs:
-            raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
-                f"{k} {resolved[k]!r} (run used {before.get(k)!r})" for k in diffs))
-        # Done: every essay in the merged bank or in any process's partial bank (a killed run may have
-        # had another number of processes). Each process cuts a torn last line off its own bank only.
-        for bank in bank_files(out_dir):
-            ids = {row["id"] for row in read_bank(bank, info.ranges, repair=bank.name == own_bank)}
-            extra = ids - {r.id for r in records}
-            if extra:
-                raise DataError(f"{bank}: holds essays that are not among the {len(records)} test essays "
-                                f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
-            done |= ids
-
-    from main_pipeline import git_commit, package_versions
-    from modules.models import load_adapter
-
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
-    # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU.
+    # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and
+    # joins the process group first, so that the checks below end with one verdict for all.
     device = dist.device(args.device_id) if args.device_id is not None or dist.world_size() > 1 else None
+    if device is not None:
+        dist.init(device)
+    error = None
     try:
+        # Everything that can be wrong with the input fails here, before minutes of model loading.
+        info, records = load_records(args.test_path, args.limit)
+        fallback = resolve_fallback(args.fallback_score, info)
+        mtl, prompt_format, prompt_source = prompt_settings(args)
+        if args.baselines_json is not None and not Path(args.baselines_json).is_file():
+            raise CliError(f"{args.baselines_json}: baselines file not found")
+        default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
+        baselines_path = args.baselines_json or (str(default_baselines.resolve()) if default_baselines.is_file() else None)
+        out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
+        resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
+                    "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
+                    "fallback_score": fallback, "baselines_json": baselines_path}
+        # One process appends to samples.jsonl itself; under a launcher each has its own partial bank.
+        own_bank = BANK if dist.world_size() == 1 else PARTIAL_BANK.format(rank=dist.rank())
+        saved, done = None, set()
+        if args.resume:
+            saved = read_json(out_dir / CONFIG)
+            before = saved.get("args", {})
+            diffs = [k for k in SAMPLING_KEYS if before.get(k) != resolved[k]]
+            if diffs:
+                raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
+                    f"{k} {resolved[k]!r} (run used {before.get(k)!r})" for k in diffs))
+            # Done: every essay in the merged bank or in any process's partial bank (a killed run may have
+            # had another number of processes). Each process cuts a torn last line off its own bank only.
+            for bank in bank_files(out_dir):
+                ids = {row["id"] for row in read_bank(bank, info.ranges, repair=bank.name == own_bank)}
+                extra = ids - {r.id for r in records}
+                if extra:
+                    raise DataError(f"{bank}: holds essays that are not among the {len(records)} test essays "
+                                    f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
+                done |= ids
+
         model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
-    except (ValueError, OSError) as err:
-        raise CliError(str(err).strip().splitlines()[0]) from None
+    except (DataError, CliError) as err:
+        error = str(err)
+    except (ValueError, OSError) as err:  # the loader's messages can span lines; the first says what
+        error = str(err).strip().splitlines()[0]
+    error = dist.first_error(error)
+    if error:
+        return stop(error)
     param = next(model.parameters())
-    dist.init(param.device)
 
     if args.dry_run:
         if not dist.is_main():
@@ -402,8 +409,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(f"... ({len(lines) - DRY_RUN_LINES} more lines)")
         return 0
 
-    # Every process has checked the folder above; only now may rank 0 create it or rewrite its config.
-    dist.barrier()
+    # Every process has checked the folder (first_error above waits for all); only now may rank 0
+    # create it or rewrite its config.
     error = None
     if dist.is_main():
         try:
@@ -413,7 +420,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             error = str(err)
     out_dir, error = dist.broadcast((out_dir, error))  # one folder for all, named by rank 0's clock
     if error:
-        raise CliError(error)
+        return stop(error)
     resolved["output_dir"] = str(out_dir.resolve())
     if dist.is_main():
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -86,6 +86,19 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
+def first_error(error: str | None) -> str | None:
+    """The error of the lowest-ranked process that met one, on every process; None when none did.
+
+    A collective: every process calls it at the same point, so checks that all processes run (input
+    validation) end with one verdict instead of each process stopping on its own. Alone: ``error``.
+    """
+    if not dist.is_initialized() or world_size() == 1:
+        return error
+    errors: list[str | None] = [None] * world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share: every ``world_size``-th item from its rank on (undone by :func:`gather`)."""
     return list(items[rank()::world_size()])

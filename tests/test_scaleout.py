@@ -110,7 +110,7 @@ def test_two_process_training_writes_one_run_and_scores_every_essay_once(data, t
         assert results[block] == pytest.approx(expected[block], abs=1e-9)
 
 
-def test_two_process_bad_data_fails_fast_with_one_line_per_rank(data, tmp_path):
+def test_two_process_bad_data_fails_fast_with_one_line(data, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(data.dir, bad)
     lines = (bad / "valid.jsonl").read_text(encoding="utf-8").splitlines()
@@ -122,9 +122,9 @@ def test_two_process_bad_data_fails_fast_with_one_line_per_rank(data, tmp_path):
     result = torchrun("main_pipeline.py", "--base_model_name", "no-such/model", "--data_dir", str(bad), "--no_wandb",
                       timeout=120)
     assert result.returncode != 0
-    errors = error_lines(result)
-    assert errors == [errors[0]] * 2, result.stderr[-3000:]  # each rank stops with the same line
-    assert "valid.jsonl:2: field 'scores.task': score 12 outside 1-9" in errors[0]
+    # Both ranks find the error; rank 0 alone reports it, and no launcher kill can cut it off.
+    assert error_lines(result) == [f"error: {bad / 'valid.jsonl'}:2: field 'scores.task': score 12 outside 1-9"], \
+        result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert not any(tmp_path.glob("**/run_manifest.json"))
 
@@ -238,6 +238,22 @@ def test_two_process_sampling_merges_the_one_process_bank(two_process_run, one_p
     config = json.loads((two_process_run / "run_config.json").read_text())
     assert config["world_size"] == 2 and config["n_essays"] == N_TEST
     assert json.loads((one_process_run / "run_config.json").read_text())["world_size"] == 1
+
+
+def test_two_process_sampling_stops_on_bad_input_with_one_line(adapter, data, tmp_path):
+    bad = tmp_path / "test.jsonl"
+    lines = data.test.read_text(encoding="utf-8").splitlines()
+    lines[2] = lines[2][:40]  # a torn line
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copy(data.dir / "dataset.json", tmp_path / "dataset.json")
+    out = tmp_path / "run"
+    result = torchrun("self_consistency.py", "run", "--adapter_dir", str(adapter), "--base_model_name",
+                      "tiny-random-llama", "--test_path", str(bad), "--output_dir", str(out), timeout=120)
+    assert result.returncode != 0
+    errors = error_lines(result)
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}:3: "), result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert not out.exists()
 
 
 def killed_run(folder: Path, two_process_run: Path, banks: dict[str, list[str]]) -> None:
