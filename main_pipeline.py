@@ -139,18 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     from modules.data import load_splits
     from modules.models import check_4bit
 
-    try:
-        device = dist.device(0 if args.device_id is not None else None)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    dist.init(device)
+    requested = 0 if args.device_id is not None else None
+    device = None
+    if dist.world_size() > 1:  # join the group first, so that every process's checks end in one verdict
+        device = dist.device(requested)
+        dist.init(device)
     try:
         # Validate every split before any model is loaded: bad input fails in a second, not after
         # minutes. Every process checks; they agree on the verdict and rank 0 reports it.
         error = None
         try:
             info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
+            device = device or dist.device(requested)
             if args.load_in_4bit:
                 check_4bit(device)
         except ValueError as err:  # DataError is a ValueError

@@ -348,8 +348,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
     # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and
     # joins the process group first, so that the checks below end with one verdict for all.
-    device = dist.device(args.device_id) if args.device_id is not None or dist.world_size() > 1 else None
-    if device is not None:
+    device = None
+    if dist.world_size() > 1:
+        device = dist.device(args.device_id)
         dist.init(device)
     error = None
     try:
@@ -385,6 +386,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                     f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
                 done |= ids
 
+        if device is None and args.device_id is not None:
+            device = dist.device(args.device_id)
         model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
     except (DataError, CliError) as err:
         error = str(err)
