@@ -6,6 +6,10 @@ are gathered first (``logits[mask] -> [N, V]``) and all maths runs in float32 on
 extra ``[B, T, V]`` tensor is ever created. Each loss is the mean over its positions; with no
 position it is a zero still attached to ``logits`` (backward gives zero gradients), which keeps
 DDP and gradient accumulation happy.
+
+Each loss reads only a few columns of those rows (the number tokens for NTL, the top-k tokens for
+EMO), so each also has a ``*_columns`` form that takes them already gathered: the trainer gathers
+the columns of every term in one step and evaluates the same formulas on them.
 """
 from __future__ import annotations
 
@@ -48,25 +52,29 @@ def _empty_safe_mean(per_position: Tensor) -> Tensor:
     return per_position.sum() / max(per_position.numel(), 1)
 
 
-def _number_rows(logits: Tensor, labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gather what NTL needs at positions whose label is a number token.
+def number_targets(labels: Tensor, values: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where NTL applies and what it compares, from the labels alone.
 
-    Returns ``(z [N, n], y [N], v [n])``: float32 logits of the n number-token columns (±inf
-    clamped to the float32 range, so a row whose number logits are all masked stays finite), the
-    target values, and the value of each number column.
+    Returns ``(mask, y, ids, v)``: ``mask`` (shape of ``labels``) marks positions whose label is a
+    number token, ``y [N]`` their target values, ``ids [n]`` the number-token columns of a
+    ``vocab``-wide row and ``v [n]`` their values. Columns past ``values`` (a padded vocabulary)
+    are not numbers.
     """
-    vocab = logits.shape[-1]
-    vals = values.to(device=logits.device, dtype=torch.float32).flatten()
+    vals = values.to(device=labels.device, dtype=torch.float32).flatten()
     if vals.numel() > vocab:
         raise ValueError(f"values has {vals.numel()} entries but logits only {vocab} columns")
-    vals = F.pad(vals, (0, vocab - vals.numel()), value=float("nan"))  # padded vocab: not numbers
+    vals = F.pad(vals, (0, vocab - vals.numel()), value=float("nan"))
     ids = torch.nonzero(~torch.isnan(vals)).squeeze(1)
-    labels = labels.to(logits.device)
     valid = labels != IGNORE_INDEX
     target = vals[labels.masked_fill(~valid, 0)]
     mask = valid & ~torch.isnan(target)
-    z = logits[mask][:, ids].float().clamp(-_F32_MAX, _F32_MAX)
-    return z, target[mask], vals[ids]
+    return mask, target[mask], ids, vals[ids]
+
+
+def number_logits(columns: Tensor) -> Tensor:
+    """Number-token logits as NTL computes with them: float32, ±inf clamped to the float32 range,
+    so a row whose number logits are all masked stays finite."""
+    return columns.float().clamp(-_F32_MAX, _F32_MAX)
 
 
 def ntl_mse(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
@@ -78,7 +86,13 @@ def ntl_mse(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
         l     = (y_hat - y)^2                            (y = values[y_tok])
     Returns mean(l) over those positions (other positions are ignored), 0 if there are none.
     """
-    z, y, v = _number_rows(logits, labels, values)
+    mask, y, ids, v = number_targets(labels.to(logits.device), values, logits.shape[-1])
+    return ntl_mse_columns(number_logits(logits.index_select(-1, ids)[mask]), y, v)
+
+
+def ntl_mse_columns(z: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """:func:`ntl_mse` on gathered columns: ``z [N, n]`` number-token logits of the N positions,
+    ``y [N]`` their target values, ``v [n]`` the columns' values (see :func:`number_targets`)."""
     y_hat = torch.softmax(z, dim=-1) @ v
     return _empty_safe_mean((y_hat - y) ** 2)
 
@@ -94,7 +108,12 @@ def ntl_was(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
     which is how it is evaluated, without cancellation). Returns the mean over those positions.
     Equal to E_p|v - y|, the form used by the ``ntloss`` package.
     """
-    z, y, v = _number_rows(logits, labels, values)
+    mask, y, ids, v = number_targets(labels.to(logits.device), values, logits.shape[-1])
+    return ntl_was_columns(number_logits(logits.index_select(-1, ids)[mask]), y, v)
+
+
+def ntl_was_columns(z: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """:func:`ntl_was` on gathered columns (arguments as in :func:`ntl_mse_columns`)."""
     u, bin_of = torch.unique(v, sorted=True, return_inverse=True)
     p = torch.softmax(z, dim=-1)
     mass = p.new_zeros(p.shape[0], u.numel()).index_add(1, bin_of, p)  # [N, m] merged bins
@@ -105,8 +124,7 @@ def ntl_was(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
     return _empty_safe_mean((dist * gaps).sum(1))
 
 
-def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: int = 64,
-             log_probs: bool = False) -> Tensor:
+def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: int = 64) -> Tensor:
     """EMO loss (embedding-space distance between the prediction and the gold token).
 
     At every labeled position, with p = softmax over the full vocabulary, J the top_k tokens by
@@ -120,13 +138,8 @@ def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: in
     and l = 1 - 0 = 1. This is the value of the eps-normalised formula itself (which tends to 1
     as ||sum w_j n(E_j)|| -> 0), it is constant there (zero gradient), and never NaN.
 
-    ``log_probs=True`` declares that ``logits`` are already log-probabilities (log_softmax rows,
-    as the trainer passes them), so p_j = exp(logits_j) and the full-vocabulary normaliser, a
-    dense pass forward and backward, is skipped; the value is the same.
-
     E is treated as a fixed cost geometry (it is detached: gradients flow to the logits only, as
-    in the EMO paper). It is evaluated with Gram matrices, <n(E_y), sum w n(E)> = w . s and
-    ||sum w n(E)||^2 = w^T G w, so only [N, k] and [N, k, k] tensors are kept for backward.
+    in the EMO paper).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -136,14 +149,22 @@ def emo_loss(logits: Tensor, labels: Tensor, embedding_weight: Tensor, top_k: in
     labels = labels.to(logits.device)
     mask = labels != IGNORE_INDEX
     rows = logits[mask].float()                                          # [N, V]
-    gold = labels[mask]                                                  # [N]
     top_logits, top_ids = rows.topk(min(top_k, vocab), dim=-1)           # [N, k]
-    if not log_probs:
-        top_logits = top_logits - torch.logsumexp(rows, dim=-1, keepdim=True)
-    w = top_logits.exp()                                                 # p_j without [N, V] softmax
+    top_log_probs = top_logits - torch.logsumexp(rows, dim=-1, keepdim=True)  # log p_j without [N, V] softmax
+    return emo_columns(top_log_probs, top_ids, labels[mask], embedding_weight)
+
+
+def emo_columns(top_log_probs: Tensor, top_ids: Tensor, gold: Tensor, embedding_weight: Tensor) -> Tensor:
+    """:func:`emo_loss` on gathered columns: ``top_log_probs [N, k]`` = log p_j of each position's
+    top-k tokens ``top_ids [N, k]``, ``gold [N]`` its gold token.
+
+    Evaluated with Gram matrices, <n(E_y), sum w n(E)> = w . s and ||sum w n(E)||^2 = w^T G w, so
+    only [N, k] and [N, k, k] tensors are kept for backward.
+    """
+    w = top_log_probs.float().exp()
     w = w.masked_fill(top_ids == gold[:, None], 0.0)
     with torch.no_grad():
-        emb = embedding_weight.detach().to(logits.device)
+        emb = embedding_weight.detach().to(top_log_probs.device)
         e_top = F.normalize(emb[top_ids].float(), dim=-1, eps=_EPS)     # [N, k, D]
         e_gold = F.normalize(emb[gold].float(), dim=-1, eps=_EPS)        # [N, D]
         sim = torch.einsum("nkd,nd->nk", e_top, e_gold)                  # s_j = <n(E_j), n(E_y)>

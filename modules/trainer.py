@@ -6,17 +6,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 from modules import dist
 from modules.data import IGNORE_INDEX
-from modules.losses import composite_loss, emo_loss, ntl_mse, ntl_was
+from modules.losses import composite_loss, emo_columns, ntl_mse_columns, ntl_was_columns, number_logits, number_targets
 
 logger = logging.getLogger(__name__)
 
-NTL_LOSSES = {"mse": ntl_mse, "was": ntl_was}
+NTL_COLUMNS = {"mse": ntl_mse_columns, "was": ntl_was_columns}
 LABEL_NAMES = ["labels", "ntl_labels", "emo_labels"]
 
 
@@ -47,8 +46,7 @@ def labeled_log_probs(logits: torch.Tensor, labels: torch.Tensor, *aux_labels: t
 
     Every loss reads only labeled rows, and NTL and EMO give the same value on log-probabilities
     as on logits (softmax is shift-invariant per row), so the rows are gathered, upcast and
-    normalised once for all terms: the [B, T, V] logits are then copied and back-propagated
-    through once instead of once per term. Auxiliary labels must lie inside the labeled rows.
+    normalised once for all terms. Auxiliary labels must lie inside the labeled rows.
     """
     target = labels != IGNORE_INDEX
     for aux in aux_labels:
@@ -58,11 +56,37 @@ def labeled_log_probs(logits: torch.Tensor, labels: torch.Tensor, *aux_labels: t
     return (rows, labels[target], *(aux[target] for aux in aux_labels))
 
 
-def cross_entropy(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of ``[N, V]`` log-probabilities; 0 (keeping the graph) without rows."""
-    if labels.numel() == 0:
-        return log_probs.sum() * 0.0
-    return F.nll_loss(log_probs, labels)
+def loss_terms(log_probs: torch.Tensor, labels: torch.Tensor, ntl_labels: torch.Tensor, emo_labels: torch.Tensor,
+               config: "LossConfig", embedding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """CE, NTL and EMO (None when its weight is 0) of ``[N, V]`` log-probabilities.
+
+    Each term reads a few columns of each row: CE the gold token, NTL the number tokens, EMO the
+    row's top-k tokens (chosen without gradient; top-k of log-probabilities = top-k of logits). All
+    of them are taken with one ``gather``, whose backward writes a single ``[N, V]`` gradient, and
+    the losses' ``*_columns`` formulas run on them. Gathering per term instead costs one dense
+    ``[N, V]`` gradient per term plus their sum, which dominates when the vocabulary is large.
+    """
+    n_rows, vocab = log_probs.shape
+    columns = [labels[:, None]]
+    if config.ntl_weight:
+        number_rows, targets, number_ids, number_values = number_targets(
+            ntl_labels, config.number_values.to(log_probs.device), vocab)
+        columns.append(number_ids.expand(n_rows, -1))
+    if config.emo_weight:
+        emo_rows = emo_labels != IGNORE_INDEX
+        top_k = min(config.emo_topk, vocab)
+        with torch.no_grad():
+            top_ids = log_probs[emo_rows].topk(top_k, dim=-1).indices
+        columns.append(log_probs.new_zeros(n_rows, top_k, dtype=torch.long).index_put((emo_rows,), top_ids))
+    picked = log_probs.gather(1, torch.cat(columns, dim=1))  # [N, 1 + n_numbers + k]
+    ce = -picked[:, 0].sum() / max(n_rows, 1)
+    ntl = emo = None
+    if config.ntl_weight:
+        z = number_logits(picked[number_rows, 1:1 + number_ids.numel()])
+        ntl = NTL_COLUMNS[config.loss_type](z, targets, number_values)
+    if config.emo_weight:
+        emo = emo_columns(picked[emo_rows, -top_k:], top_ids, emo_labels[emo_rows], embedding)
+    return ce, ntl, emo
 
 
 @dataclass(frozen=True)
@@ -76,8 +100,8 @@ class LossConfig:
     emo_topk: int = 64
 
     def __post_init__(self):
-        if self.loss_type not in NTL_LOSSES:
-            raise ValueError(f"loss_type must be one of {sorted(NTL_LOSSES)}, got {self.loss_type!r}")
+        if self.loss_type not in NTL_COLUMNS:
+            raise ValueError(f"loss_type must be one of {sorted(NTL_COLUMNS)}, got {self.loss_type!r}")
 
 
 def output_embedding(model) -> torch.Tensor:
@@ -110,15 +134,8 @@ def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfi
     outputs = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=keep, use_cache=False)
     logits = outputs.logits  # [B, keep, V]: only the positions that predict a target token
-    log_probs, labels, ntl_labels, emo_labels = labeled_log_probs(
-        logits, *(shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES))
-    ce = cross_entropy(log_probs, labels)
-    ntl = emo = None
-    if config.ntl_weight:
-        ntl = NTL_LOSSES[config.loss_type](log_probs, ntl_labels, config.number_values.to(logits.device))
-    if config.emo_weight:
-        embedding = output_embedding(model)
-        emo = emo_loss(log_probs, emo_labels, embedding, top_k=config.emo_topk, log_probs=True)
+    rows = labeled_log_probs(logits, *(shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES))
+    ce, ntl, emo = loss_terms(*rows, config, output_embedding(model) if config.emo_weight else None)
     total, logged = composite_loss(ce, ntl, emo, config.ntl_weight, config.emo_weight)
     return total, logged, outputs
 

@@ -166,18 +166,6 @@ def test_emo_matches_direct_formula(top_k):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
 
 
-def test_emo_on_log_probs_equals_emo_on_logits():
-    # The trainer hands EMO log_softmax rows with log_probs=True: same value, same gradient.
-    for seed in range(3):
-        logits, labels, _, emb = random_setup(seed)
-        got = emo_loss(torch.log_softmax(logits, -1), labels, emb, top_k=5, log_probs=True)
-        want = emo_loss(logits, labels, emb, top_k=5)
-        assert got.item() == pytest.approx(want.item(), abs=1e-6)
-        g1, = torch.autograd.grad(got, logits)
-        g2, = torch.autograd.grad(want, logits)
-        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
-
-
 # ----------------------------------------------------------------------------- ntloss agreement
 
 def test_agrees_with_ntloss_package():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from modules.data import IGNORE_INDEX, ScoringCollator, encode_example, load_splits
 from modules.losses import composite_loss, emo_loss, ntl_mse, ntl_was, number_token_values
 from modules.models import add_lora, load_base_model
-from modules.trainer import LABEL_NAMES, LossConfig, compute_loss_terms, logits_to_keep, shift_labels
+from modules.trainer import (LABEL_NAMES, LossConfig, compute_loss_terms, labeled_log_probs, logits_to_keep,
+                             loss_terms, shift_labels)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,39 @@ def test_trimmed_left_padded_losses_equal_full_reference(tiny_batch_parts, loss_
                 assert terms[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), (side, key)
     if ntl_weight < 0:
         assert "dynamic_lambda" in terms
+
+
+@pytest.mark.parametrize("loss_type", ["mse", "was"])
+def test_one_gather_equals_each_public_loss_in_value_and_gradient(loss_type):
+    """loss_terms (one gather of gold, number and top-k columns) against F.cross_entropy, ntl_* and
+    emo_loss each on the full logits, over a padded vocabulary (values shorter than V)."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length, vocab, numbers = 2, 9, 40, 12
+    logits = (3 * torch.randn(batch, length, vocab, generator=gen)).requires_grad_()
+    values = torch.full((vocab - 3,), float("nan"))
+    values[5:5 + numbers] = torch.arange(numbers, dtype=torch.float32) % 10  # "7" and " 7" share a value
+    embedding = torch.randn(vocab, 6, generator=gen)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels[:, :3] = IGNORE_INDEX                                       # the prompt
+    labels[:, 3:5] = torch.randint(5, 5 + numbers, (batch, 2), generator=gen)  # the score digits
+    ntl_labels, emo_labels = labels.clone(), labels.clone()
+    ntl_labels[:, 5:] = IGNORE_INDEX
+    emo_labels[:, 3:5] = IGNORE_INDEX
+    config = LossConfig(values, ntl_weight=2.0, emo_weight=0.1, loss_type=loss_type, emo_topk=7)
+    mask = labels != IGNORE_INDEX
+    want = [F.cross_entropy(logits[mask], labels[mask]),
+            (ntl_mse if loss_type == "mse" else ntl_was)(logits, ntl_labels, values),
+            emo_loss(logits, emo_labels, embedding, top_k=7)]
+    got = loss_terms(*labeled_log_probs(logits, labels, ntl_labels, emo_labels), config, embedding)
+    for name, g, w in zip(("ce", "ntl", "emo"), got, want):
+        assert g.item() == pytest.approx(w.item(), rel=1e-5, abs=1e-6), name
+        grad_got, = torch.autograd.grad(g, logits, retain_graph=True)
+        grad_want, = torch.autograd.grad(w, logits, retain_graph=True)
+        torch.testing.assert_close(grad_got, grad_want, atol=1e-6, rtol=1e-5, msg=name)
+    # a weight of 0 leaves its term out
+    ce, ntl, emo = loss_terms(*labeled_log_probs(logits, labels, ntl_labels, emo_labels),
+                              LossConfig(values, ntl_weight=0.0, emo_weight=0.0), None)
+    assert ntl is None and emo is None and ce.item() == pytest.approx(want[0].item(), rel=1e-6)
 
 
 def test_logits_to_keep_covers_every_label():
