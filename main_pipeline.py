@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume_checkpoint and args.output_dir and Path(args.output_dir) != Path(args.resume_checkpoint):
         p.error("--resume_checkpoint names the run folder; do not also give a different --output_dir")
+    if args.emo_topk < 1:
+        p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
     return args
 
 

@@ -102,6 +102,8 @@ class LossConfig:
     def __post_init__(self):
         if self.loss_type not in NTL_COLUMNS:
             raise ValueError(f"loss_type must be one of {sorted(NTL_COLUMNS)}, got {self.loss_type!r}")
+        if self.emo_topk < 1:
+            raise ValueError(f"emo_topk must be >= 1, got {self.emo_topk}")
 
 
 def output_embedding(model) -> torch.Tensor:

@@ -87,6 +87,14 @@ def test_one_gather_equals_each_public_loss_in_value_and_gradient(loss_type):
     assert ntl is None and emo is None and ce.item() == pytest.approx(want[0].item(), rel=1e-6)
 
 
+def test_loss_config_refuses_bad_settings():
+    values = torch.zeros(4)
+    with pytest.raises(ValueError, match="emo_topk must be >= 1, got 0"):
+        LossConfig(values, emo_topk=0)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        LossConfig(values, loss_type="l1")
+
+
 def test_logits_to_keep_covers_every_label():
     labels = torch.full((2, 10), IGNORE_INDEX)
     labels[0, 7:] = 1
