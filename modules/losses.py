@@ -77,6 +77,13 @@ def number_logits(columns: Tensor) -> Tensor:
     return columns.float().clamp(-_F32_MAX, _F32_MAX)
 
 
+def _number_rows(logits: Tensor, labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(z [N, n], y [N], v [n])`` of :func:`ntl_mse_columns` taken from full logits: the number
+    columns first, so only a ``[B, T, n]`` copy is made."""
+    mask, y, ids, v = number_targets(labels.to(logits.device), values, logits.shape[-1])
+    return number_logits(logits.index_select(-1, ids)[mask]), y, v
+
+
 def ntl_mse(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
     """Number Token Loss, dot-product/MSE variant (NTL-MSE).
 
@@ -86,8 +93,7 @@ def ntl_mse(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
         l     = (y_hat - y)^2                            (y = values[y_tok])
     Returns mean(l) over those positions (other positions are ignored), 0 if there are none.
     """
-    mask, y, ids, v = number_targets(labels.to(logits.device), values, logits.shape[-1])
-    return ntl_mse_columns(number_logits(logits.index_select(-1, ids)[mask]), y, v)
+    return ntl_mse_columns(*_number_rows(logits, labels, values))
 
 
 def ntl_mse_columns(z: Tensor, y: Tensor, v: Tensor) -> Tensor:
@@ -108,8 +114,7 @@ def ntl_was(logits: Tensor, labels: Tensor, values: Tensor) -> Tensor:
     which is how it is evaluated, without cancellation). Returns the mean over those positions.
     Equal to E_p|v - y|, the form used by the ``ntloss`` package.
     """
-    mask, y, ids, v = number_targets(labels.to(logits.device), values, logits.shape[-1])
-    return ntl_was_columns(number_logits(logits.index_select(-1, ids)[mask]), y, v)
+    return ntl_was_columns(*_number_rows(logits, labels, values))
 
 
 def ntl_was_columns(z: Tensor, y: Tensor, v: Tensor) -> Tensor:
