@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from modules.models import check_4bit
 
     requested = 0 if args.device_id is not None else None
-    device = None
-    if dist.world_size() > 1:  # join the group first, so that every process's checks end in one verdict
-        device = dist.device(requested)
-        dist.init(device)
+    device = dist.join(requested)
     try:
         # Validate every split before any model is loaded: bad input fails in a second, not after
         # minutes. Every process checks; they agree on the verdict and rank 0 reports it.

@@ -348,10 +348,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
     # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and
     # joins the process group first, so that the checks below end with one verdict for all.
-    device = None
-    if dist.world_size() > 1:
-        device = dist.device(args.device_id)
-        dist.init(device)
+    device = dist.join(args.device_id)
     error = None
     try:
         # Everything that can be wrong with the input fails here, before minutes of model loading.

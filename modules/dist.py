@@ -67,6 +67,18 @@ def init(on: torch.device) -> None:
     logger.info("process %d of %d (%s backend) on %s", rank(), world_size(), dist.get_backend(), on)
 
 
+def join(device_id: int | str | None = None) -> torch.device | None:
+    """Under a launcher: this process's :func:`device`, with the process group joined, so that the
+    checks a CLI runs next can end in one verdict (:func:`first_error`). Alone: None and nothing
+    done; the caller resolves its device after its checks (resolving may log, and a bad input
+    should stay the only line printed)."""
+    if world_size() == 1:
+        return None
+    on = device(device_id)
+    init(on)
+    return on
+
+
 def backend() -> str | None:
     return dist.get_backend() if dist.is_initialized() else None
 

@@ -57,7 +57,7 @@ def labeled_log_probs(logits: torch.Tensor, labels: torch.Tensor, *aux_labels: t
 
 
 def loss_terms(log_probs: torch.Tensor, labels: torch.Tensor, ntl_labels: torch.Tensor, emo_labels: torch.Tensor,
-               config: "LossConfig", embedding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+               config: LossConfig, embedding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """CE, NTL and EMO (None when its weight is 0) of ``[N, V]`` log-probabilities.
 
     Each term reads a few columns of each row: CE the gold token, NTL the number tokens, EMO the
