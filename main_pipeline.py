@@ -181,7 +181,8 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from modules import dist
-    from modules.data import ScoringCollator, encode_example, write_json_atomic, write_jsonl_atomic
+    from modules.data import (ScoringCollator, encode_example, prompt_token_budget, write_json_atomic,
+                              write_jsonl_atomic)
     from modules.losses import number_token_values
     from modules.models import add_lora, load_adapter, load_base_model
     from modules.scoring import evaluate_predictions, format_results_table, predict_split
@@ -212,9 +213,13 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
                              emo_weight=args.emo_weights if args.mtl else 0.0,
                              loss_type=args.loss_type, emo_topk=args.emo_topk)
 
+    # Essays are shortened to the same prompt budget in training and in scoring (SPEC §7).
+    max_prompt_tokens = prompt_token_budget(splits["train"], tokenizer, args.mtl, args.max_seq_length)
+
     def encode(records):
         return [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
-                               max_seq_length=args.max_seq_length, number_values=number_values) for r in records]
+                               max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
+                               number_values=number_values) for r in records]
 
     collator = ScoringCollator(tokenizer.pad_token_id)
     if args.dry_run:
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
         "command": [sys.executable, *sys.argv], "config": vars(args), "run_dir": str(run_dir),
         "git_commit": git_commit(), "packages": package_versions(), "seed": args.seed, "device": str(device),
         "world_size": dist.world_size(), "ddp_backend": dist.backend(),
-        "dtype": str(model.dtype), "rubrics": info.rubric_names,
+        "dtype": str(model.dtype), "rubrics": info.rubric_names, "max_prompt_tokens": max_prompt_tokens,
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "train": {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
                   "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -287,7 +292,7 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
     started = time.time()
     predictions = dist.gather(predict_split(
         model, tokenizer, dist.shard(test_records), info, mtl=args.mtl, prompt_format=args.prompt_format,
-        batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
+        max_prompt_tokens=max_prompt_tokens, batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
         generate_feedback=args.generate_feedback))
     if dist.is_main():
         write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)

@@ -32,7 +32,7 @@ BANK, CONFIG = "samples.jsonl", "run_config.json"
 PARTIAL_BANK = "samples.rank{rank}.jsonl"  # one per process of a multi-process run, merged into BANK
 # The flags that decide which samples get drawn: a resumed run must use the same ones.
 SAMPLING_KEYS = ("adapter_dir", "base_model_name", "test_path", "max_m", "chunk_m", "temperature", "top_k",
-                 "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format")
+                 "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format", "max_prompt_tokens")
 ANALYSIS_DEFAULTS = {"fallback_score": None, "bootstrap": 200, "seed": 42, "baselines_json": None, "limit": None}
 DRY_RUN_LINES = 40
 
@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--temperature", type=float, default=0.7)
     sampling.add_argument("--top_k", type=int, default=9)
     sampling.add_argument("--top_p", type=float, default=None, help="nucleus filter (default: the model's generation config)")
-    sampling.add_argument("--max_new_tokens", type=int, default=16)
+    sampling.add_argument("--max_new_tokens", type=int, default=None,
+                          help="token budget per sample (default: what a valid score line can take for this "
+                               "tokenizer and these rubrics); a sample cut by it is invalid")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=next(iter(SAMPLERS)),
                           help="trie: exact and fast (default); generate: the original's HF generate loop")
     sampling.add_argument("--essay_batch", type=int, default=8,
@@ -135,14 +137,23 @@ def read_json(path: Path) -> dict:
     return obj
 
 
-def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, str]:
-    """mtl and prompt_format as in training: flags, else the adapter's run_manifest.json, else defaults.
+def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, str]:
+    """mtl and prompt_format as in training (flags, else the adapter's run_manifest.json, else
+    defaults), the training run's prompt budget (essays are shortened to it, as in training), and
+    where the settings came from.
 
     The prompt must be rendered exactly as in training, or the adapter scores a prompt it never saw.
     """
     manifest = Path(args.adapter_dir) / "run_manifest.json"
-    config = read_json(manifest).get("config") if manifest.is_file() else None
+    saved = read_json(manifest) if manifest.is_file() else {}
+    config = saved.get("config")
     config = config if isinstance(config, dict) else {}
+    max_prompt_tokens = saved.get("max_prompt_tokens")
+    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise CliError(f"{manifest}: field 'max_prompt_tokens': expected a positive integer, got {max_prompt_tokens!r}")
+    if saved and "max_prompt_tokens" not in saved:
+        logger.info("%s has no max_prompt_tokens (a run from before prompts were shortened alike); "
+                       "prompting with whole essays", manifest)
     mtl = args.mtl if args.mtl is not None else bool(config.get("mtl", False))
     fmt = args.prompt_format or config.get("prompt_format") or "chat"
     if fmt not in ("chat", "plain"):
@@ -154,7 +165,7 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, str]:
         if not config:
             logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if "
                            "they differed)", manifest, mtl, fmt)
-    return mtl, fmt, " + ".join(parts)
+    return mtl, fmt, max_prompt_tokens, " + ".join(parts)
 
 
 def resolve_fallback(values: list[int] | None, info) -> list[int]:
@@ -237,7 +248,9 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
         curves["bootstrap"] = bootstrap_curves(samples, gold, info.ranges, fallback, n_orderings=n_bootstrap,
                                                seed=seed, rubric_names=info.rubric_names)
     invalid = int((samples == INVALID).all(axis=2).sum())
-    curves.update(invalid_rate=invalid / (n * m), invalid_samples=invalid, fallback=list(fallback))
+    truncated = sum(bool(sample.get("truncated")) for r in records for sample in rows[r.id]["samples"])
+    curves.update(invalid_rate=invalid / (n * m), invalid_samples=invalid, truncated_samples=truncated,
+                  fallback=list(fallback))
     best = best_scores(curves)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +269,8 @@ def print_summary(curves: dict, best: dict, out_dir: Path) -> None:
         b = best[vote]
         print(f"  {label:<14} m=1 {b['m1']['overall']:.4f}   best {b['best']['overall']:.4f} (m={b['best']['m']})"
               f"   m={b['max_m']['m']} {b['max_m']['overall']:.4f}")
-    print(f"invalid samples: {curves['invalid_samples']} ({100 * curves['invalid_rate']:.1f}%)")
+    print(f"invalid samples: {curves['invalid_samples']} ({100 * curves['invalid_rate']:.1f}%), "
+          f"{curves.get('truncated_samples', 0)} of them cut by the token budget")
     print(f"outputs: {out_dir}")
 
 
@@ -344,6 +358,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from modules.data import DataError, build_prompt, write_json_atomic
     from modules.models import load_adapter
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
+    from modules.scoring import score_line_budget
 
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
     # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and
@@ -354,7 +369,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         # Everything that can be wrong with the input fails here, before minutes of model loading.
         info, records = load_records(args.test_path, args.limit)
         fallback = resolve_fallback(args.fallback_score, info)
-        mtl, prompt_format, prompt_source = prompt_settings(args)
+        mtl, prompt_format, max_prompt_tokens, prompt_source = prompt_settings(args)
         if args.baselines_json is not None and not Path(args.baselines_json).is_file():
             raise CliError(f"{args.baselines_json}: baselines file not found")
         default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
@@ -362,6 +377,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
         resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
                     "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
+                    "max_prompt_tokens": max_prompt_tokens,
                     "fallback_score": fallback, "baselines_json": baselines_path}
         # One process appends to samples.jsonl itself; under a launcher each has its own partial bank.
         own_bank = BANK if dist.world_size() == 1 else PARTIAL_BANK.format(rank=dist.rank())
@@ -394,14 +410,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if error:
         return stop(error)
     param = next(model.parameters())
+    token_budget = args.max_new_tokens or score_line_budget(tokenizer, info.ranges)
 
     if args.dry_run:
         if not dist.is_main():
             return 0
-        prompt = build_prompt(records[0], info, tokenizer, mtl, prompt_format)
+        prompt = build_prompt(records[0], info, tokenizer, mtl, prompt_format, max_prompt_tokens)
         n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         print(f"dry run: {len(records)} essays, {len(info.rubrics)} rubrics, mtl={mtl}, prompt_format={prompt_format} "
-              f"({prompt_source}), sampler={args.sampler}, {param.device}, {param.dtype}")
+              f"({prompt_source}), sampler={args.sampler}, token budget {token_budget}, {param.device}, {param.dtype}")
         print(f"--- prompt of essay {records[0].id} ({n_tokens} tokens) ---")
         lines = prompt.splitlines()
         print("\n".join(lines[:DRY_RUN_LINES]))
@@ -428,7 +445,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if saved is None:
             config = {"command": command, "created": now, "args": resolved, "prompt_settings_from": prompt_source,
                       "git_commit": git_commit(), "packages": package_versions(), "device": str(param.device),
-                      "dtype": str(param.dtype), "rubrics": info.rubric_names, "world_size": dist.world_size()}
+                      "dtype": str(param.dtype), "rubrics": info.rubric_names, "world_size": dist.world_size(),
+                      "token_budget": token_budget}
         else:
             config = {**saved, "args": resolved}
             config.setdefault("resumes", []).append({"command": command, "at": now, "git_commit": git_commit(),
@@ -443,7 +461,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     todo = dist.shard([(i, r) for i, r in enumerate(records) if r.id not in done])
     sampler = SAMPLERS[args.sampler]
     sample_args = dict(max_m=args.max_m, chunk_m=args.chunk_m, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+                       top_p=args.top_p, max_new_tokens=token_budget)
 
     from tqdm.auto import tqdm
 
@@ -457,7 +475,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_size = args.essay_batch if args.sampler == "trie" else 1
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            prompts = [build_prompt(record, info, tokenizer, mtl, prompt_format) for _, record in batch]
+            prompts = [build_prompt(record, info, tokenizer, mtl, prompt_format, max_prompt_tokens)
+                       for _, record in batch]
             # Essay i is seeded with seed + i (its position in the test file), so a resumed, sharded or
             # --limit'ed run draws exactly the samples a full uninterrupted run would.
             drawn_samples = sampler(model, tokenizer, prompts, info.ranges,

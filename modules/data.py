@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from modules.losses import IGNORE_INDEX, number_token_values
+from modules.score_lines import first_line, is_digit_string, parse_score_line, score_fields, score_line, score_spans
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def infer_dataset_info(path: str | Path) -> DatasetInfo:
     lineno, obj = first
     if not isinstance(obj, dict) or "output" not in obj:
         raise _fail(path, lineno, "output", "missing, and no dataset.json beside the file to name the rubrics")
-    k = len(_split_output(str(obj["output"]))[0])
+    k = len(score_fields(first_line(str(obj["output"]).strip())))
     if k == 0:
         raise _fail(path, lineno, "output", "first line holds no score")
     logger.warning("%s: no dataset.json; inferred %d rubrics rubric_1..rubric_%d with range %d-%d",
@@ -159,18 +159,9 @@ def _iter_jsonl(path: Path):
                 raise _fail(path, lineno, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
 
 
-_INT_RE = re.compile(r"[+-]?\d+")
-
-
-def _split_output(output: str) -> tuple[list[str], str]:
-    """Original records: the output's first line is the space-separated score line, the rest feedback."""
-    first, _, rest = output.strip().partition("\n")
-    return first.split(), rest.strip()
-
-
 def _check_score(path: Path, lineno: int, fieldname: str, value: Any, rubric: Rubric) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _INT_RE.fullmatch(value))):
-        raise _fail(path, lineno, fieldname, f"score {value!r} is not an integer")
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and is_digit_string(value))):
+        raise _fail(path, lineno, fieldname, f"score {value!r} is not a non-negative integer")
     value = int(value)
     if not rubric.min <= value <= rubric.max:
         raise _fail(path, lineno, fieldname, f"score {value} outside {rubric.min}-{rubric.max}")
@@ -210,14 +201,18 @@ def _parse_original(path: Path, lineno: int, obj: dict, info: DatasetInfo) -> Es
         raise _fail(path, lineno, "output", "missing")
     if not isinstance(obj["instruction"], str) or not obj["instruction"].strip():
         raise _fail(path, lineno, "instruction", "must be a non-empty string")
-    tokens, feedback = _split_output(str(obj["output"]))
-    if len(tokens) != len(info.rubrics):
-        raise _fail(path, lineno, "output", f"score line has {len(tokens)} values, expected {len(info.rubrics)}")
-    values = tuple(_check_score(path, lineno, f"output[{i}]", tok, rubric)
-                   for i, (tok, rubric) in enumerate(zip(tokens, info.rubrics)))
+    output = str(obj["output"]).strip()
+    values = parse_score_line(output, info.ranges)
+    if values is None:  # say which field is wrong
+        fields = score_fields(first_line(output))
+        if len(fields) != len(info.rubrics):
+            raise _fail(path, lineno, "output", f"score line has {len(fields)} values, expected {len(info.rubrics)}")
+        for i, (text, rubric) in enumerate(zip(fields, info.rubrics)):
+            _check_score(path, lineno, f"output[{i}]", text, rubric)
+    feedback = output.partition("\n")[2].strip()
     instruction = nfc(obj["instruction"])
     return EssayRecord(str(obj.get("id", f"{path.stem}-{lineno}")), str(obj.get("prompt_id", "")),
-                       nfc(str(obj.get("essay", instruction))), values, nfc(feedback), instruction)
+                       nfc(str(obj.get("essay", instruction))), tuple(values), nfc(feedback), instruction)
 
 
 def dataset_info_for(path: str | Path) -> DatasetInfo:
@@ -268,10 +263,6 @@ def load_splits(data_dir: str | Path, ratio: float = 1.0, seed: int = 42) -> tup
 
 # --------------------------------------------------------------------------- rendering
 
-def score_line(scores: Sequence[int]) -> str:
-    return " ".join(str(int(s)) for s in scores)
-
-
 def render_instruction(record: EssayRecord, info: DatasetInfo, mtl: bool = False) -> str:
     """The user message: task, rubric names and ranges, writing prompt and essay."""
     if record.instruction is not None:
@@ -308,15 +299,59 @@ def target_text(record: EssayRecord, mtl: bool) -> str:
     return f"{line}\n{record.feedback}" if mtl and record.feedback else line
 
 
-def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = False, prompt_format: str = "chat") -> str:
-    return render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
+def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = False, prompt_format: str = "chat",
+                 max_prompt_tokens: int | None = None) -> str:
+    """The rendered prompt of a record; with ``max_prompt_tokens``, the essay (the instruction, for
+    original records) is cut from its end until the prompt takes at most that many tokens.
+
+    Training and inference both call this with the run's ``max_prompt_tokens`` (see
+    :func:`prompt_token_budget`), so the model is scored on exactly the prompt it was trained on.
+    """
+    prompt = render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
+    if max_prompt_tokens is None:
+        return prompt
+    # Chat templates write their own BOS text; the plain format writes it too (render_prompt).
+    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    text = record.instruction if record.instruction is not None else record.essay
+    for _ in range(8):  # decode/re-encode can merge tokens differently; a few rounds converge
+        excess = length - max_prompt_tokens
+        if excess <= 0:
+            return prompt
+        text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(text_ids) - excess
+        if keep <= 0:
+            break
+        text = tokenizer.decode(text_ids[:keep])
+        shorter = replace(record, instruction=text) if record.instruction is not None else replace(record, essay=text)
+        prompt = render_prompt(tokenizer, render_instruction(shorter, info, mtl), prompt_format)
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if length > max_prompt_tokens:
+        raise ValueError(f"{record.id}: the prompt without its essay takes more than {max_prompt_tokens} tokens "
+                         "(raise --max_seq_length)")
+    return prompt
+
+
+def _target_ids(record: EssayRecord, tokenizer, mtl: bool):
+    """Target token ids (+EOS) and each one's character span in the target text."""
+    target = target_text(record, mtl)
+    enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+    return (list(enc["input_ids"]) + [tokenizer.eos_token_id],
+            list(enc["offset_mapping"]) + [(len(target), len(target))])
+
+
+def prompt_token_budget(records: Sequence[EssayRecord], tokenizer, mtl: bool, max_seq_length: int | None) -> int | None:
+    """Tokens a prompt may take in this run: ``max_seq_length`` minus the longest target (+EOS) among
+    ``records`` (the training split), or None without a length limit.
+
+    The budget depends on the training split only, never on the essay being scored, so training
+    and inference shorten every essay the same way and no test target leaks into its prompt.
+    """
+    if max_seq_length is None:
+        return None
+    return max_seq_length - max(len(_target_ids(r, tokenizer, mtl)[0]) for r in records)
 
 
 # --------------------------------------------------------------------------- label masks
-
-def _score_spans(line: str) -> list[tuple[int, int]]:
-    return [m.span() for m in re.finditer(r"\d+", line)]
-
 
 def _overlaps(span: tuple[int, int], lo: int, hi: int) -> bool:
     return span[0] < hi and span[1] > lo and span[1] > span[0]
@@ -324,25 +359,27 @@ def _overlaps(span: tuple[int, int], lo: int, hi: int) -> bool:
 
 def encode_example(record: EssayRecord, info: DatasetInfo, tokenizer, *, mtl: bool = False,
                    prompt_format: str = "chat", max_seq_length: int | None = None,
+                   max_prompt_tokens: int | None = None,
                    number_values: torch.Tensor | None = None) -> dict[str, list[int]]:
     """Token ids and the three label masks of one training example.
 
     ``labels`` = target + EOS; ``ntl_labels`` = the score-number tokens; ``emo_labels`` = the
-    feedback tokens (MTL only); all other positions hold -100. When the example is longer than
-    ``max_seq_length`` the essay is shortened, never the target.
+    feedback tokens (MTL only); all other positions hold -100. The prompt is shortened (its essay,
+    never the target) to ``max_prompt_tokens`` and, should that not suffice, until prompt and
+    target fit in ``max_seq_length``.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("a fast tokenizer is required: label masks come from character offsets")
     if number_values is None:
         number_values = number_token_values(tokenizer)
     target = target_text(record, mtl)
-    enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
-    target_ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
-    offsets = list(enc["offset_mapping"]) + [(len(target), len(target))]
-    prompt_ids = _prompt_ids(record, info, tokenizer, mtl, prompt_format, max_seq_length, len(target_ids))
+    target_ids, offsets = _target_ids(record, tokenizer, mtl)
+    limits = [n for n in (max_prompt_tokens, max_seq_length and max_seq_length - len(target_ids)) if n is not None]
+    prompt = build_prompt(record, info, tokenizer, mtl, prompt_format, min(limits) if limits else None)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     line_len = len(score_line(record.scores))
-    spans = _score_spans(target[:line_len])
+    spans = score_spans(target[:line_len])
     ntl, emo = [], []
     for tok, span in zip(target_ids, offsets):
         is_number = tok < len(number_values) and not torch.isnan(number_values[tok])
@@ -355,30 +392,6 @@ def encode_example(record: EssayRecord, info: DatasetInfo, tokenizer, *, mtl: bo
     pad = [IGNORE_INDEX] * len(prompt_ids)
     return {"input_ids": prompt_ids + target_ids, "labels": pad + target_ids,
             "ntl_labels": pad + ntl, "emo_labels": pad + emo}
-
-
-def _prompt_ids(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool, prompt_format: str,
-                max_seq_length: int | None, target_len: int) -> list[int]:
-    """Prompt ids, shortening the essay until prompt + target fit in ``max_seq_length``."""
-    # Chat templates write their own BOS text; the plain format writes it too (render_prompt).
-    ids = tokenizer(build_prompt(record, info, tokenizer, mtl, prompt_format), add_special_tokens=False)["input_ids"]
-    if max_seq_length is None or len(ids) + target_len <= max_seq_length:
-        return list(ids)
-    text = record.instruction if record.instruction is not None else record.essay
-    for _ in range(8):
-        excess = len(ids) + target_len - max_seq_length
-        if excess <= 0:
-            return list(ids)
-        text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        keep = len(text_ids) - excess
-        if keep <= 0:
-            break
-        text = tokenizer.decode(text_ids[:keep])
-        shorter = replace(record, instruction=text) if record.instruction is not None else replace(record, essay=text)
-        ids = tokenizer(build_prompt(shorter, info, tokenizer, mtl, prompt_format), add_special_tokens=False)["input_ids"]
-    if len(ids) + target_len > max_seq_length:
-        raise ValueError(f"{record.id}: prompt without the essay plus target exceeds max_seq_length={max_seq_length}")
-    return list(ids)
 
 
 class ScoringCollator:

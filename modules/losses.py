@@ -13,16 +13,16 @@ the columns of every term in one step and evaluates the same formulas on them.
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modules.score_lines import is_digit_string
+
 IGNORE_INDEX = -100
 SPACE_MARKERS = (" ", "\u0120", "\u2581")  # plain space, byte-level BPE "Ġ", SentencePiece "▁"
-_ASCII_DIGITS = re.compile(r"[0-9]+")
 _EPS = 1e-12  # L2-normalisation floor, as in F.normalize
 _F32_MAX = torch.finfo(torch.float32).max
 
@@ -40,7 +40,7 @@ def number_token_values(tokenizer) -> torch.FloatTensor:
         if not isinstance(tok, str):  # holes in the id space
             continue
         text = tok[1:] if tok[:1] in SPACE_MARKERS else tok
-        if _ASCII_DIGITS.fullmatch(text):
+        if is_digit_string(text):
             value = float(text)  # a >38-digit string would overflow float32: not usable as a number
             if value <= _F32_MAX:
                 values[i] = value

@@ -1,7 +1,9 @@
 """Samplers for self-consistency, and the sample bank they fill (SPEC §2, §6, §9).
 
 A sampler draws ``max_m`` answers for each of a batch of essay prompts and returns, per prompt,
-``[{"text": str, "scores": [int] * K or None}]``. Samplers are registered by name in
+``[{"text": str, "scores": [int] * K or None}]`` (the first line of the answer, and its scores under
+the strict parser of :mod:`modules.score_lines`); a sample cut by ``max_new_tokens`` before its
+line ended also carries ``"truncated": True`` and has no scores. Samplers are registered by name in
 :data:`SAMPLERS` (the ``--sampler`` choices); every sampler must be seeded and reproducible
 from each prompt's generator seed alone, so that a resumed run redraws nothing differently.
 
@@ -9,7 +11,7 @@ from each prompt's generator seed alone, so that a resumed run redraws nothing d
 distribution with far less compute: see :func:`trie_sample`.
 
 The bank (``samples.jsonl``) holds one JSON line per essay,
-``{"id", "gold": [int] * K, "samples": [{"text", "scores"}], "invalid": int}``. It is appended
+``{"id", "gold": [int] * K, "samples": [{"text", "scores", ["truncated"]}], "invalid": int}``. It is appended
 and fsynced essay by essay, so a killed run loses at most the essay in flight; a torn last
 line is detected on reading and dropped (and cut off the file when resuming).
 """
@@ -25,17 +27,12 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from modules.data import DataError
-from modules.scoring import _EvalMode, _input_device, parse_score_line, stop_token_ids
+from modules.score_lines import line_sample, parse_score_line
+from modules.scoring import _EvalMode, _input_device, ended_rows, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 Sample = dict  # {"text": str, "scores": list[int] | None}
-
-
-def line_sample(text: str, ranges: Sequence[tuple[int, int]]) -> Sample:
-    """A generated text as stored in the bank: its first line, and that line's scores (or None)."""
-    line = text.split("\n", 1)[0]
-    return {"text": line, "scores": parse_score_line(line, ranges)}
 
 
 def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
@@ -80,9 +77,10 @@ def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int
                 out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                      do_sample=True, num_return_sequences=n, temperature=temperature, top_k=top_k,
                                      max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, **extra)
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True,
-                                               clean_up_tokenization_spaces=False)
-                samples += [line_sample(text, ranges) for text in texts]
+                new = out[:, enc["input_ids"].shape[1]:]
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                samples += [line_sample(text, ranges, truncated=not ended)
+                            for text, ended in zip(texts, ended_rows(new, stop))]
     finally:
         if training:
             model.train(True)
@@ -248,8 +246,10 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
         texts = tokenizer.batch_decode([list(path) for path, _ in paths], skip_special_tokens=True,
                                        clean_up_tokenization_spaces=False)
         samples = []
-        for text, (_, n) in zip(texts, paths):
-            sample = line_sample(text, ranges)  # parsed once per distinct path, copied per draw
+        for text, (path, n) in zip(texts, paths):
+            # Parsed once per distinct path, copied per draw; a path whose last token is no stop
+            # token was cut by the budget.
+            sample = line_sample(text, ranges, truncated=path[-1] not in stop)
             samples += [dict(sample) for _ in range(n)]
         order = torch.randperm(len(samples), generator=generators[essay]).tolist()
         results.append([samples[i] for i in order])
@@ -276,7 +276,8 @@ def append_bank_line(handle, row: dict) -> None:
     os.fsync(handle.fileno())
 
 
-def _check_row(path: Path, lineno: int, row, ranges: Sequence[tuple[int, int]]) -> dict:
+def _check_row(path: Path, lineno: int, row, ranges: Sequence[tuple[int, int]]) -> tuple[dict, int]:
+    """A validated bank line, and how many of its samples' scores were re-read from their text."""
     def fail(fieldname: str, problem: str) -> DataError:
         return DataError(f"{path}:{lineno}: field '{fieldname}': {problem}")
 
@@ -285,7 +286,7 @@ def _check_row(path: Path, lineno: int, row, ranges: Sequence[tuple[int, int]]) 
     for key in ("id", "gold", "samples"):
         if key not in row:
             raise fail(key, "missing")
-    k = len(ranges)
+    k, reparsed = len(ranges), 0
 
     def valid_scores(values) -> bool:
         return (isinstance(values, list) and len(values) == k
@@ -301,14 +302,25 @@ def _check_row(path: Path, lineno: int, row, ranges: Sequence[tuple[int, int]]) 
             raise fail(f"samples[{i}].scores", "missing")
         if sample["scores"] is not None and not valid_scores(sample["scores"]):
             raise fail(f"samples[{i}].scores", f"expected null or {k} in-range integers, got {sample['scores']!r}")
-    return row
+        if isinstance(sample.get("text"), str):
+            # The text is what the model wrote: its scores are what the strict parser reads in it
+            # (a bank written before parsing was strict may hold scores read from a sloppy line).
+            strict = None if sample.get("truncated") else parse_score_line(sample["text"], ranges)
+            if strict != sample["scores"]:
+                sample["scores"] = strict
+                reparsed += 1
+    row["invalid"] = sum(s["scores"] is None for s in row["samples"])
+    return row, reparsed
 
 
 def read_bank(path: str | Path, ranges: Sequence[tuple[int, int]], *, repair: bool = False) -> list[dict]:
     """The essays of a bank, in file order, validated against the rubric ranges.
 
     A last line without its newline is what a kill mid-write leaves: it is dropped with a
-    warning, and with ``repair`` also cut off the file so appending can continue. Any other bad line is a one-line :class:`DataError`, as are duplicate ids.
+    warning, and with ``repair`` also cut off the file so appending can continue. Any other bad
+    line is a one-line :class:`DataError`, as are duplicate ids. A sample's scores are re-read from
+    its text with :func:`~modules.score_lines.parse_score_line` (null when truncated), and each
+    line's ``invalid`` count follows.
     """
     path = Path(path)
     try:
@@ -328,7 +340,7 @@ def read_bank(path: str | Path, ranges: Sequence[tuple[int, int]], *, repair: bo
         lines = data[:end].decode("utf-8").split("\n")[:-1]
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows, seen = [], {}
+    rows, seen, reparsed = [], {}, 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -336,10 +348,14 @@ def read_bank(path: str | Path, ranges: Sequence[tuple[int, int]], *, repair: bo
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-        row = _check_row(path, lineno, obj, ranges)
+        row, changed = _check_row(path, lineno, obj, ranges)
+        reparsed += changed
         row["id"] = str(row["id"])
         if row["id"] in seen:
             raise DataError(f"{path}:{lineno}: field 'id': duplicate id {row['id']!r} (first on line {seen[row['id']]})")
         seen[row["id"]] = lineno
         rows.append(row)
+    if reparsed:
+        logger.warning("%s: %d samples' stored scores differ from what the strict parser reads in their text "
+                       "(a bank from before strict parsing?); counting the strict values", path, reparsed)
     return rows

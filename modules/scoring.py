@@ -16,29 +16,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modules.data import DatasetInfo, EssayRecord, build_prompt, score_line
+from modules.data import DatasetInfo, EssayRecord, build_prompt
+from modules.score_lines import line_sample, score_line
 from modules.voting import qwk
 
 logger = logging.getLogger(__name__)
 
-_INT_RE = re.compile(r"-?\d+", re.ASCII)
 _BYTE_DIGIT_RE = re.compile(r"<0x3[0-9]>")  # SentencePiece byte-fallback tokens for "0".."9"
-
-
-# --------------------------------------------------------------------------- parsing
-
-def parse_score_line(text: str, ranges: Sequence[tuple[int, int]]) -> list[int] | None:
-    """The K scores of the text's first line, or None when it is not a valid score line.
-
-    Valid means exactly K integers (ASCII ``-?\\d+``) before the first newline, each inside its
-    rubric's range; anything after the newline (feedback) is ignored.
-    """
-    numbers = [int(m) for m in _INT_RE.findall(text.split("\n", 1)[0])]
-    if len(numbers) != len(ranges):
-        return None
-    if not all(lo <= v <= hi for v, (lo, hi) in zip(numbers, ranges)):
-        return None
-    return numbers
 
 
 # --------------------------------------------------------------------------- vocabulary tables
@@ -123,20 +107,22 @@ def score_line_budget(tokenizer, ranges: Sequence[tuple[int, int]]) -> int:
 
 def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
                    batch_size: int = 8, max_new_tokens: int | None = None,
-                   generate_feedback: bool = False) -> list[str]:
-    """Greedy continuations of ``prompts`` (special tokens removed), in batches.
+                   generate_feedback: bool = False) -> list[dict]:
+    """Greedy answers to ``prompts`` in batches, each as a sample: ``{"text", "scores"}`` plus
+    ``"truncated": True`` when the budget ran out before the score line ended (its scores are then
+    None, whatever the cut text would parse to).
 
     Left padding keeps every prompt's last token at the end of the row, which batched
     ``generate`` needs. Unless ``generate_feedback``, generation stops at the first token that
-    carries a newline and the text is cut at that newline, so only the score line is returned.
-    The default budget is ``score_line_budget`` (plus 128 tokens with feedback).
+    carries a newline and ``text`` is the score line; with it, generation runs to EOS and ``text``
+    holds the feedback too. The default budget is ``score_line_budget`` (plus 128 tokens with feedback).
     """
     if max_new_tokens is None:
         max_new_tokens = score_line_budget(tokenizer, ranges) + (128 if generate_feedback else 0)
     stop = _eos_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = _input_device(model)
-    texts: list[str] = []
+    answers: list[dict] = []
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -148,12 +134,21 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
                                      do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
                                      pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
                 new = out[:, batch["input_ids"].shape[1]:]
-                texts += tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                for row, text in zip(ended_rows(new, stop), texts):
+                    answer = line_sample(text, ranges, truncated=not (row or "\n" in text))
+                    if generate_feedback:
+                        answer["text"] = text
+                    answers.append(answer)
     finally:
         tokenizer.padding_side = saved_side
-    if not generate_feedback:
-        texts = [t.split("\n", 1)[0] for t in texts]
-    return texts
+    return answers
+
+
+def ended_rows(new_tokens: torch.Tensor, stop: Sequence[int]) -> list[bool]:
+    """Per row of generated tokens, whether it holds a stop token (else ``generate`` ran it to the
+    budget; rows that stopped early are padded after their stop token)."""
+    return torch.isin(new_tokens, torch.tensor(list(stop), device=new_tokens.device)).any(dim=1).tolist()
 
 
 # --------------------------------------------------------------------------- weighted
@@ -260,27 +255,28 @@ def _round_half_up(x: float, lo: int, hi: int) -> int:
 
 
 def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
-                  prompt_format: str = "chat", batch_size: int = 8, weighted: bool = True,
-                  generate_feedback: bool = False) -> list[dict]:
+                  prompt_format: str = "chat", max_prompt_tokens: int | None = None, batch_size: int = 8,
+                  weighted: bool = True, generate_feedback: bool = False) -> list[dict]:
     """Greedy (and weighted) predictions for every record, one dict each.
 
-    An invalid generated line scores each rubric's midpoint and is marked ``valid: False``.
+    Prompts are built as in training (``max_prompt_tokens``: the run's essay shortening). An
+    invalid or truncated generated line scores each rubric's midpoint and is marked ``valid: False``.
     The weighted prediction conditions later rubrics on the greedy scores when they are valid
     (what the model actually wrote), else on its own per-rubric argmax. Without ``weighted`` the
     weighted keys hold None.
     """
     ranges = info.ranges
-    prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format) for r in records]
-    texts = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
-                           generate_feedback=generate_feedback)
+    prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format, max_prompt_tokens) for r in records]
+    answers = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
+                             generate_feedback=generate_feedback)
     fallback = [r.midpoint for r in info.rubrics]
     predictions = []
-    for record, prompt, text in tqdm(list(zip(records, prompts, texts)), desc="weighted", unit="essay",
-                                     disable=None if weighted else True):
-        parsed = parse_score_line(text, ranges)
+    for record, prompt, answer in tqdm(list(zip(records, prompts, answers)), desc="weighted", unit="essay",
+                                       disable=None if weighted else True):
+        parsed = answer["scores"]
         pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
                 "weighted": None, "weighted_expected": None, "probabilities": None,
-                "text": text, "valid": parsed is not None}
+                "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
         if weighted:
             expected, probs = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
             pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
@@ -312,6 +308,7 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
         raise ValueError("no predictions to evaluate")
     results = {"token": _score_block(predictions, info, "greedy")}
     results["token"]["invalid"] = sum(not p["valid"] for p in predictions)
+    results["token"]["truncated"] = sum(bool(p.get("truncated")) for p in predictions)
     if all(p.get("weighted") is not None for p in predictions):
         results["weighted"] = _score_block(predictions, info, "weighted")
     return results
@@ -320,7 +317,8 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
 def format_results_table(results: dict, info: DatasetInfo) -> str:
     """Plain-text QWK table: rubrics, overall and average down, token and weighted across."""
     rows = info.rubric_names + ["overall", "average"]
-    width = max(len(r) for r in rows + ["invalid"])
+    counts = [key for key in ("invalid", "truncated") if key in results.get("token", {})]
+    width = max(len(r) for r in rows + counts)
 
     def cell(block: str, row: str) -> str:
         value = results.get(block, {}).get(row)
@@ -328,6 +326,5 @@ def format_results_table(results: dict, info: DatasetInfo) -> str:
 
     lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
     lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows]
-    if "invalid" in results.get("token", {}):
-        lines.append(f"{'invalid':<{width}}  {results['token']['invalid']:>9d}")
+    lines += [f"{key:<{width}}  {results['token'][key]:>9d}" for key in counts]
     return "\n".join(lines)

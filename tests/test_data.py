@@ -10,7 +10,8 @@ import torch
 
 from modules.data import (IGNORE_INDEX, DataError, DatasetInfo, EssayRecord, Rubric, ScoringCollator,
                           build_prompt, encode_example, load_dataset_info, load_split, load_splits,
-                          score_line, target_text)
+                          prompt_token_budget, target_text)
+from modules.score_lines import score_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RUBRICS = [{"name": "content", "min": 0, "max": 30, "description": "ideas"},
@@ -42,7 +43,7 @@ def record(i: int = 1, **overrides) -> dict:
     (json.dumps(record(2, scores={"content": 5, "style": 5})), "field 'scores.mechanics': missing"),
     (json.dumps(record(2, scores={"content": 5, "style": 5, "mechanics": 5, "voice": 2})), "field 'scores.voice': unknown rubric"),
     (json.dumps(record(2, scores={"content": 31, "style": 5, "mechanics": 5})), "field 'scores.content': score 31 outside 0-30"),
-    (json.dumps(record(2, scores={"content": 3.5, "style": 5, "mechanics": 5})), "field 'scores.content': score 3.5 is not an integer"),
+    (json.dumps(record(2, scores={"content": 3.5, "style": 5, "mechanics": 5})), "field 'scores.content': score 3.5 is not a non-negative integer"),
     (json.dumps(record(1)), "field 'id': duplicate id 'e1'"),
 ])
 def test_bad_record_names_file_line_and_field(tmp_path, line, field_text):
@@ -195,6 +196,26 @@ def test_truncation_shortens_the_essay_not_the_target(tiny_tokenizer):
     assert len(cut["input_ids"]) <= len(full["input_ids"]) // 2
     target = lambda ex: [x for x in ex["labels"] if x != IGNORE_INDEX]
     assert target(cut) == target(full)
+
+
+@pytest.mark.parametrize("tokenizer_name, max_seq_length", [("tiny_tokenizer", 160), ("llama3_style_tokenizer", 480)])
+def test_long_essay_scoring_prompt_is_the_training_prompt(request, tokenizer_name, max_seq_length):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    info, records = sample_info(), sample_records()
+    long = EssayRecord("long", "p1", " ".join([records[0].essay] * 60), records[0].scores, records[0].feedback)
+    for mtl in (False, True):
+        budget = prompt_token_budget(records, tokenizer, mtl, max_seq_length)
+        example = encode_example(long, info, tokenizer, mtl=mtl, max_seq_length=max_seq_length,
+                                 max_prompt_tokens=budget)
+        trained = [i for i, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX]
+        scored = tokenizer(build_prompt(long, info, tokenizer, mtl, max_prompt_tokens=budget),
+                           add_special_tokens=False)["input_ids"]
+        assert scored == trained and budget - 5 <= len(trained) <= budget < max_seq_length
+        whole = tokenizer(build_prompt(long, info, tokenizer, mtl), add_special_tokens=False)["input_ids"]
+        assert len(whole) > 2 * max_seq_length and whole[:20] == trained[:20]
+        # The budget comes from the training targets, not from the essay being scored.
+        assert budget == max_seq_length - max(len(tokenizer(target_text(r, mtl), add_special_tokens=False)["input_ids"]) + 1
+                                   for r in records)
 
 
 def test_collator_pads_and_masks(tiny_tokenizer):

@@ -10,8 +10,8 @@ from sklearn.metrics import cohen_kappa_score
 
 import modules.scoring as scoring
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt
-from modules.scoring import (evaluate_predictions, format_results_table, greedy_predict, parse_score_line,
-                             predict_split, stop_token_ids, weighted_predict)
+from modules.scoring import (evaluate_predictions, format_results_table, greedy_predict, predict_split,
+                             stop_token_ids, weighted_predict)
 
 RANGES = [(0, 30), (1, 9), (0, 30)]  # "1" is a prefix of "12"; the third rubric follows a "12 7 " line
 INFO = DatasetInfo((Rubric("content", 0, 30), Rubric("style", 1, 9), Rubric("mechanics", 0, 30)))
@@ -58,29 +58,6 @@ def essay(i: int, scores=(12, 7, 3)) -> EssayRecord:
     return EssayRecord(f"e{i}", "p1", f"I waited for bus {i} and read a book about patience.", tuple(scores))
 
 
-# --------------------------------------------------------------------------- parsing
-
-@pytest.mark.parametrize("text, expected", [
-    ("12 7 3", [12, 7, 3]),
-    ("12 7 3\nGood essay, 4 5 6 more numbers", [12, 7, 3]),
-    ("  0 1 30  ", [0, 1, 30]),
-    ("12 7", None),
-    ("12 7 3 4", None),
-    ("31 7 3", None),
-    ("12 0 3", None),
-    ("12 -7 3", None),
-    ("\n12 7 3", None),
-    ("", None),
-])
-def test_parse_score_line(text, expected):
-    assert parse_score_line(text, RANGES) == expected
-
-
-def test_parse_negative_numbers():
-    assert parse_score_line("-2 0 2", [(-3, 3)] * 3) == [-2, 0, 2]
-    assert parse_score_line("-4 0 2", [(-3, 3)] * 3) is None
-
-
 # --------------------------------------------------------------------------- greedy
 
 def test_stop_token_ids(tiny, llama3_style_tokenizer):
@@ -114,8 +91,8 @@ def test_greedy_matches_manual_loop_and_unbatched(tiny):
     assert tok.padding_side == side
     single = [greedy_predict(model, tok, [p], RANGES, batch_size=1, max_new_tokens=10)[0] for p in prompts]
     assert batched == single
-    assert batched[0] == manual_greedy(model, tok, prompts[0], 10, stop_token_ids(tok))
-    assert all(isinstance(t, str) and "\n" not in t for t in batched)
+    assert batched[0]["text"] == manual_greedy(model, tok, prompts[0], 10, stop_token_ids(tok))
+    assert all(isinstance(a["text"], str) and "\n" not in a["text"] for a in batched)
 
 
 def test_greedy_stops_at_newline_unless_feedback(tiny):
@@ -134,10 +111,10 @@ def test_greedy_stops_at_newline_unless_feedback(tiny):
     prompt = build_prompt(essay(1), INFO, tok)
     handle = model.get_output_embeddings().register_forward_hook(force_newline)
     try:
-        short = greedy_predict(model, tok, [prompt], RANGES, max_new_tokens=20)[0]
+        short = greedy_predict(model, tok, [prompt], RANGES, max_new_tokens=20)[0]["text"]
         steps_short = len(calls)
         calls.clear()
-        long = greedy_predict(model, tok, [prompt], RANGES, max_new_tokens=20, generate_feedback=True)[0]
+        long = greedy_predict(model, tok, [prompt], RANGES, max_new_tokens=20, generate_feedback=True)[0]["text"]
     finally:
         handle.remove()
     assert steps_short == 4  # prefill + 3 tokens + the newline step, then stop
@@ -210,7 +187,7 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
 
 # --------------------------------------------------------------------------- splits and evaluation
 
-KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "text", "valid"}
+KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "text", "valid", "truncated"}
 
 
 def test_predict_split_keys(tiny):
@@ -234,7 +211,9 @@ def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
     info = DatasetInfo((Rubric("content", 1, 6), Rubric("style", 1, 4)))
     records = [essay(i, scores=(3, 2)) for i in range(3)]
     seen = []
-    monkeypatch.setattr(scoring, "greedy_predict", lambda *a, **k: ["5 1", "7 1", "2 4\nNice."])
+    answers = [{"text": "5 1", "scores": [5, 1]}, {"text": "7 1", "scores": None},
+               {"text": "2 4\nNice.", "scores": [2, 4]}]
+    monkeypatch.setattr(scoring, "greedy_predict", lambda *a, **k: answers)
     monkeypatch.setattr(scoring, "weighted_predict",
                         lambda m, t, prompt, ranges, prefix_scores=None: (
                             seen.append(prefix_scores) or ([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4])))
@@ -253,7 +232,7 @@ def test_evaluate_predictions_matches_sklearn():
     greedy = np.clip(gold + rng.integers(-3, 4, gold.shape), [0, 1, 0], [30, 9, 30])
     weighted = np.clip(gold + rng.integers(-1, 2, gold.shape), [0, 1, 0], [30, 9, 30])
     preds = [{"id": str(i), "gold": gold[i].tolist(), "greedy": greedy[i].tolist(), "weighted": weighted[i].tolist(),
-              "valid": i % 7 != 0} for i in range(n)]
+              "valid": i % 7 != 0, "truncated": i % 14 == 0} for i in range(n)]
     results = evaluate_predictions(preds, INFO)
     for block, pred in (("token", greedy), ("weighted", weighted)):
         rubric_qwks = []
@@ -265,8 +244,10 @@ def test_evaluate_predictions_matches_sklearn():
         assert results[block]["overall"] == pytest.approx(pooled, abs=1e-9)
         assert results[block]["average"] == pytest.approx(np.mean(rubric_qwks), abs=1e-9)
     assert results["token"]["invalid"] == sum(i % 7 == 0 for i in range(n))
+    assert results["token"]["truncated"] == sum(i % 14 == 0 for i in range(n)) == 3
     assert "invalid" not in results["weighted"]
     table = format_results_table(results, INFO)
     lines = table.splitlines()
+    assert lines[-2].split() == ["invalid", "6"] and lines[-1].split() == ["truncated", "3"]
     assert [line.split()[0] for line in lines[1:6]] == ["content", "style", "mechanics", "overall", "average"]
     assert f"{results['weighted']['overall']:.4f}" in lines[4]

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from modules.score_lines import score_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 PNGS = ("overall_qwk_vs_m.png", "average_qwk_vs_m.png", "per_rubric_qwk_vs_m.png")
@@ -37,7 +39,8 @@ def setup(tmp_path_factory) -> SimpleNamespace:
     model, _ = load_base_model("tiny-random-llama")
     add_lora(model, r=2, alpha=4, dropout=0.0).save_pretrained(adapter)
     (adapter / "run_manifest.json").write_text(json.dumps(
-        {"config": {"mtl": False, "prompt_format": "chat", "base_model_name": "tiny-random-llama"}}))
+        {"config": {"mtl": False, "prompt_format": "chat", "base_model_name": "tiny-random-llama"},
+         "max_prompt_tokens": 1000}))
     rubrics = [r["name"] for r in json.loads((DATA / "dataset.json").read_text())["rubrics"]]
     table = {name: 0.1 * (i % 5) for i, name in enumerate(rubrics)}
     (adapter / "evaluation_results.json").write_text(json.dumps(
@@ -212,7 +215,8 @@ def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     bank = tmp_path / "samples.jsonl"
     with bank.open("w") as handle:
         for i in (3, 1, 0, 2):  # line order must not matter
-            drawn = [{"text": "", "scores": None if s[0] == INVALID else s.tolist()} for s in samples[i]]
+            drawn = [{"text": "no score" if s[0] == INVALID else score_line(s), "scores": None if s[0] == INVALID
+                      else s.tolist()} for s in samples[i]]
             handle.write(json.dumps({"id": setup.ids[i], "gold": gold[i].tolist(), "samples": drawn,
                                      "invalid": sum(d["scores"] is None for d in drawn)}) + "\n")
         handle.write('{"id": "torn')
@@ -294,7 +298,47 @@ def test_generate_sampler_parses_the_score_line(adapter_model):
     [out] = generate_sample(Scripted(), tokenizer, ["Score: "], [(1, 9)] * 8, max_m=3, chunk_m=3, temperature=1.0,
                             top_k=9, max_new_tokens=32, generator_seeds=[0])
     assert out[0] == {"text": "3 4 5 6 7 8 9 1", "scores": [3, 4, 5, 6, 7, 8, 9, 1]}
-    assert [o["scores"] for o in out[1:]] == [None, None]  # too few scores; 10 out of range
+    # Too few scores (and no line end: cut by the budget); 10 out of range (also never ended).
+    assert [o["scores"] for o in out[1:]] == [None, None]
+
+
+def test_samples_cut_by_the_budget_are_invalid_and_flagged(adapter_model):
+    from modules.sampling import SAMPLERS
+    from modules.scoring import greedy_predict, stop_token_ids
+
+    model, tokenizer = adapter_model
+    stops = stop_token_ids(tokenizer, model)
+
+    def no_line_end(module, args, output):  # the answer can never end: every sample hits the budget
+        output = output.clone()
+        output[..., stops] = -1e4
+        return output
+
+    ranges = [(1, 9)] * 8
+    handle = model.get_output_embeddings().register_forward_hook(no_line_end)
+    try:
+        banks = {name: sampler(model, tokenizer, TRIE_PROMPTS[:2], ranges, generator_seeds=[0, 1], max_m=8, chunk_m=4,
+                               temperature=1.0, top_k=9, max_new_tokens=5) for name, sampler in SAMPLERS.items()}
+        greedy = greedy_predict(model, tokenizer, TRIE_PROMPTS[:2], ranges, max_new_tokens=5)
+    finally:
+        handle.remove()
+    for bank in banks.values():
+        samples = [s for essay in bank for s in essay]
+        assert len(samples) == 16 and all(s["truncated"] is True and s["scores"] is None for s in samples)
+    assert all(a["truncated"] is True and a["scores"] is None for a in greedy)
+
+    def line_end_now(module, args, output):  # every answer ends at its first token: none is cut
+        output = output.clone()
+        output[..., stops] = 1e4
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(line_end_now)
+    try:
+        ended = SAMPLERS["trie"](model, tokenizer, TRIE_PROMPTS[:1], ranges, generator_seeds=[0], max_m=8,
+                                 temperature=1.0, top_k=9, max_new_tokens=5)[0]
+    finally:
+        handle.remove()
+    assert len(ended) == 8 and not any("truncated" in s for s in ended)
 
 
 # --------------------------------------------------------------------------- the trie sampler
@@ -353,7 +397,7 @@ def test_trie_sampler_with_top_k_1_is_greedy(adapter_model):
     greedy = greedy_predict(model, tokenizer, TRIE_PROMPTS, ranges, max_new_tokens=8)
     bank = trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[0, 1, 2], max_m=5,
                        temperature=0.7, top_k=1, max_new_tokens=8)
-    assert [[s["text"] for s in essay] for essay in bank] == [[g] * 5 for g in greedy]
+    assert bank == [[g] * 5 for g in greedy]
 
 
 def test_trie_sampler_is_seeded_and_independent_of_its_batch(adapter_model):
@@ -408,6 +452,7 @@ def test_trie_sampler_matches_greedy_on_smollm2_when_essays_stop_at_different_de
     greedy = greedy_predict(model, tokenizer, prompts, ranges, max_new_tokens=12)
     bank = trie_sample(model, tokenizer, prompts, ranges, generator_seeds=[0, 1, 2], max_m=4, temperature=0.7,
                        top_k=1, max_new_tokens=12)
-    lengths = [len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in greedy]
+    lengths = [len(tokenizer(g["text"], add_special_tokens=False)["input_ids"]) for g in greedy]
     assert min(lengths) < 9 and max(lengths) == 12  # the batch really shrinks mid-way
-    assert [[s["text"] for s in essay] for essay in bank] == [[g] * 4 for g in greedy]
+    assert bank == [[g] * 4 for g in greedy]  # same text, scores and truncation flag
+    assert [g.get("truncated", False) for g in greedy] == [n == 12 for n in lengths]
