@@ -68,6 +68,13 @@ def _may_write_line(text: str) -> bool:
 
 # --------------------------------------------------------------------------- the automaton
 
+def max_line_tokens(ranges: Sequence[tuple[int, int]]) -> int:
+    """The most tokens a constrained line can take, its end included, whatever the tokenizer:
+    every allowed token but EOS writes at least one character of the longest line,
+    ``" " + widest numbers + separators + "\\n"``. A budget this large never cuts a constrained line."""
+    return 1 + sum(len(str(hi)) for _, hi in ranges) + len(ranges) - 1 + 1
+
+
 def _number_prefixes(lo: int, hi: int) -> set[str]:
     """Every non-empty prefix of the canonical text of a number in lo..hi."""
     return {str(v)[:i] for v in range(lo, hi + 1) for i in range(1, len(str(v)) + 1)}
@@ -169,12 +176,6 @@ class ScoreLineConstraint:
         return mask
 
     # ---- public
-
-    @property
-    def max_line_tokens(self) -> int:
-        """The most tokens a constrained line can take, its end included: every token but EOS
-        writes at least one character of ``" " + widest numbers + separators + "\\n"``."""
-        return 1 + sum(len(str(hi)) for _, hi in self.ranges) + len(self.ranges) - 1 + 1
 
     def advance(self, state: int, token: int) -> int:
         """The state after ``token``; DEAD when the token was not allowed (ACCEPT stays ACCEPT)."""

@@ -15,7 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
+from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
 from modules.data import DatasetInfo, EssayRecord, build_prompt
 from modules.score_lines import line_sample, score_line
 from modules.voting import qwk
@@ -63,7 +65,7 @@ def _vocab_info(tokenizer) -> _VocabInfo:
     return info
 
 
-def _eos_ids(tokenizer, model=None) -> list[int]:
+def eos_token_ids(tokenizer, model=None) -> list[int]:
     """EOS of the tokenizer plus the model's generation-config EOS ids (chat end-of-turn tokens)."""
     ids = [tokenizer.eos_token_id]
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -75,7 +77,13 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     """EOS id(s) (the model's too, when given) and every token whose text contains a newline:
     generation stops at the end of the score line, whichever token carries the newline
     (``"\\n"``, ``".\\n\\n"``, ``"<0x0A>"``)."""
-    return list(dict.fromkeys(_eos_ids(tokenizer, model) + _vocab_info(tokenizer).newline_ids))
+    return list(dict.fromkeys(eos_token_ids(tokenizer, model) + _vocab_info(tokenizer).newline_ids))
+
+
+def line_constraint(tokenizer, ranges: Sequence[tuple[int, int]], model=None) -> ScoreLineConstraint:
+    """The ``--constrained`` automaton for this tokenizer and these rubrics; the line ends at a
+    newline or at any EOS id of :func:`eos_token_ids` (the model's own included), as generation does."""
+    return score_line_constraint(tokenizer, ranges, eos_token_ids(tokenizer, model))
 
 
 # --------------------------------------------------------------------------- greedy
@@ -98,16 +106,22 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
-def score_line_budget(tokenizer, ranges: Sequence[tuple[int, int]]) -> int:
+def score_line_budget(tokenizer, ranges: Sequence[tuple[int, int]], constrained: bool = False) -> int:
     """Tokens a valid score line can take: each rubric's widest number plus its separator, plus
-    the newline. An untrained model that never closes the line then costs no more than that."""
+    the newline. An untrained model that never closes the line then costs no more than that.
+
+    With ``constrained`` decoding, at least :func:`~modules.constrained.max_line_tokens`: the
+    constraint may let a number through as several tokens ("1" "0" "0" where the tokenizer writes
+    "100"), and a constrained line must never be cut by the budget.
+    """
     widest = [max(len(tokenizer(str(v), add_special_tokens=False)["input_ids"]) for v in (lo, hi)) for lo, hi in ranges]
-    return sum(widest) + len(ranges) + 1
+    budget = sum(widest) + len(ranges) + 1
+    return max(budget, max_line_tokens(ranges)) if constrained else budget
 
 
 def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
                    batch_size: int = 8, max_new_tokens: int | None = None,
-                   generate_feedback: bool = False) -> list[dict]:
+                   generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
     """Greedy answers to ``prompts`` in batches, each as a sample: ``{"text", "scores"}`` plus
     ``"truncated": True`` when the budget ran out before the score line ended (its scores are then
     None, whatever the cut text would parse to).
@@ -116,10 +130,14 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
     ``generate`` needs. Unless ``generate_feedback``, generation stops at the first token that
     carries a newline and ``text`` is the score line; with it, generation runs to EOS and ``text``
     holds the feedback too. The default budget is ``score_line_budget`` (plus 128 tokens with feedback).
+    ``constrained``: every step is restricted to tokens that keep the answer a prefix of a valid
+    score line (:mod:`modules.constrained`), so the argmax is over those; the feedback after the
+    line is free.
     """
     if max_new_tokens is None:
-        max_new_tokens = score_line_budget(tokenizer, ranges) + (128 if generate_feedback else 0)
-    stop = _eos_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
+        max_new_tokens = score_line_budget(tokenizer, ranges, constrained) + (128 if generate_feedback else 0)
+    constraint = line_constraint(tokenizer, ranges, model) if constrained else None
+    stop = eos_token_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = _input_device(model)
     answers: list[dict] = []
@@ -130,9 +148,13 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
             for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", disable=None):
                 batch = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
                                   return_tensors="pt").to(device)
+                # A processor per batch: it tracks the rows' states from this batch's prompt width on.
+                processors = LogitsProcessorList(
+                    [ScoreLineLogitsProcessor(constraint, batch["input_ids"].shape[1])] if constraint else [])
                 out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                     pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+                                     pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
+                                     logits_processor=processors)
                 new = out[:, batch["input_ids"].shape[1]:]
                 texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 for row, text in zip(ended_rows(new, stop), texts):
@@ -256,19 +278,20 @@ def _round_half_up(x: float, lo: int, hi: int) -> int:
 
 def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
                   prompt_format: str = "chat", max_prompt_tokens: int | None = None, batch_size: int = 8,
-                  weighted: bool = True, generate_feedback: bool = False) -> list[dict]:
+                  weighted: bool = True, generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
     """Greedy (and weighted) predictions for every record, one dict each.
 
     Prompts are built as in training (``max_prompt_tokens``: the run's essay shortening). An
     invalid or truncated generated line scores each rubric's midpoint and is marked ``valid: False``.
     The weighted prediction conditions later rubrics on the greedy scores when they are valid
     (what the model actually wrote), else on its own per-rubric argmax. Without ``weighted`` the
-    weighted keys hold None.
+    weighted keys hold None. ``constrained``: greedy decoding restricted to valid score lines
+    (``--constrained``); the weighted prediction is unchanged (it already only weighs valid values).
     """
     ranges = info.ranges
     prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format, max_prompt_tokens) for r in records]
     answers = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
-                             generate_feedback=generate_feedback)
+                             generate_feedback=generate_feedback, constrained=constrained)
     fallback = [r.midpoint for r in info.rubrics]
     predictions = []
     for record, prompt, answer in tqdm(list(zip(records, prompts, answers)), desc="weighted", unit="essay",
@@ -314,8 +337,9 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     return results
 
 
-def format_results_table(results: dict, info: DatasetInfo) -> str:
-    """Plain-text QWK table: rubrics, overall and average down, token and weighted across."""
+def format_results_table(results: dict, info: DatasetInfo, constrained: bool = False) -> str:
+    """Plain-text QWK table: rubrics, overall and average down, token and weighted across, then
+    the invalid and truncated counts and the decoding mode that produced the greedy answers."""
     rows = info.rubric_names + ["overall", "average"]
     counts = [key for key in ("invalid", "truncated") if key in results.get("token", {})]
     width = max(len(r) for r in rows + counts)
@@ -327,4 +351,10 @@ def format_results_table(results: dict, info: DatasetInfo) -> str:
     lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
     lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows]
     lines += [f"{key:<{width}}  {results['token'][key]:>9d}" for key in counts]
+    lines.append(f"decoding: {decoding_mode(constrained)}")
     return "\n".join(lines)
+
+
+def decoding_mode(constrained: bool) -> str:
+    """How a results table names its decoding: ``constrained`` (``--constrained``) or ``unconstrained``."""
+    return "constrained" if constrained else "unconstrained"

@@ -122,6 +122,23 @@ def test_greedy_stops_at_newline_unless_feedback(tiny):
     assert long.startswith(short + "\n") and len(long) > len(short) + 1
 
 
+def test_constrained_greedy_writes_valid_lines_with_multi_digit_tokens(llama3_tiny):
+    from modules.score_lines import parse_score_line
+
+    # A random model with Llama-3 number tokens ("12", "25"): unconstrained, its greedy answers are
+    # not score lines; constrained, every one is, and with feedback the text after it is free.
+    model, tok = llama3_tiny
+    prompts = [build_prompt(essay(i), INFO, tok) for i in range(4)]
+    free = greedy_predict(model, tok, prompts, RANGES, batch_size=2)
+    assert not any(a["scores"] for a in free)
+    answers = greedy_predict(model, tok, prompts, RANGES, batch_size=2, constrained=True)
+    assert all(a["scores"] == parse_score_line(a["text"], RANGES) is not None for a in answers), answers
+    assert all(a["scores"] is not None and "truncated" not in a for a in answers), answers
+    with_feedback = greedy_predict(model, tok, prompts, RANGES, batch_size=2, constrained=True, generate_feedback=True)
+    assert [a["scores"] for a in with_feedback] == [a["scores"] for a in answers]
+    assert any("\n" in a["text"] and a["text"].split("\n", 1)[1] for a in with_feedback)
+
+
 # --------------------------------------------------------------------------- weighted
 
 def test_number_continuation_rule():
@@ -248,6 +265,8 @@ def test_evaluate_predictions_matches_sklearn():
     assert "invalid" not in results["weighted"]
     table = format_results_table(results, INFO)
     lines = table.splitlines()
-    assert lines[-2].split() == ["invalid", "6"] and lines[-1].split() == ["truncated", "3"]
+    assert lines[-3].split() == ["invalid", "6"] and lines[-2].split() == ["truncated", "3"]
+    assert lines[-1] == "decoding: unconstrained"
+    assert format_results_table(results, INFO, constrained=True).splitlines()[-1] == "decoding: constrained"
     assert [line.split()[0] for line in lines[1:6]] == ["content", "style", "mechanics", "overall", "average"]
     assert f"{results['weighted']['overall']:.4f}" in lines[4]
