@@ -32,7 +32,11 @@ BANK, CONFIG = "samples.jsonl", "run_config.json"
 PARTIAL_BANK = "samples.rank{rank}.jsonl"  # one per process of a multi-process run, merged into BANK
 # The flags that decide which samples get drawn: a resumed run must use the same ones.
 SAMPLING_KEYS = ("adapter_dir", "base_model_name", "test_path", "max_m", "chunk_m", "temperature", "top_k",
-                 "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format", "max_prompt_tokens")
+                 "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format", "max_prompt_tokens",
+                 "constrained")
+# Sampling flags added after runs were first written, with the value an older run_config.json that
+# lacks them was drawn with; resuming such a run compares against that value.
+LATER_SAMPLING_DEFAULTS = {"constrained": False}
 ANALYSIS_DEFAULTS = {"fallback_score": None, "bootstrap": 200, "seed": 42, "baselines_json": None, "limit": None}
 DRY_RUN_LINES = 40
 
@@ -88,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                "tokenizer and these rubrics); a sample cut by it is invalid")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=next(iter(SAMPLERS)),
                           help="trie: exact and fast (default); generate: the original's HF generate loop")
+    sampling.add_argument("--constrained", action="store_true",
+                          help="allow only tokens that keep each sample a prefix of a valid score line "
+                               "(the model's distribution restricted and renormalised, then the warpers)")
     sampling.add_argument("--essay_batch", type=int, default=8,
                           help="essays sampled together (trie sampler); lower it when memory is short")
     sampling.add_argument("--output_root", default="./consistency_results")
@@ -201,6 +208,8 @@ def make_title(config_args: dict, m: int) -> str:
         parts.append(f"{Path(config_args['adapter_dir']).name} on {config_args.get('base_model_name', '?')}")
     parts += [f"{label}={config_args[key]}" for key, label in (("temperature", "T"), ("top_k", "top_k"), ("top_p", "top_p"))
               if config_args.get(key) is not None]
+    if config_args.get("constrained"):
+        parts.append("constrained")
     return ", ".join(parts + [f"max m={m}"])
 
 
@@ -263,7 +272,8 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
     return curves, best
 
 
-def print_summary(curves: dict, best: dict, out_dir: Path) -> None:
+def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> None:
+    """The results table of a run: best QWKs per vote, invalid samples, and the decoding mode."""
     print(f"overall QWK ({curves['n_essays']} essays, m = 1..{curves['ms'][-1]}):")
     for vote, label in (("avg", "average vote"), ("maj", "majority vote")):
         b = best[vote]
@@ -271,10 +281,13 @@ def print_summary(curves: dict, best: dict, out_dir: Path) -> None:
               f"   m={b['max_m']['m']} {b['max_m']['overall']:.4f}")
     print(f"invalid samples: {curves['invalid_samples']} ({100 * curves['invalid_rate']:.1f}%), "
           f"{curves.get('truncated_samples', 0)} of them cut by the token budget")
+    print(f"decoding: {decoding}")
     print(f"outputs: {out_dir}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from modules.scoring import decoding_mode
+
     bank = Path(args.bank_path)
     config_path = bank.parent / CONFIG
     saved = read_json(config_path).get("args", {}) if config_path.is_file() else {}
@@ -290,7 +303,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     curves, best = analyze_bank(bank, args.test_path, records, info, out_dir, fallback=fallback,
                                 n_bootstrap=opts["bootstrap"], seed=opts["seed"],
                                 baselines=load_baselines(baselines_path), config_args=saved)
-    print_summary(curves, best, out_dir)
+    # A run_config.json without the flag is from before it existed: those runs were unconstrained.
+    decoding = (decoding_mode(saved.get("constrained", False)) if config_path.is_file()
+                else f"unknown (no {CONFIG} beside the bank)")
+    print_summary(curves, best, out_dir, decoding)
     return 0
 
 
@@ -358,7 +374,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from modules.data import DataError, build_prompt, write_json_atomic
     from modules.models import load_adapter
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
-    from modules.scoring import score_line_budget
+    from modules.scoring import decoding_mode, score_line_budget
 
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
     # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and
@@ -385,10 +401,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.resume:
             saved = read_json(out_dir / CONFIG)
             before = saved.get("args", {})
-            diffs = [k for k in SAMPLING_KEYS if before.get(k) != resolved[k]]
+            used = {k: before.get(k, LATER_SAMPLING_DEFAULTS.get(k)) for k in SAMPLING_KEYS}
+            diffs = [k for k in SAMPLING_KEYS if used[k] != resolved[k]]
             if diffs:
                 raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
-                    f"{k} {resolved[k]!r} (run used {before.get(k)!r})" for k in diffs))
+                    f"{k} {resolved[k]!r} (run used {used[k]!r})" for k in diffs))
             # Done: every essay in the merged bank or in any process's partial bank (a killed run may have
             # had another number of processes). Each process cuts a torn last line off its own bank only.
             for bank in bank_files(out_dir):
@@ -410,7 +427,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if error:
         return stop(error)
     param = next(model.parameters())
-    token_budget = args.max_new_tokens or score_line_budget(tokenizer, info.ranges)
+    token_budget = args.max_new_tokens or score_line_budget(tokenizer, info.ranges, args.constrained)
 
     if args.dry_run:
         if not dist.is_main():
@@ -418,7 +435,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompt = build_prompt(records[0], info, tokenizer, mtl, prompt_format, max_prompt_tokens)
         n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         print(f"dry run: {len(records)} essays, {len(info.rubrics)} rubrics, mtl={mtl}, prompt_format={prompt_format} "
-              f"({prompt_source}), sampler={args.sampler}, token budget {token_budget}, {param.device}, {param.dtype}")
+              f"({prompt_source}), sampler={args.sampler}, {decoding_mode(args.constrained)} decoding, "
+              f"token budget {token_budget}, {param.device}, {param.dtype}")
         print(f"--- prompt of essay {records[0].id} ({n_tokens} tokens) ---")
         lines = prompt.splitlines()
         print("\n".join(lines[:DRY_RUN_LINES]))
@@ -461,7 +479,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     todo = dist.shard([(i, r) for i, r in enumerate(records) if r.id not in done])
     sampler = SAMPLERS[args.sampler]
     sample_args = dict(max_m=args.max_m, chunk_m=args.chunk_m, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, max_new_tokens=token_budget)
+                       top_p=args.top_p, max_new_tokens=token_budget, constrained=args.constrained)
 
     from tqdm.auto import tqdm
 
@@ -500,7 +518,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     curves, best = analyze_bank(bank, args.test_path, records, info, out_dir, fallback=fallback,
                                 n_bootstrap=args.bootstrap, seed=args.seed,
                                 baselines=load_baselines(baselines_path), config_args=resolved)
-    print_summary(curves, best, out_dir)
+    print_summary(curves, best, out_dir, decoding_mode(args.constrained))
     return 0
 
 

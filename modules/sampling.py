@@ -28,7 +28,8 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from modules.data import DataError
 from modules.score_lines import line_sample, parse_score_line
-from modules.scoring import _EvalMode, _input_device, ended_rows, stop_token_ids
+from modules.constrained import START, ScoreLineLogitsProcessor
+from modules.scoring import _EvalMode, _input_device, ended_rows, line_constraint, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ Sample = dict  # {"text": str, "scores": list[int] | None}
 
 def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                     generator_seeds: Sequence[int], max_m: int, chunk_m: int, temperature: float, top_k: int,
-                    top_p: float | None = None, max_new_tokens: int) -> list[list[Sample]]:
+                    top_p: float | None = None, max_new_tokens: int,
+                    constrained: bool = False) -> list[list[Sample]]:
     """The original tool's sampler: per prompt, HF ``generate`` with ``num_return_sequences=chunk_m``,
     repeated until ``max_m``; prompt e is seeded with ``torch.manual_seed(generator_seeds[e])``.
 
@@ -46,18 +48,22 @@ def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[t
     carries a newline) or at EOS; the text is cut at the first newline, so what is stored is
     the score line the sample was parsed from. ``top_p=None`` is not passed to ``generate``
     at all, so the model's own generation config applies, as it did in the original (passing
-    ``None`` would switch a configured nucleus filter off).
+    ``None`` would switch a configured nucleus filter off). ``constrained``: a
+    :class:`~modules.constrained.ScoreLineLogitsProcessor` restricts every step to tokens that keep
+    the answer a prefix of a valid score line; ``generate`` runs it before its warpers, so the
+    distribution is the model's restricted and renormalised, then warped.
     """
     if len(generator_seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generator_seeds)} generator seeds")
     return [_generate_one(model, tokenizer, prompt, ranges, generator_seed=seed, max_m=max_m, chunk_m=chunk_m,
-                          temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+                          temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                          constrained=constrained)
             for prompt, seed in zip(prompts, generator_seeds)]
 
 
 def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]], *, generator_seed: int,
                   max_m: int, chunk_m: int, temperature: float, top_k: int, top_p: float | None,
-                  max_new_tokens: int) -> list[Sample]:
+                  max_new_tokens: int, constrained: bool) -> list[Sample]:
     if max_m < 1 or chunk_m < 1:
         raise ValueError(f"max_m and chunk_m must be >= 1, got {max_m} and {chunk_m}")
     stop = stop_token_ids(tokenizer, model)
@@ -65,6 +71,7 @@ def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int
     device = _input_device(model)
     enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
     extra = {} if top_p is None else {"top_p": top_p}
+    constraint = line_constraint(tokenizer, ranges, model) if constrained else None
     training = getattr(model, "training", False)
     if training:
         model.eval()
@@ -74,9 +81,13 @@ def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int
         with torch.inference_mode():
             while len(samples) < max_m:
                 n = min(chunk_m, max_m - len(samples))
+                # A fresh processor per call: it tracks each row's state from the prompt's end on.
+                processors = LogitsProcessorList(
+                    [ScoreLineLogitsProcessor(constraint, enc["input_ids"].shape[1])] if constraint else [])
                 out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                      do_sample=True, num_return_sequences=n, temperature=temperature, top_k=top_k,
-                                     max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, **extra)
+                                     max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id,
+                                     logits_processor=processors, **extra)
                 new = out[:, enc["input_ids"].shape[1]:]
                 texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 samples += [line_sample(text, ranges, truncated=not ended)
@@ -136,7 +147,8 @@ def _tree_attention_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                 generator_seeds: Sequence[int], max_m: int, temperature: float, top_k: int,
-                top_p: float | None = None, max_new_tokens: int, chunk_m: int | None = None) -> list[list[Sample]]:
+                top_p: float | None = None, max_new_tokens: int, chunk_m: int | None = None,
+                constrained: bool = False) -> list[list[Sample]]:
     """``max_m`` samples for each prompt, from the distribution of :func:`generate_sample`.
 
     Exactness: a sample is a chain of draws ``t_i ~ q(. | prompt, t_<i)`` with ``q`` the model's
@@ -159,6 +171,10 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
     batched matmuls, which can only matter for a draw within ~1e-7 of a bucket edge).
     ``chunk_m`` is accepted for the samplers' common signature and has no effect: all ``max_m``
     samples of an essay share one trie.
+
+    ``constrained``: each trie node carries its state in the score-line automaton, and its logits
+    are masked to the tokens that state allows before the warpers (restrict, renormalise, warp), as
+    :func:`generate_sample`'s logits processor does; a child's state follows from its token.
     """
     if max_m < 1 or max_new_tokens < 1:
         raise ValueError(f"max_m and max_new_tokens must be >= 1, got {max_m} and {max_new_tokens}")
@@ -171,6 +187,7 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
         raise ValueError(f"the trie sampler needs sdpa or eager attention (custom 4D masks), the model uses "
                          f"{attention!r}: use --sampler generate")
     processors = sampling_processors(model, temperature, top_k, top_p)
+    constraint = line_constraint(tokenizer, ranges, model) if constrained else None
     stop = set(stop_token_ids(tokenizer, model))
     device = _input_device(model)
     dtype = model.get_input_embeddings().weight.dtype
@@ -189,9 +206,11 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
         seen[row, width - len(ids):] = True
     positions = (seen.long().cumsum(-1) - 1).clamp(min=0)
 
-    # Live trie nodes: (essay, samples passing through, path); seen[n] = the cache slots node n
-    # attends to (its prompt and its ancestors); rows[b] = the essay of cache batch row b.
-    live: list[tuple[int, int, tuple[int, ...]]] = [(e, max_m, ()) for e in range(len(prompts))]
+    # Live trie nodes: (essay, samples passing through, path, automaton state or None when
+    # unconstrained); seen[n] = the cache slots node n attends to (its prompt and its ancestors);
+    # rows[b] = the essay of cache batch row b.
+    root = START if constraint else None
+    live: list[tuple[int, int, tuple[int, ...], int | None]] = [(e, max_m, (), root) for e in range(len(prompts))]
     rows = list(range(len(prompts)))
     ended: list[list[tuple[tuple[int, ...], int]]] = [[] for _ in prompts]  # (path, count) per essay
     with _EvalMode(model), torch.inference_mode():
@@ -199,20 +218,24 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
                     logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1]
         for depth in range(max_new_tokens):
-            probs = torch.softmax(processors(input_ids[:, :0], logits.float()), dim=-1).cpu()
+            logits = logits.float()
+            if constraint:
+                logits = constraint.mask_logits(logits, [state for *_, state in live])
+            probs = torch.softmax(processors(input_ids[:, :0], logits), dim=-1).cpu()
             grown, parents = [], []
-            for node, (essay, count, path) in enumerate(live):
+            for node, (essay, count, path, state) in enumerate(live):
                 draws = torch.multinomial(probs[node], count, replacement=True, generator=generators[essay])
                 tokens, counts = torch.unique(draws, return_counts=True)
                 for token, n in zip(tokens.tolist(), counts.tolist()):
                     if token in stop or depth + 1 == max_new_tokens:
                         ended[essay].append((path + (token,), n))
                     else:
-                        grown.append((essay, n, path + (token,)))
+                        child = constraint.advance(state, token) if constraint else None
+                        grown.append((essay, n, path + (token,), child))
                         parents.append(node)
             if not grown:
                 break
-            active = sorted({essay for essay, _, _ in grown})
+            active = sorted({essay for essay, *_ in grown})
             if active != rows:  # essays whose samples all ended leave the batch
                 cache.batch_select_indices(torch.tensor([rows.index(e) for e in active], device=device))
                 rows = active
@@ -220,7 +243,7 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
             # nodes get padding queries that see only themselves (a fully masked row would be NaN).
             slot = {e: 0 for e in rows}
             where = []
-            for essay, _, _ in grown:
+            for essay, *_ in grown:
                 where.append((rows.index(essay), slot[essay]))
                 slot[essay] += 1
             queries = max(slot.values())
@@ -234,9 +257,9 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
             visible[:, torch.arange(queries), base + torch.arange(queries)] = True
             visible[b_idx, j_idx] = seen
             step_ids = torch.zeros((len(rows), queries), dtype=torch.long, device=device)
-            step_ids[b_idx, j_idx] = torch.tensor([path[-1] for _, _, path in grown], device=device)
+            step_ids[b_idx, j_idx] = torch.tensor([path[-1] for _, _, path, _ in grown], device=device)
             step_positions = torch.zeros_like(step_ids)
-            step_positions[b_idx, j_idx] = torch.tensor([lengths[e] + depth for e, _, _ in grown], device=device)
+            step_positions[b_idx, j_idx] = torch.tensor([lengths[e] + depth for e, *_ in grown], device=device)
             out = model(input_ids=step_ids, attention_mask=_tree_attention_mask(visible, dtype),
                         position_ids=step_positions, cache=cache, use_cache=True)
             cache, logits, live = out.cache, out.logits[b_idx, j_idx], grown

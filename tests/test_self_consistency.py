@@ -67,6 +67,7 @@ def run_dir(setup) -> Path:
     folders = list((setup.root / "results").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("e2e_"), folders
     assert "overall QWK" in result.stdout and str(folders[0]) in result.stdout
+    assert "decoding: unconstrained" in result.stdout
     return folders[0]
 
 
@@ -144,6 +145,35 @@ def test_killed_sample_resumes_to_the_same_bank(setup, run_dir, tmp_path):
     # Same seed and settings: the resumed bank is the uninterrupted run's bank, line for line.
     assert bank.read_text(encoding="utf-8") == (run_dir / "samples.jsonl").read_text(encoding="utf-8")
     assert len(json.loads((out / "run_config.json").read_text())["resumes"]) == 1
+
+
+def test_constrained_run_records_the_flag_and_resumes_only_constrained(setup, run_dir, tmp_path, capsys):
+    import self_consistency
+
+    out = tmp_path / "constrained"
+    result = run_cli("run", *sample_flags(setup, "--output_dir", str(out), "--constrained", "--temperature", "1.5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "decoding: constrained" in result.stdout
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["args"]["constrained"] is True
+    # The untrained adapter's answers are all valid score lines, never cut by the default budget.
+    samples = [s for row in read_bank(out / "samples.jsonl") for s in row["samples"]]
+    assert len(samples) == 24 and all(s["scores"] is not None and "truncated" not in s for s in samples)
+    analyzed = run_cli("analyze", "--bank_path", str(out / "samples.jsonl"), "--test_path", str(setup.test))
+    assert analyzed.returncode == 0 and "decoding: constrained" in analyzed.stdout, analyzed.stderr[-3000:]
+
+    # Resuming must keep the mode: checked before any model load.
+    assert self_consistency.main(["sample", *sample_flags(setup, "--output_dir", str(out), "--resume"),
+                                  "--base_model_name", "no-such/model"]) == 2
+    assert "constrained False (run used True)" in capsys.readouterr().err
+    # A run_config.json from before the flag existed was unconstrained, and resumes as such.
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    config = json.loads((old / "run_config.json").read_text())
+    del config["args"]["constrained"]
+    (old / "run_config.json").write_text(json.dumps(config))
+    assert self_consistency.main(["sample", *sample_flags(setup, "--output_dir", str(old), "--resume")]) == 0
+    assert "4 of 4 essays already sampled" in capsys.readouterr().out
 
 
 def test_mismatched_base_model_is_one_line(setup):
@@ -366,12 +396,13 @@ def chi_square_p(a: list, b: list) -> float:
     return float(chi2_contingency(list(zip(*table)))[1])
 
 
-def test_trie_sampler_draws_from_the_generate_distribution(adapter_model):
+@pytest.mark.parametrize("constrained", [False, True])
+def test_trie_sampler_draws_from_the_generate_distribution(adapter_model, constrained):
     from modules.sampling import generate_sample, trie_sample
 
     model, tokenizer = adapter_model
     ranges = [(1, 9)] * 8
-    kwargs = dict(max_m=400, chunk_m=50, temperature=1.0, max_new_tokens=6)
+    kwargs = dict(max_m=400, chunk_m=50, temperature=1.0, max_new_tokens=6, constrained=constrained)
     seeds = [11, 12, 13]
     reference = first_two_tokens(tokenizer, generate_sample(model, tokenizer, TRIE_PROMPTS, ranges,
                                                             generator_seeds=seeds, top_k=9, **kwargs))
@@ -384,6 +415,38 @@ def test_trie_sampler_draws_from_the_generate_distribution(adapter_model):
         assert chi_square_p(reference[essay], trie[essay]) > 0.001
         # The test has the power to see a different distribution.
         assert chi_square_p(reference[essay], narrower[essay]) < 0.001
+
+
+def test_constrained_trie_with_top_k_1_is_constrained_greedy(adapter_model):
+    from modules.sampling import trie_sample
+    from modules.scoring import greedy_predict, score_line_budget
+
+    model, tokenizer = adapter_model
+    ranges = [(0, 12), (1, 9), (0, 30)]
+    budget = score_line_budget(tokenizer, ranges, constrained=True)
+    greedy = greedy_predict(model, tokenizer, TRIE_PROMPTS, ranges, constrained=True)
+    assert all(g["scores"] is not None for g in greedy)
+    bank = trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[0, 1, 2], max_m=5,
+                       temperature=0.7, top_k=1, max_new_tokens=budget, constrained=True)
+    assert bank == [[g] * 5 for g in greedy]
+
+
+def test_every_constrained_sample_of_an_untrained_model_is_a_valid_score_line(adapter_model):
+    from modules.sampling import SAMPLERS
+    from modules.score_lines import parse_score_line
+    from modules.scoring import score_line_budget
+
+    model, tokenizer = adapter_model
+    ranges = [(0, 12), (1, 9), (0, 3), (10, 60)]
+    budget = score_line_budget(tokenizer, ranges, constrained=True)
+    for name, sampler in SAMPLERS.items():
+        bank = sampler(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[3, 4, 5], max_m=40, chunk_m=20,
+                       temperature=1.5, top_k=0, max_new_tokens=budget, constrained=True)
+        samples = [s for essay in bank for s in essay]
+        assert len({s["text"] for s in samples}) > 30, name  # a real spread, not one answer
+        for sample in samples:
+            assert "truncated" not in sample and sample["scores"] == parse_score_line(sample["text"], ranges), sample
+            assert sample["scores"] is not None, (name, sample)
 
 
 def test_trie_sampler_with_top_k_1_is_greedy(adapter_model):
