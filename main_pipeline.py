@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test_limit", type=int, default=None, help="score only the first N test essays")
     p.add_argument("--no_weighted", action="store_true", help="skip the probability-weighted prediction")
     p.add_argument("--generate_feedback", action="store_true", help="let greedy inference write the feedback too")
+    p.add_argument("--constrained", action="store_true",
+                   help="greedy scoring may only write tokens that keep the answer a prefix of a valid score line")
     args = p.parse_args(argv)
     if args.resume_checkpoint and args.output_dir and Path(args.output_dir) != Path(args.resume_checkpoint):
         p.error("--resume_checkpoint names the run folder; do not also give a different --output_dir")
@@ -293,14 +295,14 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
     predictions = dist.gather(predict_split(
         model, tokenizer, dist.shard(test_records), info, mtl=args.mtl, prompt_format=args.prompt_format,
         max_prompt_tokens=max_prompt_tokens, batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
-        generate_feedback=args.generate_feedback))
+        generate_feedback=args.generate_feedback, constrained=args.constrained))
     if dist.is_main():
         write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)
         results = evaluate_predictions(predictions, info)
         write_json_atomic(run_dir / "evaluation_results.json", results)
         manifest["inference_seconds"] = round(time.time() - started, 1)
         write_json_atomic(run_dir / "run_manifest.json", manifest)
-        print(format_results_table(results, info))
+        print(format_results_table(results, info, constrained=args.constrained))
         print(f"run folder: {run_dir}")
     dist.barrier()
     return 0

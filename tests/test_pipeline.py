@@ -49,8 +49,9 @@ def test_dry_run_prints_every_loss_term(small_data):
 
 def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     run_dir = tmp_path / "run"
+    # The first run scores with --constrained, the resumed one without: both modes end to end.
     result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir), "--max_steps", "2",
-                     env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+                     "--constrained", env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: offline mode" in result.stdout
     assert list((run_dir / "wandb").glob("offline-run-*")), "real wandb wrote no offline run"
@@ -62,7 +63,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["seed"] == 42 and manifest["train"]["global_step"] == 2
     assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
-    assert manifest["config"]["mtl"] is True
+    assert manifest["config"]["mtl"] is True and manifest["config"]["constrained"] is True
     history = json.loads((run_dir / "log_history.json").read_text())
     logged = [h for h in history if "loss_total" in h]
     assert logged and all({"loss_ce", "loss_ntl", "loss_emo"} <= set(h) for h in logged)
@@ -79,8 +80,8 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
         assert len(row["gold"]) == len(row["greedy"]) == len(row["weighted"]) == len(rubrics)
         assert set(row["probabilities"]) == set(rubrics)
         assert all(abs(sum(p) - 1) < 1e-4 and len(p) == 9 for p in row["probabilities"].values())
-        assert "text" in row
-    assert "overall" in result.stdout and "average" in result.stdout
+        assert "text" in row and row["valid"] is True  # constrained: always a valid score line
+    assert "overall" in result.stdout and "average" in result.stdout and "decoding: constrained" in result.stdout
 
     # Resume from checkpoint-2 to 4 steps: step count and optimizer state come back.
     state_before = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
@@ -99,6 +100,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     assert (run_dir / "checkpoint-4" / "optimizer.pt").exists()
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["train"]["global_step"] == 4
+    assert manifest["config"]["constrained"] is False and "decoding: unconstrained" in resumed.stdout
 
 
 def test_existing_run_folder_is_never_overwritten(small_data, tmp_path):
