@@ -449,6 +449,28 @@ def test_every_constrained_sample_of_an_untrained_model_is_a_valid_score_line(ad
             assert sample["scores"] is not None, (name, sample)
 
 
+def test_a_budget_one_token_short_of_a_full_line_leaves_every_sample_invalid_and_flagged(adapter_model):
+    from modules.sampling import SAMPLERS
+    from modules.scoring import greedy_predict
+
+    # Constrained, the tiny model cannot end a line before writing "d d d" (5 one-digit or space
+    # tokens) and its end: 6 tokens. With 5, every answer is cut, and "3 4 5" must not count.
+    model, tokenizer = adapter_model
+    ranges = [(1, 9)] * 3
+    for name, sampler in SAMPLERS.items():
+        bank = sampler(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[3, 4, 5], max_m=20, chunk_m=10,
+                       temperature=1.0, top_k=9, max_new_tokens=5, constrained=True)
+        samples = [s for essay in bank for s in essay]
+        assert len(samples) == 60 and all(s["truncated"] is True and s["scores"] is None for s in samples), name
+        assert sum(len(s["text"].split()) == 3 for s in samples) > 0, name  # cut lines that would have parsed
+    greedy = greedy_predict(model, tokenizer, TRIE_PROMPTS, ranges, max_new_tokens=5, constrained=True)
+    assert all(a["truncated"] is True and a["scores"] is None for a in greedy)
+    # With room for the longest line (optional leading space, 5 tokens, the end) every sample is valid.
+    bank = SAMPLERS["trie"](model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[3, 4, 5], max_m=20,
+                            temperature=1.0, top_k=9, max_new_tokens=7, constrained=True)
+    assert all(s["scores"] is not None and "truncated" not in s for essay in bank for s in essay)
+
+
 def test_trie_sampler_with_top_k_1_is_greedy(adapter_model):
     from modules.sampling import trie_sample
     from modules.scoring import greedy_predict
