@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +10,12 @@ import torch
 from sklearn.metrics import cohen_kappa_score
 
 import modules.scoring as scoring
-from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt
+from benchmarks.reference_weighted import reference_candidate_log_scores, reference_scorer
+from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
 from modules.scoring import (evaluate_predictions, format_results_table, greedy_predict, parse_score_line,
                              predict_split, stop_token_ids, weighted_predict)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "aes_dataset_mtl"
 
 RANGES = [(0, 30), (1, 9), (0, 30)]  # "1" is a prefix of "12"; the third rubric follows a "12 7 " line
 INFO = DatasetInfo((Rubric("content", 0, 30), Rubric("style", 1, 9), Rubric("mechanics", 0, 30)))
@@ -207,6 +211,127 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
         np.testing.assert_allclose(scores.numpy() - scores[0].item(), ref_raw[2] - ref_raw[2][0], atol=1e-4)
 
 
+
+
+# The tree-attention scorer against the scorer it replaced (benchmarks/reference_weighted.py: a
+# padded batch row per candidate over a repeated copy of the prompt cache), on every model family.
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny):
+    """The tiny model under a LoRA adapter whose B matrices are not zero, so it changes the logits."""
+    from modules.models import add_lora
+    model, tok = tiny
+    lora = add_lora(copy.deepcopy(model))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    return lora.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from modules.models import load_base_model
+    try:
+        model, tok = load_base_model("smollm2-135m", device=torch.device("cpu"))
+    except (OSError, ValueError) as err:
+        pytest.skip(f"smollm2-135m not available offline: {err}")
+    return model.eval(), tok
+
+
+MODELS = ["tiny", "tiny_lora", "llama3_tiny", "smollm2"]
+
+
+def cache_snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+
+def assert_cache_is(cache, snapshot) -> None:
+    assert len(cache.layers) == len(snapshot)
+    for layer, (keys, values) in zip(cache.layers, snapshot):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def prompt_state(model, tok, prompt: str):
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[0, -1].float()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_candidate_scores_match_the_reference_and_keep_the_prompt_cache(name, request):
+    model, tok = request.getfixturevalue(name)
+    cache, logits = prompt_state(model, tok, build_prompt(essay(1), INFO, tok))
+    snapshot = cache_snapshot(cache)
+    # 0-30 with nothing before it, after a line (a shared prefix that the trie runs once), and 1-9.
+    for line, lo, hi in (("", 0, 30), ("12 7 ", 0, 30), ("12 ", 1, 9)):
+        with torch.inference_mode():
+            got = scoring._candidate_log_scores(model, tok, cache, logits, line, lo, hi)
+            assert_cache_is(cache, snapshot)  # the prompt cache serves every rubric: it must come back as it was
+            want = reference_candidate_log_scores(model, tok, cache, logits, line, lo, hi)
+        assert got.shape == (hi - lo + 1,) and got.dtype == torch.float32
+        np.testing.assert_allclose(torch.softmax(got, 0).numpy(), torch.softmax(want, 0).numpy(), atol=1e-5)
+        # Both leave out the tokens every candidate shares, so even the raw scores agree.
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+        assert np.ptp(torch.softmax(want, 0).numpy()) > 1e-3  # not uniform: the comparison can tell candidates apart
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dataset", ["shipped_8x1-9", "0-30_1-9_0-30"])
+def test_weighted_predict_matches_the_reference_on_multi_rubric_data(name, dataset, request):
+    model, tok = request.getfixturevalue(name)
+    if dataset == "shipped_8x1-9":
+        info, splits = load_splits(SHIPPED)
+        record = splits["test"][0]
+    else:
+        info, record = INFO, essay(2)
+    prompt = build_prompt(record, info, tok, mtl=True)
+    for prefix in (None, list(record.scores)):
+        got = weighted_predict(model, tok, prompt, info.ranges, prefix_scores=prefix)
+        with reference_scorer():
+            want = weighted_predict(model, tok, prompt, info.ranges, prefix_scores=prefix)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5 * max(hi for _, hi in info.ranges))
+        for p, q in zip(got[1], want[1]):
+            np.testing.assert_allclose(p, q, atol=1e-5)
+
+
+def test_a_failed_forward_leaves_the_prompt_cache_as_it_was(tiny):
+    """The second decoder layer fails after the first has appended the candidates to the cache."""
+    model, tok = tiny
+    cache, logits = prompt_state(model, tok, build_prompt(essay(1), INFO, tok))
+    snapshot = cache_snapshot(cache)
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
+            scoring._candidate_log_scores(model, tok, cache, logits, "", 0, 30)
+    finally:
+        handle.remove()
+    assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == snapshot[0][0].shape[-2]
+    assert_cache_is(cache, snapshot)
+
+
+def test_sliding_window_model_is_scored_while_the_window_holds_prompt_and_candidates(tiny_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+    tok = tiny_tokenizer
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = peaky(MistralForCausalLM(config))
+    short = f"{tok.bos_token}Scores: "
+    got = weighted_predict(model, tok, short, [(0, 30)])
+    with reference_scorer():
+        want = weighted_predict(model, tok, short, [(0, 30)])
+    np.testing.assert_allclose(got[1][0], want[1][0], atol=1e-5)
+    # Past the window the layer drops the prompt's first states: refused, not scored wrongly.
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*--no_weighted"):
+        weighted_predict(model, tok, short + "word " * 40, [(0, 30)])
 
 # --------------------------------------------------------------------------- splits and evaluation
 
