@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -276,9 +276,18 @@ def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.T
     return token_sum + end_lp
 
 
+class WeightedPrediction(NamedTuple):
+    """What :func:`weighted_predict` returns: per rubric the expected score, the probabilities over
+    lo..hi, and the indices of the rubrics whose scores underflowed (given a uniform distribution)."""
+    expected: list[float]
+    probabilities: list[list[float]]
+    underflow: list[int]
+
+
 def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]],
-                     prefix_scores: Sequence[int] | None = None) -> tuple[list[float], list[list[float]]]:
-    """Expected score per rubric under the model, and the probabilities over lo..hi.
+                     prefix_scores: Sequence[int] | None = None) -> WeightedPrediction:
+    """Expected score per rubric under the model, the probabilities over lo..hi, and the rubrics
+    that underflowed.
 
     For rubric k, with ``line = "s_0 s_1 ... s_{k-1} "`` ("" for k = 0; ``s_j`` = ``prefix_scores[j]``,
     or rubric j's own argmax below when None), every candidate v in lo..hi is teacher-forced::
@@ -292,7 +301,8 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     includes continuations like "1" + "2". ``line + str(v)`` is tokenised as one text, as in
     training; the prompt is run once, and each rubric's candidates in one forward as a token trie
     over the prompt's cache (see ``_candidate_log_scores``), which needs sdpa or eager attention.
-    When the scores underflow (no finite mass), the rubric falls back to the uniform distribution.
+    When the scores underflow (no finite mass), the rubric falls back to the uniform distribution
+    and its index is listed in ``underflow``.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not prompt_ids:
@@ -302,6 +312,7 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     require_tree_attention(model, "weighted_predict", "load the model with sdpa or eager attention, or use --no_weighted")
     expected: list[float] = []
     probabilities: list[list[float]] = []
+    underflow: list[int] = []
     chosen: list[int] = []
     with _EvalMode(model), torch.inference_mode():
         out = _forward(model, torch.tensor([prompt_ids], device=_input_device(model)), last_only=True)
@@ -315,12 +326,13 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
             else:
                 logger.warning("rubric %d: candidate probabilities underflow; using a uniform distribution", k)
                 p = torch.full_like(scores, 1.0 / scores.numel())
+                underflow.append(k)
             values = torch.arange(lo, hi + 1, dtype=torch.float32, device=p.device)
             expected.append(float((p * values).sum()))
             probabilities.append(p.cpu().tolist())
             chosen.append(int(prefix_scores[k]) if prefix_scores is not None and k < len(prefix_scores)
                           else lo + int(torch.argmax(p)))
-    return expected, probabilities
+    return WeightedPrediction(expected, probabilities, underflow)
 
 
 # --------------------------------------------------------------------------- splits and evaluation
@@ -336,8 +348,9 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
 
     An invalid generated line scores each rubric's midpoint and is marked ``valid: False``.
     The weighted prediction conditions later rubrics on the greedy scores when they are valid
-    (what the model actually wrote), else on its own per-rubric argmax. Without ``weighted`` the
-    weighted keys hold None.
+    (what the model actually wrote), else on its own per-rubric argmax. ``weighted_underflow``
+    names the rubrics whose candidate probabilities underflowed and were replaced by the uniform
+    distribution (usually none). Without ``weighted`` the weighted keys hold None.
     """
     ranges = info.ranges
     prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format) for r in records]
@@ -349,19 +362,28 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
                                      disable=None if weighted else True):
         parsed = parse_score_line(text, ranges)
         pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
-                "weighted": None, "weighted_expected": None, "probabilities": None,
+                "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
                 "text": text, "valid": parsed is not None}
         if weighted:
-            expected, probs = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
+            expected, probs, underflow = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
             pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
             pred["weighted_expected"] = expected
             pred["probabilities"] = dict(zip(info.rubric_names, probs))
+            pred["weighted_underflow"] = [info.rubric_names[k] for k in underflow]
         predictions.append(pred)
     invalid = sum(not p["valid"] for p in predictions)
     if invalid:
         logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",
                        invalid, len(predictions))
+    underflow = _underflow_count(predictions)
+    if underflow:
+        logger.warning("%d essay-rubric weighted predictions underflowed and used a uniform distribution", underflow)
     return predictions
+
+
+def _underflow_count(predictions: list[dict]) -> int:
+    # .get(): rows written before the key existed count as no underflow.
+    return sum(len(p.get("weighted_underflow") or ()) for p in predictions)
 
 
 def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
@@ -377,27 +399,31 @@ def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
 
 def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     """QWK per rubric, pooled over all essay-rubric pairs (``overall``) and averaged, for the
-    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed."""
+    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed.
+    ``token.invalid`` counts essays whose score line was invalid, ``weighted.underflow`` the
+    essay-rubric pairs whose weighted distribution underflowed to uniform."""
     if not predictions:
         raise ValueError("no predictions to evaluate")
     results = {"token": _score_block(predictions, info, "greedy")}
     results["token"]["invalid"] = sum(not p["valid"] for p in predictions)
     if all(p.get("weighted") is not None for p in predictions):
         results["weighted"] = _score_block(predictions, info, "weighted")
+        results["weighted"]["underflow"] = _underflow_count(predictions)
     return results
 
 
 def format_results_table(results: dict, info: DatasetInfo) -> str:
     """Plain-text QWK table: rubrics, overall and average down, token and weighted across."""
     rows = info.rubric_names + ["overall", "average"]
-    width = max(len(r) for r in rows + ["invalid"])
+    counts = [row for row in ("invalid", "underflow") if any(row in results.get(b, {}) for b in ("token", "weighted"))]
+    width = max(len(r) for r in rows + counts)
 
     def cell(block: str, row: str) -> str:
         value = results.get(block, {}).get(row)
-        return f"{value:>9.4f}" if isinstance(value, float) else f"{'-':>9}"
+        if isinstance(value, float):
+            return f"{value:>9.4f}"
+        return f"{value:>9d}" if isinstance(value, int) else f"{'-':>9}"
 
     lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
-    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows]
-    if "invalid" in results.get("token", {}):
-        lines.append(f"{'invalid':<{width}}  {results['token']['invalid']:>9d}")
+    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
     return "\n".join(lines)

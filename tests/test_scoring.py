@@ -12,8 +12,8 @@ from sklearn.metrics import cohen_kappa_score
 import modules.scoring as scoring
 from benchmarks.reference_weighted import reference_candidate_log_scores, reference_scorer
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
-from modules.scoring import (evaluate_predictions, format_results_table, greedy_predict, parse_score_line,
-                             predict_split, stop_token_ids, weighted_predict)
+from modules.scoring import (WeightedPrediction, evaluate_predictions, format_results_table, greedy_predict,
+                             parse_score_line, predict_split, stop_token_ids, weighted_predict)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "aes_dataset_mtl"
 
@@ -193,7 +193,8 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
     twelve = tok("12", add_special_tokens=False)["input_ids"]
     assert len(twelve) == (2 if family == "digit_per_token" else 1)  # the family really is what it claims
     prompt = f"{tok.bos_token}Essay: I waited for the bus.\nScores: "  # short: the reference is brute force
-    expected, probs = weighted_predict(model, tok, prompt, RANGES, prefix_scores=prefix)
+    expected, probs, underflow = weighted_predict(model, tok, prompt, RANGES, prefix_scores=prefix)
+    assert underflow == []
     ref_expected, ref_probs, ref_raw = reference_weighted(model, tok, prompt, RANGES, prefix)
     for (lo, hi), p, rp in zip(RANGES, probs, ref_probs):
         assert len(p) == hi - lo + 1
@@ -292,8 +293,9 @@ def test_weighted_predict_matches_the_reference_on_multi_rubric_data(name, datas
         got = weighted_predict(model, tok, prompt, info.ranges, prefix_scores=prefix)
         with reference_scorer():
             want = weighted_predict(model, tok, prompt, info.ranges, prefix_scores=prefix)
-        np.testing.assert_allclose(got[0], want[0], atol=1e-5 * max(hi for _, hi in info.ranges))
-        for p, q in zip(got[1], want[1]):
+        assert got.underflow == want.underflow == []
+        np.testing.assert_allclose(got.expected, want.expected, atol=1e-5 * max(hi for _, hi in info.ranges))
+        for p, q in zip(got.probabilities, want.probabilities):
             np.testing.assert_allclose(p, q, atol=1e-5)
 
 
@@ -328,14 +330,46 @@ def test_sliding_window_model_is_scored_while_the_window_holds_prompt_and_candid
     got = weighted_predict(model, tok, short, [(0, 30)])
     with reference_scorer():
         want = weighted_predict(model, tok, short, [(0, 30)])
-    np.testing.assert_allclose(got[1][0], want[1][0], atol=1e-5)
+    np.testing.assert_allclose(got.probabilities[0], want.probabilities[0], atol=1e-5)
     # Past the window the layer drops the prompt's first states: refused, not scored wrongly.
     with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*--no_weighted"):
         weighted_predict(model, tok, short + "word " * 40, [(0, 30)])
 
+
+def test_underflow_is_reported_in_the_row_the_results_and_the_table(tiny):
+    """The output layer gives the digits 5 and 6 no probability at all, so the second rubric (5-6)
+    has no finite candidate score, while the first (1-4) is scored normally."""
+    model, tok = tiny
+    info = DatasetInfo((Rubric("content", 1, 4), Rubric("style", 5, 6)))
+    killed = [i for i in range(len(tok)) if tok.convert_ids_to_tokens(i) in ("5", "6")]
+    assert len(killed) == 2
+
+    def no_five_or_six(module, args, output):
+        output = output.clone()
+        output[..., killed] = float("-inf")
+        return output
+
+    records = [essay(i, scores=(3, 5)) for i in range(3)]
+    handle = model.get_output_embeddings().register_forward_hook(no_five_or_six)
+    try:
+        preds = predict_split(model, tok, records, info, mtl=False, batch_size=3)
+    finally:
+        handle.remove()
+    for p in preds:
+        assert p["weighted_underflow"] == ["style"]
+        assert p["probabilities"]["style"] == [0.5, 0.5] and p["weighted_expected"][1] == 5.5
+        assert abs(sum(p["probabilities"]["content"]) - 1) < 1e-5 and np.ptp(p["probabilities"]["content"]) > 0.01
+    results = evaluate_predictions(preds, info)
+    assert results["weighted"]["underflow"] == 3  # essay-rubric pairs
+    assert "underflow" not in results["token"]
+    rows = {line.split()[0]: line.split()[1:] for line in format_results_table(results, info).splitlines()}
+    assert rows["underflow"] == ["-", "3"]
+    assert rows["invalid"][1] == "-"
+
+
 # --------------------------------------------------------------------------- splits and evaluation
 
-KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "text", "valid"}
+KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "weighted_underflow", "text", "valid"}
 
 
 def test_predict_split_keys(tiny):
@@ -350,6 +384,7 @@ def test_predict_split_keys(tiny):
         assert set(p["probabilities"]) == {"content", "style"}
         assert [len(v) for v in p["probabilities"].values()] == [6, 4]
         assert all(lo <= s <= hi for s, (lo, hi) in zip(p["weighted"], info.ranges))
+        assert p["weighted_underflow"] == []
         if not p["valid"]:
             assert p["greedy"] == [3, 2]  # midpoints of 1-6 and 1-4
 
@@ -362,7 +397,7 @@ def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
     monkeypatch.setattr(scoring, "greedy_predict", lambda *a, **k: ["5 1", "7 1", "2 4\nNice."])
     monkeypatch.setattr(scoring, "weighted_predict",
                         lambda m, t, prompt, ranges, prefix_scores=None: (
-                            seen.append(prefix_scores) or ([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4])))
+                            seen.append(prefix_scores) or WeightedPrediction([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4], [])))
     preds = predict_split(model, tok, records, info, mtl=True)
     assert [p["valid"] for p in preds] == [True, False, True]
     assert [p["greedy"] for p in preds] == [[5, 1], [3, 2], [2, 4]]
@@ -391,6 +426,7 @@ def test_evaluate_predictions_matches_sklearn():
         assert results[block]["average"] == pytest.approx(np.mean(rubric_qwks), abs=1e-9)
     assert results["token"]["invalid"] == sum(i % 7 == 0 for i in range(n))
     assert "invalid" not in results["weighted"]
+    assert results["weighted"]["underflow"] == 0  # rows without "weighted_underflow" (older runs) count as none
     table = format_results_table(results, INFO)
     lines = table.splitlines()
     assert [line.split()[0] for line in lines[1:6]] == ["content", "style", "mechanics", "overall", "average"]
