@@ -61,9 +61,17 @@ def reference_candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits
     return scores
 
 
+def _reference_rubrics(model, tokenizer, prompt_cache, prompt_logits: torch.Tensor,
+                       rubrics) -> list[torch.Tensor]:
+    # The library's scorer takes several rubrics at once; the old one scored them one by one.
+    return [reference_candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits, line, lo, hi)
+            for line, lo, hi in rubrics]
+
+
 @contextmanager
 def reference_scorer() -> Iterator[None]:
     """Within the block, ``modules.scoring.weighted_predict`` (and ``predict_split``) score candidates
-    with the reference above, so old and new differ in the candidate step only."""
-    with mock.patch.object(scoring, "_candidate_log_scores", reference_candidate_log_scores):
+    with the reference above, one rubric per call as before, so old and new differ in the candidate
+    step only."""
+    with mock.patch.object(scoring, "_candidate_log_scores", _reference_rubrics):
         yield

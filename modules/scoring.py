@@ -226,23 +226,28 @@ def _crop_cache(cache, length: int) -> None:
             layer.crop(-extra)
 
 
-def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.Tensor, line_so_far: str,
-                          lo: int, hi: int) -> torch.Tensor:
-    """Unnormalised ``score(v)`` of ``weighted_predict`` for v = lo..hi (float32)::
+def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.Tensor,
+                          rubrics: Sequence[tuple[str, int, int]]) -> list[torch.Tensor]:
+    """Unnormalised ``score(v)`` of ``weighted_predict`` for v = lo..hi of each ``(line_so_far, lo, hi)``
+    (float32, one tensor per rubric)::
 
         score(v) = sum_j log p(t_j | prompt, t_<j) + log sum_{u not continuing a number} p(u | prompt, t)
 
     with ``t = tokens(line_so_far + str(v))``, less the log-probability of the tokens that every
-    candidate shares (a constant, so p_v is unchanged). All candidates go through the model in ONE forward,
-    as a trie of their token sequences in one batch row after the prompt: a node per distinct
-    token prefix (the shared line and first digits are computed once), at position
-    ``len(prompt) + depth``, seeing the prompt and its ancestors only (tree attention mask). The
-    trie is appended to ``prompt_cache`` itself and cropped off again, so the prompt's keys and
-    values are never copied per candidate, and the cache comes back as it was.
+    candidate of that rubric shares (a constant, so p_v is unchanged).
+
+    All candidates of all the given rubrics go through the model in ONE forward, as a trie of their
+    token sequences in one batch row after the prompt: a node per distinct token prefix (a line
+    and the first digits shared by many candidates are computed once), at position
+    ``len(prompt) + depth``, seeing the prompt and its ancestors only (tree attention mask), so
+    its logits are those of its path run as a plain sequence. The trie is appended to
+    ``prompt_cache`` itself and cropped off again, so the prompt's keys and values are never copied
+    per candidate, and the cache comes back as it was.
     """
     device = prompt_logits.device
-    cands = [tokenizer(line_so_far + str(v), add_special_tokens=False)["input_ids"] for v in range(lo, hi + 1)]
-    tokens, parents, depths, last = _token_trie(cands)
+    groups = [[tokenizer(line + str(v), add_special_tokens=False)["input_ids"] for v in range(lo, hi + 1)]
+              for line, lo, hi in rubrics]
+    tokens, parents, depths, last = _token_trie([cand for group in groups for cand in group])
     n = len(tokens)
     past = prompt_cache.get_seq_length()
     _check_tree_cache(prompt_cache, past + n)
@@ -264,16 +269,22 @@ def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.T
     # predicted by row parents[i] + 1.
     logprobs = torch.log_softmax(torch.cat([prompt_logits[None].float(), logits]), dim=-1)
     token_lp = logprobs[torch.tensor(parents, device=device) + 1, torch.tensor(tokens, device=device)]
-    # A candidate's tokens are its last node and that node's ancestors: row `last` of `seen`. Nodes
-    # on every candidate's path (the line so far, a shared first digit) add the same constant to
-    # every score, which cancels in p_v; leaving it out keeps the scores small, and float32 precise.
-    # where(), not a matmul: 0 * -inf would be NaN where a token's probability underflows.
-    path = seen[last].to(device)
-    path &= ~path.all(dim=0)
-    token_sum = torch.where(path, token_lp[None], torch.zeros((), device=device)).sum(dim=1)
     digit = number_continuation_mask(tokenizer, logprobs.shape[-1], device)
     end_lp = torch.logsumexp(logprobs[torch.tensor(last, device=device) + 1][:, ~digit], dim=-1)
-    return token_sum + end_lp
+    # A candidate's tokens are its last node and that node's ancestors: row `last` of `seen`.
+    paths = seen[last].to(device)
+    scores, start = [], 0
+    for group in groups:
+        path = paths[start:start + len(group)]
+        # Nodes on every candidate's path (the line so far, a shared first digit) add the same
+        # constant to the rubric's scores, which cancels in p_v; leaving it out keeps the scores
+        # small, and float32 precise. where(), not a matmul: 0 * -inf would be NaN where a
+        # token's probability underflows.
+        path = path & ~path.all(dim=0)
+        token_sum = torch.where(path, token_lp[None], torch.zeros((), device=device)).sum(dim=1)
+        scores.append(token_sum + end_lp[start:start + len(group)])
+        start += len(group)
+    return scores
 
 
 class WeightedPrediction(NamedTuple):
@@ -299,8 +310,10 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     The end term is what makes multi-token numbers exact: without it "1" would also collect
     the mass of "12", "13", ... With a tokenizer that has a "12" token, P("1") alone likewise
     includes continuations like "1" + "2". ``line + str(v)`` is tokenised as one text, as in
-    training; the prompt is run once, and each rubric's candidates in one forward as a token trie
-    over the prompt's cache (see ``_candidate_log_scores``), which needs sdpa or eager attention.
+    training. The prompt is run once; the candidates go through the model as a token trie over the
+    prompt's cache (see ``_candidate_log_scores``; it needs sdpa or eager attention): all rubrics'
+    in one forward when ``prefix_scores`` gives every line, else one forward per rubric, each
+    after the previous rubric's argmax.
     When the scores underflow (no finite mass), the rubric falls back to the uniform distribution
     and its index is listed in ``underflow``.
     """
@@ -317,9 +330,16 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     with _EvalMode(model), torch.inference_mode():
         out = _forward(model, torch.tensor([prompt_ids], device=_input_device(model)), last_only=True)
         prompt_cache, prompt_logits = out.cache, out.logits[0, -1].float()
+        if prefix_scores is not None:  # every line is known: one trie for all rubrics
+            lines = [score_line(prefix_scores[:k]) + " " if k else "" for k in range(len(ranges))]
+            known = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits,
+                                          [(line, lo, hi) for line, (lo, hi) in zip(lines, ranges)])
         for k, (lo, hi) in enumerate(ranges):
-            line = score_line(chosen) + " " if chosen else ""
-            scores = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits, line, lo, hi)
+            if prefix_scores is not None:
+                scores = known[k]
+            else:
+                line = score_line(chosen) + " " if chosen else ""
+                scores = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits, [(line, lo, hi)])[0]
             total = torch.logsumexp(scores, dim=0)
             if torch.isfinite(total):
                 p = torch.exp(scores - total)

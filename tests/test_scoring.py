@@ -208,7 +208,7 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
-            scores = scoring._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), "12 7 ", 0, 30)
+            scores, = scoring._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), [("12 7 ", 0, 30)])
         np.testing.assert_allclose(scores.numpy() - scores[0].item(), ref_raw[2] - ref_raw[2][0], atol=1e-4)
 
 
@@ -266,17 +266,21 @@ def test_candidate_scores_match_the_reference_and_keep_the_prompt_cache(name, re
     model, tok = request.getfixturevalue(name)
     cache, logits = prompt_state(model, tok, build_prompt(essay(1), INFO, tok))
     snapshot = cache_snapshot(cache)
-    # 0-30 with nothing before it, after a line (a shared prefix that the trie runs once), and 1-9.
-    for line, lo, hi in (("", 0, 30), ("12 7 ", 0, 30), ("12 ", 1, 9)):
-        with torch.inference_mode():
-            got = scoring._candidate_log_scores(model, tok, cache, logits, line, lo, hi)
-            assert_cache_is(cache, snapshot)  # the prompt cache serves every rubric: it must come back as it was
-            want = reference_candidate_log_scores(model, tok, cache, logits, line, lo, hi)
-        assert got.shape == (hi - lo + 1,) and got.dtype == torch.float32
-        np.testing.assert_allclose(torch.softmax(got, 0).numpy(), torch.softmax(want, 0).numpy(), atol=1e-5)
-        # Both leave out the tokens every candidate shares, so even the raw scores agree.
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+    # 0-30 with nothing before it, after a line (a shared prefix that the trie runs once), and 1-9;
+    # one rubric per call, then all three in one trie.
+    rubrics = [("", 0, 30), ("12 7 ", 0, 30), ("12 ", 1, 9)]
+    with torch.inference_mode():
+        one_by_one = [scoring._candidate_log_scores(model, tok, cache, logits, [r])[0] for r in rubrics]
+        together = scoring._candidate_log_scores(model, tok, cache, logits, rubrics)
+        assert_cache_is(cache, snapshot)  # the prompt cache serves every rubric: it must come back as it was
+        reference = [reference_candidate_log_scores(model, tok, cache, logits, *r) for r in rubrics]
+    for (_, lo, hi), want, alone, joint in zip(rubrics, reference, one_by_one, together):
         assert np.ptp(torch.softmax(want, 0).numpy()) > 1e-3  # not uniform: the comparison can tell candidates apart
+        for got in (alone, joint):
+            assert got.shape == (hi - lo + 1,) and got.dtype == torch.float32
+            np.testing.assert_allclose(torch.softmax(got, 0).numpy(), torch.softmax(want, 0).numpy(), atol=1e-5)
+            # Both leave out the tokens every candidate shares, so even the raw scores agree.
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -311,7 +315,7 @@ def test_a_failed_forward_leaves_the_prompt_cache_as_it_was(tiny):
     handle = model.model.layers[1].register_forward_pre_hook(fail)
     try:
         with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
-            scoring._candidate_log_scores(model, tok, cache, logits, "", 0, 30)
+            scoring._candidate_log_scores(model, tok, cache, logits, [("", 0, 30)])
     finally:
         handle.remove()
     assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == snapshot[0][0].shape[-2]
