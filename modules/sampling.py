@@ -27,9 +27,10 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from modules.data import DataError
-from modules.score_lines import line_sample, parse_score_line
 from modules.constrained import START, ScoreLineLogitsProcessor
+from modules.score_lines import line_sample, parse_score_line
 from modules.scoring import _EvalMode, _input_device, ended_rows, line_constraint, stop_token_ids
+from modules.tree_attention import require_tree_attention, tree_attention_mask
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +139,6 @@ def sampling_processors(model, temperature: float, top_k: int, top_p: float | No
     return processors
 
 
-def _tree_attention_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask ``[B, 1, Q, L]`` from a boolean "query q sees cache slot l" table; the model
-    uses a 4D mask as given, which is what lets one cache row hold a whole trie."""
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
-
-
 def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                 generator_seeds: Sequence[int], max_m: int, temperature: float, top_k: int,
                 top_p: float | None = None, max_new_tokens: int, chunk_m: int | None = None,
@@ -182,10 +176,7 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
         raise ValueError(f"{len(prompts)} prompts but {len(generator_seeds)} generator seeds")
     if not prompts:
         return []
-    attention = getattr(model.config, "_attn_implementation", None)
-    if attention not in ("sdpa", "eager"):
-        raise ValueError(f"the trie sampler needs sdpa or eager attention (custom 4D masks), the model uses "
-                         f"{attention!r}: use --sampler generate")
+    require_tree_attention(model, "the trie sampler", "use --sampler generate")
     processors = sampling_processors(model, temperature, top_k, top_p)
     constraint = line_constraint(tokenizer, ranges, model) if constrained else None
     stop = set(stop_token_ids(tokenizer, model))
@@ -260,7 +251,7 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
             step_ids[b_idx, j_idx] = torch.tensor([path[-1] for _, _, path, _ in grown], device=device)
             step_positions = torch.zeros_like(step_ids)
             step_positions[b_idx, j_idx] = torch.tensor([lengths[e] + depth for e, *_ in grown], device=device)
-            out = model(input_ids=step_ids, attention_mask=_tree_attention_mask(visible, dtype),
+            out = model(input_ids=step_ids, attention_mask=tree_attention_mask(visible, dtype),
                         position_ids=step_positions, cache=cache, use_cache=True)
             cache, logits, live = out.cache, out.logits[b_idx, j_idx], grown
 

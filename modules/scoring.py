@@ -6,20 +6,21 @@ exactly by teacher-forcing every candidate number, whatever the tokenizer does w
 """
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import weakref
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
 from modules.data import DatasetInfo, EssayRecord, build_prompt
 from modules.score_lines import line_sample, score_line
+from modules.tree_attention import require_tree_attention, tree_attention_mask
 from modules.voting import qwk
 
 logger = logging.getLogger(__name__)
@@ -176,57 +177,145 @@ def ended_rows(new_tokens: torch.Tensor, stop: Sequence[int]) -> list[bool]:
 # --------------------------------------------------------------------------- weighted
 
 def _forward(model, ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
-             last_only: bool = False):
+             last_only: bool = False, position_ids: torch.Tensor | None = None):
     kwargs = {"logits_to_keep": 1} if last_only else {}
-    return model(input_ids=ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
+    return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                 use_cache=True, **kwargs)
 
 
-def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.Tensor, line_so_far: str,
-                          lo: int, hi: int) -> torch.Tensor:
-    """Unnormalised log p(candidate tokens) + log p(number ends) for v = lo..hi (float32)."""
-    vocab = _vocab_info(tokenizer)
+def number_continuation_mask(tokenizer, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[size]``: token i, placed right after a number, would extend it (its text starts with
+    an ASCII digit). ``size`` is the model's vocabulary, which may be padded past the tokenizer's:
+    the padding ids are False."""
+    table = _vocab_info(tokenizer).digit_start
+    mask = torch.zeros(size, dtype=torch.bool)
+    n = min(size, table.numel())
+    mask[:n] = table[:n]
+    return mask.to(device)
+
+
+def _token_trie(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The trie of token sequences, one node per distinct non-empty prefix, parents before children:
+    each node's token, parent (-1: the prompt), depth (0 = first token), and each sequence's last node."""
+    index: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    last: list[int] = []
+    for seq in sequences:
+        node = -1
+        for depth in range(len(seq)):
+            prefix = tuple(seq[:depth + 1])
+            if prefix not in index:
+                index[prefix] = len(tokens)
+                tokens.append(int(seq[depth]))
+                parents.append(node)
+                depths.append(depth)
+            node = index[prefix]
+        last.append(node)
+    return tokens, parents, depths, last
+
+
+def _check_tree_cache(cache, length: int) -> None:
+    """Refuse a cache that cannot hold ``length`` tokens and be cut back exactly afterwards.
+
+    Full-attention layers keep every token and crop by slicing. A sliding-window layer is the same
+    while everything fits in its window (nothing slides out, and the tree mask, which the model
+    applies to every layer as given, is then also the sliding mask); past that, and for quantised
+    or recurrent layers, the prompt's states cannot be restored from the cache alone.
+    """
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            continue
+        if type(layer) is DynamicSlidingWindowLayer and length < layer.sliding_window:
+            continue
+        raise ValueError(f"weighted_predict scores candidates in the prompt's own cache and needs full-attention "
+                         f"layers (or a sliding window longer than prompt + candidates, {length} tokens); this "
+                         f"model's cache has a {type(layer).__name__}: use --no_weighted")
+
+
+def _crop_cache(cache, length: int) -> None:
+    # Layer by layer, so that a forward that failed half-way (some layers grown, some not) is
+    # also undone exactly.
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits: torch.Tensor,
+                          rubrics: Sequence[tuple[str, int, int]]) -> list[torch.Tensor]:
+    """Unnormalised ``score(v)`` of ``weighted_predict`` for v = lo..hi of each ``(line_so_far, lo, hi)``
+    (float32, one tensor per rubric)::
+
+        score(v) = sum_j log p(t_j | prompt, t_<j) + log sum_{u not continuing a number} p(u | prompt, t)
+
+    with ``t = tokens(line_so_far + str(v))``, less the log-probability of the tokens that every
+    candidate of that rubric shares (a constant, so p_v is unchanged).
+
+    All candidates of all the given rubrics go through the model in ONE forward, as a trie of their
+    token sequences in one batch row after the prompt: a node per distinct token prefix (a line
+    and the first digits shared by many candidates are computed once), at position
+    ``len(prompt) + depth``, seeing the prompt and its ancestors only (tree attention mask), so
+    its logits are those of its path run as a plain sequence. The trie is appended to
+    ``prompt_cache`` itself and cropped off again, so the prompt's keys and values are never copied
+    per candidate, and the cache comes back as it was.
+    """
     device = prompt_logits.device
-    cands = [tokenizer(line_so_far + str(v), add_special_tokens=False)["input_ids"] for v in range(lo, hi + 1)]
-    # Shared token prefix, capped so every candidate keeps at least one token to score.
-    common = min(len(c) for c in cands) - 1
-    for i in range(common):
-        if any(c[i] != cands[0][i] for c in cands):
-            common = i
-            break
-    cache, first_logits = prompt_cache, prompt_logits
-    if common > 0:
-        cache = copy.deepcopy(prompt_cache)
-        out = _forward(model, torch.tensor([cands[0][:common]], device=device), cache, last_only=True)
-        cache, first_logits = out.cache, out.logits[0, -1].float()
-    past = cache.get_seq_length()
-    suffixes = [c[common:] for c in cands]
-    n, width = len(suffixes), max(len(s) for s in suffixes)
-    ids = torch.zeros((n, width), dtype=torch.long, device=device)
-    mask = torch.zeros((n, past + width), dtype=torch.long, device=device)
-    mask[:, :past] = 1
-    for row, suffix in enumerate(suffixes):
-        ids[row, :len(suffix)] = torch.tensor(suffix, device=device)
-        mask[row, past:past + len(suffix)] = 1
-    batch_cache = copy.deepcopy(cache)  # forward and repeat both mutate the cache
-    batch_cache.batch_repeat_interleave(n)
-    logits = _forward(model, ids, batch_cache, attention_mask=mask).logits.float()
-    # Position j of row i predicts suffix token j + 1; the prefix's last logits predict token 0.
-    logprobs = torch.log_softmax(torch.cat([first_logits.expand(n, 1, -1), logits], dim=1), dim=-1)
-    digit = torch.zeros(logprobs.shape[-1], dtype=torch.bool, device=device)
-    size = min(vocab.size, digit.numel())
-    digit[:size] = vocab.digit_start[:size].to(device)
-    scores = torch.empty(n, dtype=torch.float32, device=device)
-    for row, suffix in enumerate(suffixes):
-        steps = len(suffix)
-        token_lp = logprobs[row, torch.arange(steps, device=device), ids[row, :steps]].sum()
-        end_lp = torch.logsumexp(logprobs[row, steps][~digit], dim=-1)  # log(1 - P(next token extends it))
-        scores[row] = token_lp + end_lp
+    groups = [[tokenizer(line + str(v), add_special_tokens=False)["input_ids"] for v in range(lo, hi + 1)]
+              for line, lo, hi in rubrics]
+    tokens, parents, depths, last = _token_trie([cand for group in groups for cand in group])
+    n = len(tokens)
+    past = prompt_cache.get_seq_length()
+    _check_tree_cache(prompt_cache, past + n)
+    # seen[i, j]: node i attends to node j, i.e. j is i or one of its ancestors (parents come first).
+    seen = torch.zeros((n, n), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            seen[node] = seen[parent]
+        seen[node, node] = True
+    visible = torch.cat([torch.ones((n, past), dtype=torch.bool), seen], dim=1).to(device)
+    mask = tree_attention_mask(visible[None], model.get_input_embeddings().weight.dtype)
+    positions = torch.tensor([depths], device=device) + past
+    try:
+        logits = _forward(model, torch.tensor([tokens], device=device), prompt_cache, attention_mask=mask,
+                          position_ids=positions).logits[0].float()
+    finally:
+        _crop_cache(prompt_cache, past)
+    # Row 0 is the prompt's next-token distribution, row i + 1 node i's: node i's token is
+    # predicted by row parents[i] + 1.
+    logprobs = torch.log_softmax(torch.cat([prompt_logits[None].float(), logits]), dim=-1)
+    token_lp = logprobs[torch.tensor(parents, device=device) + 1, torch.tensor(tokens, device=device)]
+    digit = number_continuation_mask(tokenizer, logprobs.shape[-1], device)
+    end_lp = torch.logsumexp(logprobs[torch.tensor(last, device=device) + 1][:, ~digit], dim=-1)
+    # A candidate's tokens are its last node and that node's ancestors: row `last` of `seen`.
+    paths = seen[last].to(device)
+    scores, start = [], 0
+    for group in groups:
+        path = paths[start:start + len(group)]
+        # Nodes on every candidate's path (the line so far, a shared first digit) add the same
+        # constant to the rubric's scores, which cancels in p_v; leaving it out keeps the scores
+        # small, and float32 precise. where(), not a matmul: 0 * -inf would be NaN where a
+        # token's probability underflows.
+        path = path & ~path.all(dim=0)
+        token_sum = torch.where(path, token_lp[None], torch.zeros((), device=device)).sum(dim=1)
+        scores.append(token_sum + end_lp[start:start + len(group)])
+        start += len(group)
     return scores
 
 
+class WeightedPrediction(NamedTuple):
+    """What :func:`weighted_predict` returns: per rubric the expected score, the probabilities over
+    lo..hi, and the indices of the rubrics whose scores underflowed (given a uniform distribution)."""
+    expected: list[float]
+    probabilities: list[list[float]]
+    underflow: list[int]
+
+
 def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]],
-                     prefix_scores: Sequence[int] | None = None) -> tuple[list[float], list[list[float]]]:
-    """Expected score per rubric under the model, and the probabilities over lo..hi.
+                     prefix_scores: Sequence[int] | None = None) -> WeightedPrediction:
+    """Expected score per rubric under the model, the probabilities over lo..hi, and the rubrics
+    that underflowed.
 
     For rubric k, with ``line = "s_0 s_1 ... s_{k-1} "`` ("" for k = 0; ``s_j`` = ``prefix_scores[j]``,
     or rubric j's own argmax below when None), every candidate v in lo..hi is teacher-forced::
@@ -238,36 +327,49 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     The end term is what makes multi-token numbers exact: without it "1" would also collect
     the mass of "12", "13", ... With a tokenizer that has a "12" token, P("1") alone likewise
     includes continuations like "1" + "2". ``line + str(v)`` is tokenised as one text, as in
-    training; the prompt is run once, the candidates' shared token prefix once per rubric, and
-    all candidates' remaining tokens in one batched forward over a repeated KV cache. When the
-    scores underflow (no finite mass), the rubric falls back to the uniform distribution.
+    training. The prompt is run once; the candidates go through the model as a token trie over the
+    prompt's cache (see ``_candidate_log_scores``; it needs sdpa or eager attention): all rubrics'
+    in one forward when ``prefix_scores`` gives every line, else one forward per rubric, each
+    after the previous rubric's argmax.
+    When the scores underflow (no finite mass), the rubric falls back to the uniform distribution
+    and its index is listed in ``underflow``.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not prompt_ids:
         raise ValueError("weighted_predict needs a non-empty prompt")
     if prefix_scores is not None and len(prefix_scores) < len(ranges) - 1:
         raise ValueError(f"prefix_scores needs {len(ranges) - 1} values, got {len(prefix_scores)}")
+    require_tree_attention(model, "weighted_predict", "load the model with sdpa or eager attention, or use --no_weighted")
     expected: list[float] = []
     probabilities: list[list[float]] = []
+    underflow: list[int] = []
     chosen: list[int] = []
     with _EvalMode(model), torch.inference_mode():
         out = _forward(model, torch.tensor([prompt_ids], device=_input_device(model)), last_only=True)
         prompt_cache, prompt_logits = out.cache, out.logits[0, -1].float()
+        if prefix_scores is not None:  # every line is known: one trie for all rubrics
+            lines = [score_line(prefix_scores[:k]) + " " if k else "" for k in range(len(ranges))]
+            known = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits,
+                                          [(line, lo, hi) for line, (lo, hi) in zip(lines, ranges)])
         for k, (lo, hi) in enumerate(ranges):
-            line = score_line(chosen) + " " if chosen else ""
-            scores = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits, line, lo, hi)
+            if prefix_scores is not None:
+                scores = known[k]
+            else:
+                line = score_line(chosen) + " " if chosen else ""
+                scores = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits, [(line, lo, hi)])[0]
             total = torch.logsumexp(scores, dim=0)
             if torch.isfinite(total):
                 p = torch.exp(scores - total)
             else:
                 logger.warning("rubric %d: candidate probabilities underflow; using a uniform distribution", k)
                 p = torch.full_like(scores, 1.0 / scores.numel())
+                underflow.append(k)
             values = torch.arange(lo, hi + 1, dtype=torch.float32, device=p.device)
             expected.append(float((p * values).sum()))
             probabilities.append(p.cpu().tolist())
             chosen.append(int(prefix_scores[k]) if prefix_scores is not None and k < len(prefix_scores)
                           else lo + int(torch.argmax(p)))
-    return expected, probabilities
+    return WeightedPrediction(expected, probabilities, underflow)
 
 
 # --------------------------------------------------------------------------- splits and evaluation
@@ -284,9 +386,11 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
     Prompts are built as in training (``max_prompt_tokens``: the run's essay shortening). An
     invalid or truncated generated line scores each rubric's midpoint and is marked ``valid: False``.
     The weighted prediction conditions later rubrics on the greedy scores when they are valid
-    (what the model actually wrote), else on its own per-rubric argmax. Without ``weighted`` the
-    weighted keys hold None. ``constrained``: greedy decoding restricted to valid score lines
-    (``--constrained``); the weighted prediction is unchanged (it already only weighs valid values).
+    (what the model actually wrote), else on its own per-rubric argmax. ``weighted_underflow``
+    names the rubrics whose candidate probabilities underflowed and were replaced by the uniform
+    distribution (usually none). Without ``weighted`` the weighted keys hold None. ``constrained``:
+    greedy decoding restricted to valid score lines (``--constrained``); the weighted prediction is
+    unchanged (it already only weighs valid values).
     """
     ranges = info.ranges
     prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format, max_prompt_tokens) for r in records]
@@ -298,19 +402,28 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
                                        disable=None if weighted else True):
         parsed = answer["scores"]
         pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
-                "weighted": None, "weighted_expected": None, "probabilities": None,
+                "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
                 "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
         if weighted:
-            expected, probs = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
+            expected, probs, underflow = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
             pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
             pred["weighted_expected"] = expected
             pred["probabilities"] = dict(zip(info.rubric_names, probs))
+            pred["weighted_underflow"] = [info.rubric_names[k] for k in underflow]
         predictions.append(pred)
     invalid = sum(not p["valid"] for p in predictions)
     if invalid:
         logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",
                        invalid, len(predictions))
+    underflow = _underflow_count(predictions)
+    if underflow:
+        logger.warning("%d essay-rubric weighted predictions underflowed and used a uniform distribution", underflow)
     return predictions
+
+
+def _underflow_count(predictions: list[dict]) -> int:
+    # .get(): rows written before the key existed count as no underflow.
+    return sum(len(p.get("weighted_underflow") or ()) for p in predictions)
 
 
 def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
@@ -326,7 +439,9 @@ def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
 
 def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     """QWK per rubric, pooled over all essay-rubric pairs (``overall``) and averaged, for the
-    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed."""
+    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed.
+    ``token.invalid`` counts essays whose score line was invalid, ``weighted.underflow`` the
+    essay-rubric pairs whose weighted distribution underflowed to uniform."""
     if not predictions:
         raise ValueError("no predictions to evaluate")
     results = {"token": _score_block(predictions, info, "greedy")}
@@ -334,6 +449,7 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     results["token"]["truncated"] = sum(bool(p.get("truncated")) for p in predictions)
     if all(p.get("weighted") is not None for p in predictions):
         results["weighted"] = _score_block(predictions, info, "weighted")
+        results["weighted"]["underflow"] = _underflow_count(predictions)
     return results
 
 
@@ -341,16 +457,18 @@ def format_results_table(results: dict, info: DatasetInfo, constrained: bool = F
     """Plain-text QWK table: rubrics, overall and average down, token and weighted across, then
     the invalid and truncated counts and the decoding mode that produced the greedy answers."""
     rows = info.rubric_names + ["overall", "average"]
-    counts = [key for key in ("invalid", "truncated") if key in results.get("token", {})]
+    counts = [row for row in ("invalid", "truncated", "underflow")
+              if any(row in results.get(b, {}) for b in ("token", "weighted"))]
     width = max(len(r) for r in rows + counts)
 
     def cell(block: str, row: str) -> str:
         value = results.get(block, {}).get(row)
-        return f"{value:>9.4f}" if isinstance(value, float) else f"{'-':>9}"
+        if isinstance(value, float):
+            return f"{value:>9.4f}"
+        return f"{value:>9d}" if isinstance(value, int) else f"{'-':>9}"
 
     lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
-    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows]
-    lines += [f"{key:<{width}}  {results['token'][key]:>9d}" for key in counts]
+    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
     lines.append(f"decoding: {decoding_mode(constrained)}")
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +10,12 @@ import torch
 from sklearn.metrics import cohen_kappa_score
 
 import modules.scoring as scoring
-from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt
-from modules.scoring import (evaluate_predictions, format_results_table, greedy_predict, predict_split,
-                             stop_token_ids, weighted_predict)
+from benchmarks.reference_weighted import reference_candidate_log_scores, reference_scorer
+from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
+from modules.scoring import (WeightedPrediction, evaluate_predictions, format_results_table, greedy_predict,
+                             predict_split, stop_token_ids, weighted_predict)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "aes_dataset_mtl"
 
 RANGES = [(0, 30), (1, 9), (0, 30)]  # "1" is a prefix of "12"; the third rubric follows a "12 7 " line
 INFO = DatasetInfo((Rubric("content", 0, 30), Rubric("style", 1, 9), Rubric("mechanics", 0, 30)))
@@ -183,7 +187,8 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
     twelve = tok("12", add_special_tokens=False)["input_ids"]
     assert len(twelve) == (2 if family == "digit_per_token" else 1)  # the family really is what it claims
     prompt = f"{tok.bos_token}Essay: I waited for the bus.\nScores: "  # short: the reference is brute force
-    expected, probs = weighted_predict(model, tok, prompt, RANGES, prefix_scores=prefix)
+    expected, probs, underflow = weighted_predict(model, tok, prompt, RANGES, prefix_scores=prefix)
+    assert underflow == []
     ref_expected, ref_probs, ref_raw = reference_weighted(model, tok, prompt, RANGES, prefix)
     for (lo, hi), p, rp in zip(RANGES, probs, ref_probs):
         assert len(p) == hi - lo + 1
@@ -197,14 +202,173 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
-            scores = scoring._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), "12 7 ", 0, 30)
+            scores, = scoring._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), [("12 7 ", 0, 30)])
         np.testing.assert_allclose(scores.numpy() - scores[0].item(), ref_raw[2] - ref_raw[2][0], atol=1e-4)
 
 
 
+
+# The tree-attention scorer against the scorer it replaced (benchmarks/reference_weighted.py: a
+# padded batch row per candidate over a repeated copy of the prompt cache), on every model family.
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny):
+    """The tiny model under a LoRA adapter whose B matrices are not zero, so it changes the logits."""
+    from modules.models import add_lora
+    model, tok = tiny
+    lora = add_lora(copy.deepcopy(model))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    return lora.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from modules.models import load_base_model
+    try:
+        model, tok = load_base_model("smollm2-135m", device=torch.device("cpu"))
+    except (OSError, ValueError) as err:
+        pytest.skip(f"smollm2-135m not available offline: {err}")
+    return model.eval(), tok
+
+
+MODELS = ["tiny", "tiny_lora", "llama3_tiny", "smollm2"]
+
+
+def cache_snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+
+def assert_cache_is(cache, snapshot) -> None:
+    assert len(cache.layers) == len(snapshot)
+    for layer, (keys, values) in zip(cache.layers, snapshot):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def prompt_state(model, tok, prompt: str):
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[0, -1].float()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_candidate_scores_match_the_reference_and_keep_the_prompt_cache(name, request):
+    model, tok = request.getfixturevalue(name)
+    cache, logits = prompt_state(model, tok, build_prompt(essay(1), INFO, tok))
+    snapshot = cache_snapshot(cache)
+    # 0-30 with nothing before it, after a line (a shared prefix that the trie runs once), and 1-9;
+    # one rubric per call, then all three in one trie.
+    rubrics = [("", 0, 30), ("12 7 ", 0, 30), ("12 ", 1, 9)]
+    with torch.inference_mode():
+        one_by_one = [scoring._candidate_log_scores(model, tok, cache, logits, [r])[0] for r in rubrics]
+        together = scoring._candidate_log_scores(model, tok, cache, logits, rubrics)
+        assert_cache_is(cache, snapshot)  # the prompt cache serves every rubric: it must come back as it was
+        reference = [reference_candidate_log_scores(model, tok, cache, logits, *r) for r in rubrics]
+    for (_, lo, hi), want, alone, joint in zip(rubrics, reference, one_by_one, together):
+        assert np.ptp(torch.softmax(want, 0).numpy()) > 1e-3  # not uniform: the comparison can tell candidates apart
+        for got in (alone, joint):
+            assert got.shape == (hi - lo + 1,) and got.dtype == torch.float32
+            np.testing.assert_allclose(torch.softmax(got, 0).numpy(), torch.softmax(want, 0).numpy(), atol=1e-5)
+            # Both leave out the tokens every candidate shares, so even the raw scores agree.
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dataset", ["shipped_8x1-9", "0-30_1-9_0-30"])
+def test_weighted_predict_matches_the_reference_on_multi_rubric_data(name, dataset, request):
+    model, tok = request.getfixturevalue(name)
+    if dataset == "shipped_8x1-9":
+        info, splits = load_splits(SHIPPED)
+        record = splits["test"][0]
+    else:
+        info, record = INFO, essay(2)
+    prompt = build_prompt(record, info, tok, mtl=True)
+    for prefix in (None, list(record.scores)):
+        got = weighted_predict(model, tok, prompt, info.ranges, prefix_scores=prefix)
+        with reference_scorer():
+            want = weighted_predict(model, tok, prompt, info.ranges, prefix_scores=prefix)
+        assert got.underflow == want.underflow == []
+        np.testing.assert_allclose(got.expected, want.expected, atol=1e-5 * max(hi for _, hi in info.ranges))
+        for p, q in zip(got.probabilities, want.probabilities):
+            np.testing.assert_allclose(p, q, atol=1e-5)
+
+
+def test_a_failed_forward_leaves_the_prompt_cache_as_it_was(tiny):
+    """The second decoder layer fails after the first has appended the candidates to the cache."""
+    model, tok = tiny
+    cache, logits = prompt_state(model, tok, build_prompt(essay(1), INFO, tok))
+    snapshot = cache_snapshot(cache)
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
+            scoring._candidate_log_scores(model, tok, cache, logits, [("", 0, 30)])
+    finally:
+        handle.remove()
+    assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == snapshot[0][0].shape[-2]
+    assert_cache_is(cache, snapshot)
+
+
+def test_sliding_window_model_is_scored_while_the_window_holds_prompt_and_candidates(tiny_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+    tok = tiny_tokenizer
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = peaky(MistralForCausalLM(config))
+    short = f"{tok.bos_token}Scores: "
+    got = weighted_predict(model, tok, short, [(0, 30)])
+    with reference_scorer():
+        want = weighted_predict(model, tok, short, [(0, 30)])
+    np.testing.assert_allclose(got.probabilities[0], want.probabilities[0], atol=1e-5)
+    # Past the window the layer drops the prompt's first states: refused, not scored wrongly.
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*--no_weighted"):
+        weighted_predict(model, tok, short + "word " * 40, [(0, 30)])
+
+
+def test_underflow_is_reported_in_the_row_the_results_and_the_table(tiny):
+    """The output layer gives the digits 5 and 6 no probability at all, so the second rubric (5-6)
+    has no finite candidate score, while the first (1-4) is scored normally."""
+    model, tok = tiny
+    info = DatasetInfo((Rubric("content", 1, 4), Rubric("style", 5, 6)))
+    killed = [i for i in range(len(tok)) if tok.convert_ids_to_tokens(i) in ("5", "6")]
+    assert len(killed) == 2
+
+    def no_five_or_six(module, args, output):
+        output = output.clone()
+        output[..., killed] = float("-inf")
+        return output
+
+    records = [essay(i, scores=(3, 5)) for i in range(3)]
+    handle = model.get_output_embeddings().register_forward_hook(no_five_or_six)
+    try:
+        preds = predict_split(model, tok, records, info, mtl=False, batch_size=3)
+    finally:
+        handle.remove()
+    for p in preds:
+        assert p["weighted_underflow"] == ["style"]
+        assert p["probabilities"]["style"] == [0.5, 0.5] and p["weighted_expected"][1] == 5.5
+        assert abs(sum(p["probabilities"]["content"]) - 1) < 1e-5 and np.ptp(p["probabilities"]["content"]) > 0.01
+    results = evaluate_predictions(preds, info)
+    assert results["weighted"]["underflow"] == 3  # essay-rubric pairs
+    assert "underflow" not in results["token"]
+    rows = {line.split()[0]: line.split()[1:] for line in format_results_table(results, info).splitlines()}
+    assert rows["underflow"] == ["-", "3"]
+    assert rows["invalid"][1] == "-"
+
+
 # --------------------------------------------------------------------------- splits and evaluation
 
-KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "text", "valid", "truncated"}
+KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "weighted_underflow", "text", "valid",
+        "truncated"}
 
 
 def test_predict_split_keys(tiny):
@@ -219,6 +383,7 @@ def test_predict_split_keys(tiny):
         assert set(p["probabilities"]) == {"content", "style"}
         assert [len(v) for v in p["probabilities"].values()] == [6, 4]
         assert all(lo <= s <= hi for s, (lo, hi) in zip(p["weighted"], info.ranges))
+        assert p["weighted_underflow"] == []
         if not p["valid"]:
             assert p["greedy"] == [3, 2]  # midpoints of 1-6 and 1-4
 
@@ -233,7 +398,7 @@ def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
     monkeypatch.setattr(scoring, "greedy_predict", lambda *a, **k: answers)
     monkeypatch.setattr(scoring, "weighted_predict",
                         lambda m, t, prompt, ranges, prefix_scores=None: (
-                            seen.append(prefix_scores) or ([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4])))
+                            seen.append(prefix_scores) or WeightedPrediction([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4], [])))
     preds = predict_split(model, tok, records, info, mtl=True)
     assert [p["valid"] for p in preds] == [True, False, True]
     assert [p["greedy"] for p in preds] == [[5, 1], [3, 2], [2, 4]]
@@ -263,9 +428,11 @@ def test_evaluate_predictions_matches_sklearn():
     assert results["token"]["invalid"] == sum(i % 7 == 0 for i in range(n))
     assert results["token"]["truncated"] == sum(i % 14 == 0 for i in range(n)) == 3
     assert "invalid" not in results["weighted"]
+    assert results["weighted"]["underflow"] == 0  # rows without "weighted_underflow" (older runs) count as none
     table = format_results_table(results, INFO)
     lines = table.splitlines()
-    assert lines[-3].split() == ["invalid", "6"] and lines[-2].split() == ["truncated", "3"]
+    assert [line.split() for line in lines[-4:-1]] == [["invalid", "6", "-"], ["truncated", "3", "-"],
+                                                      ["underflow", "-", "0"]]
     assert lines[-1] == "decoding: unconstrained"
     assert format_results_table(results, INFO, constrained=True).splitlines()[-1] == "decoding: constrained"
     assert [line.split()[0] for line in lines[1:6]] == ["content", "style", "mechanics", "overall", "average"]
