@@ -619,6 +619,9 @@ def convert_csv(path: str | Path, out_dir: str | Path, *, text_col: str, score_c
         if lo > hi or any(abs(v * scale - round(v * scale)) > 1e-9 for v in (lo, hi)):
             raise DataError(f"range {lo:g}-{hi:g} of column '{col}' must have min <= max and be whole numbers "
                             f"after --scale {scale:g}")
+        if lo < 0:  # the loader refuses it too (scores are integers >= 0; -1 marks invalid samples)
+            raise DataError(f"range {lo:g}-{hi:g} of column '{col}': scores must be >= 0; shift the column "
+                            f"to 0-{hi - lo:g} first")
     table = read_table(path, delimiter)
     require_columns(table, [text_col, *score_cols] + [c for c in (id_col, prompt_col) if c])
     report = _new_report(table)

@@ -400,6 +400,10 @@ def test_generic_csv_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         converters.convert_csv(src, tmp_path / "out", text_col="body", score_cols=["a", "z"], ranges=[(1, 9)])
     assert one_line_error(excinfo).startswith(f"{src}: missing column(s) 'body', 'z'")
+    with pytest.raises(DataError) as excinfo:  # -1 is the sample bank's invalid marker
+        converters.convert_csv(src, tmp_path / "out", text_col="text", score_cols=["a"], ranges=[(-1, 9)])
+    assert one_line_error(excinfo) == "range -1-9 of column 'a': scores must be >= 0; shift the column to 0-10 first"
+    assert not (tmp_path / "out").exists()
     ragged = write(tmp_path, "ragged.csv", "text,a\n\"one\",3,extra\n")
     with pytest.raises(DataError, match=r"ragged.csv:2: row 1: 3 fields, the header has 2"):
         converters.convert_csv(ragged, tmp_path / "out", text_col="text", score_cols=["a"], ranges=[(1, 6)])
