@@ -32,7 +32,9 @@ logger = logging.getLogger("main_pipeline")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base_model_name", required=True, help="hub id, local dir, tiny-random-llama or smollm2-135m")
-    p.add_argument("--device_id", default=None, help="CUDA device index (CPU when no GPU)")
+    p.add_argument("--device_id", default=None,
+                   help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
+                        "first GPU, else the CPU); a GPU that is not there is an error")
     p.add_argument("--mtl", action="store_true", help="targets are score line + feedback; EMO on the feedback")
     p.add_argument("--no_wandb", action="store_true")
     p.add_argument("--dry_run", action="store_true", help="one forward pass on one batch, print every loss term, exit")
@@ -135,21 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     # Under a launcher only rank 0 logs INFO; the others keep warnings and errors.
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.device_id is not None and "LOCAL_RANK" not in os.environ:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(args.device_id))
-
     from modules.data import load_splits
-    from modules.models import check_4bit
+    from modules.models import check_4bit, isolate_gpu
 
-    requested = 0 if args.device_id is not None else None
-    device = dist.join(requested)
+    # Under a launcher each process takes its LOCAL_RANK's GPU (--device_id is ignored) and joins the
+    # process group first; alone, the device is chosen after the data checks below.
+    device = dist.join(args.device_id)
     try:
         # Validate every split before any model is loaded: bad input fails in a second, not after
         # minutes. Every process checks; they agree on the verdict and rank 0 reports it.
         error = None
         try:
             info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
-            device = device or dist.device(requested)
+            # Only this GPU visible (CUDA_VISIBLE_DEVICES), as cuda:0: the Trainer trains on cuda:0.
+            device = device or isolate_gpu(args.device_id)
             if args.load_in_4bit:
                 check_4bit(device)
         except ValueError as err:  # DataError is a ValueError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 import time
 from pathlib import Path
 
@@ -143,17 +143,76 @@ def test_local_directory_loads(tiny, tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
-def test_resolve_device_falls_back_to_cpu(monkeypatch, caplog):
+def test_device_id_without_cuda_is_an_error_not_a_cpu_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="modules.models"):
-        assert M.resolve_device(0) == torch.device("cpu")
-    assert "CUDA" in caplog.text
-    assert M.resolve_device(None) == torch.device("cpu")
-    assert M.resolve_device("1") == torch.device("cpu")
-    assert M.resolve_device("cuda:1") == torch.device("cpu")
-    assert M.resolve_device("cpu") == torch.device("cpu")
-    assert M.resolve_device(-1) == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert M.resolve_device(None) == torch.device("cpu")  # no --device_id: the CPU, quietly
+    for cpu in ("cpu", "-1", -1, " CPU "):
+        assert M.resolve_device(cpu) == torch.device("cpu")
+        assert M.isolate_gpu(cpu) == torch.device("cpu")
+    for gpu in (0, "1", "cuda", "cuda:1"):
+        for resolve in (M.resolve_device, M.isolate_gpu):
+            with pytest.raises(ValueError) as info:
+                resolve(gpu)
+            assert str(info.value) == (f"--device_id {gpu}: this torch ({torch.__version__}) is built without CUDA; "
+                                       "use --device_id cpu to run on the CPU")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    with pytest.raises(ValueError, match="--device_id banana: not a GPU index"):
+        M.resolve_device("banana")
     assert M.default_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with physical GPUs 0-3 as torch sees them: CUDA_VISIBLE_DEVICES filters and
+    renumbers them, as the CUDA runtime does when it starts."""
+    def visible() -> list[str]:
+        value = os.environ.get("CUDA_VISIBLE_DEVICES")
+        entries = ["0", "1", "2", "3"] if value is None else [v for v in value.split(",") if v]
+        return [e for e in entries if e in {"0", "1", "2", "3"}]
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(visible()))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible()))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return monkeypatch
+
+
+def test_device_id_is_an_index_among_the_visible_gpus(fake_gpus):
+    # Set by a scheduler: GPUs 2 and 3 are this job's. --device_id 1 is the second of them, GPU 3,
+    # and the Trainer then sees it alone, as cuda:0.
+    fake_gpus.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert M.resolve_device(1) == torch.device("cuda", 1)
+    assert M.isolate_gpu("1") == torch.device("cuda", 0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+    fake_gpus.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ValueError) as info:
+        M.isolate_gpu("2")
+    assert str(info.value) == ("--device_id 2: CUDA_VISIBLE_DEVICES='2,3' makes 2 GPU(s) visible (indices 0-1); "
+                               "use --device_id cpu to run on the CPU")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # left as it was
+    with pytest.raises(ValueError, match=r"only 2 GPU\(s\) are visible \(indices 0-1, CUDA_VISIBLE_DEVICES='2,3'\)"):
+        M.resolve_device("cuda:2")
+
+    fake_gpus.delenv("CUDA_VISIBLE_DEVICES")  # unset: the index is the physical GPU
+    assert M.isolate_gpu("cuda:3") == torch.device("cuda", 0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    fake_gpus.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ValueError, match="--device_id 5: CUDA finds no GPU at GPU 5"):
+        M.isolate_gpu("5")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert M.resolve_device(None) == torch.device("cuda", 0)
+
+
+def test_isolate_gpu_after_cuda_started_only_resolves(fake_gpus):
+    # CUDA has read CUDA_VISIBLE_DEVICES already: narrowing it now would change nothing.
+    fake_gpus.setattr(torch.cuda, "is_initialized", lambda: True)
+    fake_gpus.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert M.isolate_gpu(1) == torch.device("cuda", 1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
