@@ -121,25 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- settings
 
-def read_json(path: Path) -> dict:
-    from modules.data import DataError
-
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return obj
-
-
 def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, str]:
     """mtl and prompt_format as in training: flags, else the adapter's run_manifest.json, else defaults.
 
     The prompt must be rendered exactly as in training, or the adapter scores a prompt it never saw.
     """
+    from modules.data import read_json
+
     manifest = Path(args.adapter_dir) / "run_manifest.json"
     config = read_json(manifest).get("config") if manifest.is_file() else None
     config = config if isinstance(config, dict) else {}
@@ -172,6 +160,8 @@ def resolve_fallback(values: list[int] | None, info) -> list[int]:
 
 
 def load_baselines(path: str | None) -> dict | None:
+    from modules.data import read_json
+
     return read_json(Path(path)) if path else None
 
 
@@ -261,6 +251,8 @@ def print_summary(curves: dict, best: dict, out_dir: Path) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from modules.data import read_json
+
     bank = Path(args.bank_path)
     config_path = bank.parent / CONFIG
     saved = read_json(config_path).get("args", {}) if config_path.is_file() else {}
@@ -341,8 +333,7 @@ def merge_banks(out_dir: Path, records, info) -> Path:
 def cmd_sample(args: argparse.Namespace) -> int:
     from main_pipeline import git_commit, package_versions, stop
     from modules import dist
-    from modules.data import DataError, build_prompt, write_json_atomic
-    from modules.models import load_adapter
+    from modules.data import DataError, build_prompt, read_json, write_json_atomic
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
 
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
@@ -385,6 +376,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         if device is None and args.device_id is not None:
             device = dist.device(args.device_id)
+        from modules.models import load_adapter  # transformers and peft: seconds, so after the checks
+
         model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
     except (DataError, CliError) as err:
         error = str(err)

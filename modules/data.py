@@ -140,6 +140,19 @@ def read_text_utf8(path: Path) -> str:
         raise _not_utf8(path, data.count(b"\n", 0, err.start) + 1, data[line_start:], err.start - line_start) from None
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a UTF-8 file (run configs, manifests, baselines); any problem with it is a
+    one-line DataError naming the file (and the line)."""
+    path = Path(path)
+    try:
+        obj = json.loads(read_text_utf8(path))
+    except json.JSONDecodeError as err:
+        raise _fail(path, err.lineno, None, f"invalid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, None, None, "expected a JSON object")
+    return obj
+
+
 def _not_utf8(path: Path, lineno: int, line: bytes, offset: int) -> DataError:
     column = len(line[:offset].decode("utf-8", errors="replace")) + 1
     return _fail(path, lineno, None, f"byte 0x{line[offset]:02x} at column {column} is not UTF-8 (save the file "
