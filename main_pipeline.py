@@ -30,7 +30,9 @@ logger = logging.getLogger("main_pipeline")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from modules.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base_model_name", required=True, help="hub id, local dir, tiny-random-llama or smollm2-135m")
     p.add_argument("--device_id", default=None,
                    help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "

@@ -70,7 +70,9 @@ def _add_analysis_flags(p: argparse.ArgumentParser, from_config: bool) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from modules.sampling import SAMPLERS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from modules.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--adapter_dir", required=True, help="trained LoRA adapter folder (runs/<name>)")

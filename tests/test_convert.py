@@ -436,7 +436,7 @@ def test_cli_asap_prints_report_and_errors(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
-def test_cli_csv_and_ellipse(tmp_path: Path) -> None:
+def test_cli_csv_and_ellipse(tmp_path: Path, capsys) -> None:
     src = write(tmp_path, "mine.tsv", "id\ttext\tscore\n" + "".join(f"x{i}\t{essay(i)}\t{i % 3}\n" for i in range(20)))
     done = _run_cli("csv", str(src), "--out_dir", str(tmp_path / "out"), "--text_col", "text", "--score_cols", "score",
                     "--ranges", "0-2", "--id_col", "id")
@@ -446,8 +446,12 @@ def test_cli_csv_and_ellipse(tmp_path: Path) -> None:
     assert el.returncode == 0, el.stderr
     assert "score cohesion: observed 2-10 (range 2-10)" in el.stdout
     parse = convert.build_parser()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse.parse_args(["csv", "f.csv", "--out_dir", "o", "--text_col", "t", "--score_cols", "a", "--ranges", "1..6"])
+    assert exit_info.value.code == 2
+    # One line, not argparse's usage block first (modules.cli.ArgumentParser).
+    assert capsys.readouterr().err == ("error: argument --ranges: range '1..6' is not LO-HI (e.g. 1-6) "
+                                       "(see python -m modules.convert csv --help)\n")
 
 
 # --------------------------------------------------------------------------- the shared ASAP file
