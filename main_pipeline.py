@@ -97,7 +97,7 @@ def newest_checkpoint(run_dir: Path) -> Path:
     numbered.sort(key=lambda p: int(p.name.split("-")[-1]))
     complete = [p for p in numbered if (p / "trainer_state.json").is_file()]
     if not complete:
-        detail = f" ({', '.join(p.name for p in numbered)} lack trainer_state.json: cut off while saving)" if numbered else ""
+        detail = f" ({', '.join(p.name for p in numbered)}: no trainer_state.json, cut off while saving)" if numbered else ""
         raise DataError(f"{run_dir}: no complete checkpoint-* folder to resume from{detail}")
     for partial in numbered[numbered.index(complete[-1]) + 1:]:
         logger.warning("%s lacks trainer_state.json (cut off while saving); resuming from %s", partial, complete[-1])

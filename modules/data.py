@@ -12,6 +12,7 @@ character offsets, never from fixed token counts, so any tokenizer works.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
@@ -133,11 +134,7 @@ def read_text_utf8(path: Path) -> str:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a file") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        raise _not_utf8(path, data.count(b"\n", 0, err.start) + 1, data[line_start:], err.start - line_start) from None
+    return decode_utf8(path, data)
 
 
 def read_json(path: str | Path) -> dict:
@@ -153,10 +150,20 @@ def read_json(path: str | Path) -> dict:
     return obj
 
 
-def _not_utf8(path: Path, lineno: int, line: bytes, offset: int) -> DataError:
-    column = len(line[:offset].decode("utf-8", errors="replace")) + 1
-    return _fail(path, lineno, None, f"byte 0x{line[offset]:02x} at column {column} is not UTF-8 (save the file "
-                                     f"as UTF-8; `python -m modules.convert csv` reads cp1252 and Latin-1 tables)")
+def decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """``data`` (the text of ``path`` from line ``first_line`` on) as UTF-8, a BOM at the start of
+    the file dropped. A byte that is not UTF-8 is a DataError naming the file, line and column:
+    the codec's own message names only a byte position."""
+    bom = first_line == 1 and data.startswith(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        offset = err.start + (len(codecs.BOM_UTF8) if bom else 0)  # utf-8-sig counts after the BOM
+        line_start = data.rfind(b"\n", 0, offset) + 1 or (len(codecs.BOM_UTF8) if bom else 0)
+        column = len(data[line_start:offset].decode("utf-8", errors="replace")) + 1
+        raise _fail(path, first_line + data.count(b"\n", 0, offset), None,
+                    f"byte 0x{data[offset]:02x} at column {column} is not UTF-8 (save the file as UTF-8; "
+                    f"`python -m modules.convert csv` reads cp1252 and Latin-1 tables)") from None
 
 
 def loads_with_lines(text: str) -> tuple[Any, Callable[..., int | None]]:
@@ -235,10 +242,7 @@ def _iter_jsonl(path: Path):
         raise DataError(f"{path}: is a folder, expected a file") from None
     with handle:
         for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
-            except UnicodeDecodeError as err:
-                raise _not_utf8(path, lineno, raw, err.start) from None
+            line = decode_utf8(path, raw, first_line=lineno)
             if not line.strip():
                 continue
             try:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from modules.data import DataError
+from modules.data import DataError, decode_utf8
 from modules.scoring import _EvalMode, _input_device, parse_score_line, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -324,10 +324,7 @@ def read_bank(path: str | Path, ranges: Sequence[tuple[int, int]], *, repair: bo
             with path.open("r+b") as handle:
                 handle.truncate(end)
                 os.fsync(handle.fileno())
-    try:
-        lines = data[:end].decode("utf-8").split("\n")[:-1]
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = decode_utf8(path, data[:end]).split("\n")[:-1]
     rows, seen = [], {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():

@@ -97,6 +97,9 @@ def test_utf8_bom_crlf_and_bad_bytes(tmp_path):
     with pytest.raises(DataError) as err:
         load_split(folder / "valid.jsonl")
     assert str(err.value).startswith(f"{folder / 'valid.jsonl'}:2: byte 0xe9 at column {column} is not UTF-8")
+    (folder / "test.jsonl").write_bytes(b"\xef\xbb\xbf{\"id\": \"\xff")  # the BOM is not a column
+    with pytest.raises(DataError, match=r"test.jsonl:1: byte 0xff at column 9 is not UTF-8"):
+        load_split(folder / "test.jsonl")
 
 
 @pytest.mark.parametrize("prompt_id, expected", [
