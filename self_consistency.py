@@ -140,10 +140,7 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, str]:
     given = [args.mtl is not None, args.prompt_format is not None]
     parts = ["flags"] if any(given) else []
     if not all(given):
-        parts.append("run_manifest.json" if config else "defaults")
-        if not config:
-            logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if "
-                           "they differed)", manifest, mtl, fmt)
+        parts.append("run_manifest.json" if config else "defaults")  # cmd_sample warns about defaults
     return mtl, fmt, " + ".join(parts)
 
 
@@ -388,6 +385,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     error = dist.first_error(error)
     if error:
         return stop(error)
+    if prompt_source.endswith("defaults") and dist.is_main():
+        # Only now: a run that stops on an input error prints that error line alone.
+        logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if they "
+                       "differed)", Path(args.adapter_dir) / "run_manifest.json", mtl, prompt_format)
     param = next(model.parameters())
 
     if args.dry_run:

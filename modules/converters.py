@@ -336,7 +336,8 @@ def read_table(path: str | Path, delimiter: str | None = None) -> Table:
         raise DataError(f"{path}:{reader.line_num}: malformed table ({err})") from None
     if header is None:
         raise DataError(f"{path}: empty file (no header row)")
-    logger.info("%s: %d rows, encoding %s", path, len(rows), encoding)
+    # debug: the report printed at the end says it, and an input error that follows is then the only line
+    logger.debug("%s: %d rows, encoding %s", path, len(rows), encoding)
     return Table(path, header, rows, encoding, hashlib.sha256(data).hexdigest())
 
 
@@ -436,8 +437,8 @@ def build_records(table: Table, rows: Sequence[tuple[int, int, dict[str, str]]],
         for key, n in counts.items():
             setattr(report, key, getattr(report, key) + n)
         records.append({"id": essay_id, "prompt_id": prompt_id, "essay": essay, "scores": scores, "feedback": ""})
-    for reason, lines in report.dropped.items():
-        logger.info("%s: dropped %d row(s): %s (first on line %d)", table.path, len(lines), reason, lines[0])
+    for reason, lines in report.dropped.items():  # listed by the printed report too
+        logger.debug("%s: dropped %d row(s): %s (first on line %d)", table.path, len(lines), reason, lines[0])
     return records
 
 
