@@ -130,27 +130,4 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     assert entry["from"] == str(run_dir / "checkpoint-2") and entry["forced"] == {}
 
 
-def test_existing_run_folder_is_never_overwritten(small_data, tmp_path):
-    (tmp_path / "keep.txt").write_text("x")
-    result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(tmp_path), "--no_wandb")
-    assert result.returncode == 2
-    assert "run folder exists" in result.stderr
-    assert (tmp_path / "keep.txt").read_text() == "x"
-
-
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda rec: "{not json", "train.jsonl:3: invalid JSON"),
-    (lambda rec: json.dumps({k: v for k, v in rec.items() if k != "essay"}), "train.jsonl:3: field 'essay': missing"),
-    (lambda rec: json.dumps({**rec, "scores": {**rec["scores"], "task": 12}}), "train.jsonl:3: field 'scores.task': score 12 outside 1-9"),
-])
-def test_bad_input_is_one_line_before_model_load(small_data, tmp_path, mutate, expected):
-    folder = tmp_path / "bad"
-    shutil.copytree(small_data, folder)
-    lines = (folder / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    lines[2] = mutate(json.loads(lines[2]))
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # A model that does not exist proves the data error comes before any model load.
-    result = run_cli("--base_model_name", "no-such/model", "--data_dir", str(folder), "--no_wandb", timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert expected in result.stderr and "Traceback" not in result.stderr
+# Bad input (broken records, an existing run folder, a bad resume) is in tests/test_cli_inputs.py.
