@@ -88,7 +88,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from modules.data import SPLITS, DataError, load_splits, nfc, write_json_atomic, write_jsonl_atomic
+from modules.data import (SPLITS, DataError, load_splits, nfc, read_input_bytes, write_json_atomic,
+                          write_jsonl_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -303,12 +304,7 @@ class Table:
 def read_table(path: str | Path, delimiter: str | None = None) -> Table:
     """Read a delimited file with a header row; ``delimiter`` defaults to tab for .tsv/.tab."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a file") from None
+    data = read_input_bytes(path)
     text, encoding = decode_bytes(data)
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","

@@ -125,16 +125,20 @@ def load_dataset_info(data_dir: str | Path) -> DatasetInfo:
     return DatasetInfo(tuple(rubrics), prompts, raw.get("language", "en"), raw.get("name", ""))
 
 
-def read_text_utf8(path: Path) -> str:
-    """A whole UTF-8 file (a leading BOM dropped); a missing file or a byte that is not UTF-8 is a
-    one-line DataError naming the file and line."""
+def read_input_bytes(path: Path) -> bytes:
+    """The bytes of an input file; a missing file or a folder in its place is a one-line DataError."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a file") from None
-    return decode_utf8(path, data)
+
+
+def read_text_utf8(path: Path) -> str:
+    """A whole UTF-8 file (a leading BOM dropped); a missing file or a byte that is not UTF-8 is a
+    one-line DataError naming the file and line."""
+    return decode_utf8(path, read_input_bytes(path))
 
 
 def read_json(path: str | Path) -> dict:

@@ -248,6 +248,17 @@ def main_err(case_id: str, edit: Callable[[Fixtures], Path], *expected: Callable
                 lambda fx: [fx.path(case_id), folder(fx)])
 
 
+def convert_case(case_id: str, expected: Callable[[Fixtures], list[str]],
+                 table: Callable[[Fixtures], Path] = lambda fx: fx.table, **flags: str) -> Case:
+    """A `modules.convert csv` row on the 20-essay table (text, score 1-6), with ``flags`` changed;
+    flags are passed as --flag=value, so a value may start with '-'."""
+    flags = {"text_col": "text", "score_cols": "score", "ranges": "1-6", **flags}
+    return Case(case_id, "convert",
+                lambda fx: ["csv", str(table(fx)), "--out_dir", str(fx.path(case_id)),
+                            *(f"--{k}={v}" for k, v in flags.items())],
+                expected, lambda fx: [fx.path(case_id)])
+
+
 def dry_run_ok(result: subprocess.CompletedProcess, max_width: int = 384) -> tuple[int, int]:
     """The dry run's batch shape, after checking every loss term is a finite number."""
     line = next(line for line in result.stdout.splitlines() if line.startswith("dry run:"))
@@ -460,27 +471,16 @@ CASES: list[Case] = [
          lambda fx: ["run", "--dry_run", *fx.sc_flags(korean_test_file(fx), "--output_root", str(fx.path("sc_ko")))],
          None, lambda fx: [fx.path("sc_ko")], check=lambda fx, r: assert_in(KOREAN.split(". ")[0], r.stdout)),
     # ------------------------------------------------------------ python -m modules.convert
-    Case("convert_input_missing", "convert",
-         lambda fx: ["csv", str(fx.path("none.csv")), "--out_dir", str(fx.path("cv1")), "--text_col", "text",
-                     "--score_cols", "score", "--ranges", "1-6"],
-         lambda fx: [f"{fx.path('none.csv')}: file not found"], lambda fx: [fx.path("cv1")]),
-    Case("convert_column_missing", "convert",
-         lambda fx: ["csv", str(fx.table), "--out_dir", str(fx.path("cv2")), "--text_col", "body",
-                     "--score_cols", "score", "--ranges", "1-6"],
-         lambda fx: [f"{fx.table}: missing column(s) 'body'"], lambda fx: [fx.path("cv2")]),
-    Case("convert_negative_range", "convert",
-         lambda fx: ["csv", str(fx.table), "--out_dir", str(fx.path("cv3")), "--text_col", "text",
-                     "--score_cols", "score", "--ranges=-1-6"],
-         lambda fx: ["range -1-6 of column 'score': scores must be >= 0; shift the column to 0-7 first"],
-         lambda fx: [fx.path("cv3")]),
-    Case("convert_score_outside_range", "convert",
-         lambda fx: ["csv", str(fx.table), "--out_dir", str(fx.path("cv4")), "--text_col", "text",
-                     "--score_cols", "score", "--ranges", "1-5"],
-         lambda fx: [f"{fx.table}:7: row 6, column 'score': score 6 outside 1-5"], lambda fx: [fx.path("cv4")]),
-    Case("convert_ranges_not_lo_hi", "convert",
-         lambda fx: ["csv", str(fx.table), "--out_dir", str(fx.path("cv5")), "--text_col", "text",
-                     "--score_cols", "score", "--ranges", "1..6"],
-         lambda fx: ["argument --ranges: range '1..6' is not LO-HI (e.g. 1-6)"], lambda fx: [fx.path("cv5")]),
+    convert_case("convert_input_missing", lambda fx: [f"{fx.path('none.csv')}: file not found"],
+                 table=lambda fx: fx.path("none.csv")),
+    convert_case("convert_column_missing", lambda fx: [f"{fx.table}: missing column(s) 'body'"], text_col="body"),
+    convert_case("convert_negative_range",
+                 lambda fx: ["range -1-6 of column 'score': scores must be >= 0; shift the column to 0-7 first"],
+                 ranges="-1-6"),
+    convert_case("convert_score_outside_range",
+                 lambda fx: [f"{fx.table}:7: row 6, column 'score': score 6 outside 1-5"], ranges="1-5"),
+    convert_case("convert_ranges_not_lo_hi", lambda fx: ["argument --ranges: range '1..6' is not LO-HI (e.g. 1-6)"],
+                 ranges="1..6"),
     Case("convert_out_dir_holds_a_dataset", "convert",
          lambda fx: ["csv", str(fx.table), "--out_dir", str(fx.data), "--text_col", "text",
                      "--score_cols", "score", "--ranges", "1-6"],
