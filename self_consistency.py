@@ -78,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--adapter_dir", required=True, help="trained LoRA adapter folder (runs/<name>)")
     sampling.add_argument("--base_model_name", required=True, help="the adapter's base: hub id, local dir or built-in")
     sampling.add_argument("--test_path", required=True, help="test jsonl; dataset.json is read from its folder")
-    sampling.add_argument("--device_id", default=None, help="CUDA device index (default 0 when a GPU is present, else CPU)")
+    sampling.add_argument("--device_id", default=None,
+                          help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
+                               "first GPU, else the CPU); a GPU that is not there is an error")
     sampling.add_argument("--dry_run", action="store_true", help="load everything, print one prompt, exit")
     sampling.add_argument("--max_m", type=int, default=50, help="samples per essay")
     sampling.add_argument("--chunk_m", type=int, default=10, help="samples per generate call")
