@@ -30,9 +30,13 @@ logger = logging.getLogger("main_pipeline")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from modules.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base_model_name", required=True, help="hub id, local dir, tiny-random-llama or smollm2-135m")
-    p.add_argument("--device_id", default=None, help="CUDA device index (CPU when no GPU)")
+    p.add_argument("--device_id", default=None,
+                   help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
+                        "first GPU, else the CPU); a GPU that is not there is an error")
     p.add_argument("--mtl", action="store_true", help="targets are score line + feedback; EMO on the feedback")
     p.add_argument("--no_wandb", action="store_true")
     p.add_argument("--dry_run", action="store_true", help="one forward pass on one batch, print every loss term, exit")
@@ -41,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--emo_weights", type=float, default=0.1, help="EMO weight; 0 disables, negative = dynamic")
     p.add_argument("--loss_type", choices=("mse", "was"), default="mse", help="NTL variant")
     p.add_argument("--resume_checkpoint", default=None, help="run folder whose newest checkpoint-* to resume")
+    p.add_argument("--force_resume", action="store_true",
+                   help="resume even though flags that decide the training differ from the run's (recorded in "
+                        "run_manifest.json)")
     p.add_argument("--data_dir", default=str(ROOT / "aes_dataset_mtl"))
     p.add_argument("--output_dir", default=None, help="run folder (default runs/<auto-name>)")
     p.add_argument("--num_train_epochs", type=float, default=10)
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume_checkpoint and args.output_dir and Path(args.output_dir) != Path(args.resume_checkpoint):
         p.error("--resume_checkpoint names the run folder; do not also give a different --output_dir")
+    if args.force_resume and not args.resume_checkpoint:
+        p.error("--force_resume goes with --resume_checkpoint")
     if args.emo_topk < 1:
         p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
     return args
@@ -82,10 +91,61 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint-* folder to resume from")
-    return checkpoints[-1]
+    """The newest complete ``checkpoint-N`` of a run folder. The Trainer writes trainer_state.json
+    last, so a checkpoint without it was cut off by a kill and is passed over."""
+    from modules.data import DataError
+
+    numbered = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    numbered.sort(key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in numbered if (p / "trainer_state.json").is_file()]
+    if not complete:
+        detail = f" ({', '.join(p.name for p in numbered)}: no trainer_state.json, cut off while saving)" if numbered else ""
+        raise DataError(f"{run_dir}: no complete checkpoint-* folder to resume from{detail}")
+    for partial in numbered[numbered.index(complete[-1]) + 1:]:
+        logger.warning("%s lacks trainer_state.json (cut off while saving); resuming from %s", partial, complete[-1])
+    return complete[-1]
+
+
+# The flags that decide what a training run computes: a resumed run must use the run's values, or it
+# would continue one model with another run's data or settings. How long to train (--max_steps,
+# --num_train_epochs), when to evaluate, save and log, and how to score the test split may change.
+RESUME_KEYS = ("base_model_name", "data_dir", "mtl", "ratio", "seed", "ntl_weights", "emo_weights", "loss_type",
+               "emo_topk", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+               "warmup_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+               "load_in_4bit", "prompt_format")
+MANIFEST = "run_manifest.json"
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The flags as recorded in the manifest; the data folder as an absolute path, so that a resume
+    from another working directory compares the same folder."""
+    return {**vars(args), "data_dir": str(Path(args.data_dir).resolve())}
+
+
+def check_resume(args: argparse.Namespace) -> tuple[Path, dict, dict]:
+    """The checkpoint a --resume_checkpoint run continues, the run's manifest, and the RESUME_KEYS
+    whose values differ from the run's ({flag: {"run": old, "now": new}}); a DataError (one line)
+    when there is nothing to resume or flags differ without --force_resume."""
+    from modules.data import DataError, read_json
+
+    run_dir = Path(args.resume_checkpoint)
+    if not run_dir.is_dir():
+        raise DataError(f"--resume_checkpoint {run_dir}: run folder not found")
+    checkpoint = newest_checkpoint(run_dir)
+    manifest = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else None
+    if manifest is None and not args.force_resume:
+        raise DataError(f"{run_dir}: no {MANIFEST}, so the run's flags cannot be checked; pass --force_resume "
+                        f"to continue it with these flags")
+    before = dict((manifest or {}).get("config") or {})
+    if before.get("data_dir"):
+        before["data_dir"] = str(Path(before["data_dir"]).resolve())
+    now = run_config(args)
+    diffs = {k: {"run": before.get(k), "now": now[k]} for k in RESUME_KEYS if manifest and before.get(k) != now[k]}
+    if diffs and not args.force_resume:
+        listed = "; ".join(f"--{k} {d['now']!r} (run used {d['run']!r})" for k, d in diffs.items())
+        raise DataError(f"{run_dir}: cannot resume with different flags: {listed}; use the run's values, or "
+                        f"--force_resume to continue anyway")
+    return checkpoint, manifest or {}, diffs
 
 
 def git_commit() -> str | None:
@@ -137,29 +197,35 @@ def main(argv: list[str] | None = None) -> int:
     # Under a launcher only rank 0 logs INFO; the others keep warnings and errors.
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.device_id is not None and "LOCAL_RANK" not in os.environ:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(args.device_id))
-
     from modules.data import load_splits
-    from modules.models import check_4bit
 
-    requested = 0 if args.device_id is not None else None
-    device = dist.join(requested)
+    # Under a launcher each process takes its LOCAL_RANK's GPU (--device_id is ignored) and joins the
+    # process group first; alone, the device is chosen after the data checks below.
+    device = dist.join(args.device_id)
     try:
-        # Validate every split before any model is loaded: bad input fails in a second, not after
-        # minutes. Every process checks; they agree on the verdict and rank 0 reports it.
-        error = None
+        # Validate every split (and what --resume_checkpoint continues) before any model is loaded:
+        # bad input fails in a second, not after minutes. Every process checks; they agree on the
+        # verdict and rank 0 reports it.
+        error, resume = None, None
         try:
             info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
-            device = device or dist.device(requested)
+            if args.resume_checkpoint:
+                resume = check_resume(args)
+            if device is None:
+                from modules.models import isolate_gpu
+
+                # Only this GPU visible (CUDA_VISIBLE_DEVICES), as cuda:0: the Trainer trains on cuda:0.
+                device = isolate_gpu(args.device_id)
             if args.load_in_4bit:
+                from modules.models import check_4bit
+
                 check_4bit(device)
         except ValueError as err:  # DataError is a ValueError
             error = str(err)
         error = dist.first_error(error)
         if error:
             return stop(error)
-        return run(args, info, splits, device)
+        return run(args, info, splits, device, resume)
     finally:
         dist.finish()
 
@@ -178,7 +244,7 @@ def stop(error: str) -> int:
     return 2
 
 
-def run(args: argparse.Namespace, info, splits, device) -> int:
+def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
@@ -191,23 +257,32 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
     from modules.trainer import LABEL_NAMES, CustomTrainer, LossConfig, compute_loss_terms
 
     set_seed(args.seed)
-    resuming = args.resume_checkpoint is not None
+    resuming = resume is not None
     run_dir = Path(args.resume_checkpoint or args.output_dir or ROOT / "runs" / run_name(args))
-    if resuming:
-        checkpoint = newest_checkpoint(run_dir)
-    elif not args.dry_run:
-        # Rank 0 picks and creates the one run folder (its name holds rank 0's clock) and tells the others.
+    creating = not resuming and not args.dry_run
+    if creating:
+        # Rank 0 picks the one run folder (its name holds rank 0's clock) and tells the others; it is
+        # created only once the model has loaded, so a bad model name leaves no folder behind.
         error = None
-        if dist.is_main():
-            if run_dir.exists() and any(run_dir.iterdir()):
-                error = f"{run_dir}: run folder exists and is not empty (use --resume_checkpoint to continue it)"
-            else:
-                run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main() and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            error = f"{run_dir}: run folder exists and is not empty (use --resume_checkpoint to continue it)"
         run_dir, error = dist.broadcast((run_dir, error))
         if error:
             return stop(error)
 
-    model, tokenizer = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
+    error = None
+    try:
+        model, tokenizer = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
+    except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
+        error = str(err).strip().splitlines()[0]
+    if creating and error is None and dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = f"{run_dir}: cannot create the run folder ({err.strerror})"
+    error = dist.first_error(error)
+    if error:
+        return stop(error)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()])
     number_values = number_token_values(tokenizer)
@@ -254,27 +329,41 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
     trainer = CustomTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=valid_set,
                             data_collator=collator, loss_config=loss_config,
                             callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
-    if resuming and dist.is_main():
-        print(f"resuming from {checkpoint} (global step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']})")
+    # The manifest is written before training too: a killed run's flags are then on record, and a
+    # resume of it is checked against them (check_resume).
+    manifest = {
+        "command": [sys.executable, *sys.argv], "config": run_config(args), "run_dir": str(run_dir),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(), "packages": package_versions(), "seed": args.seed, "device": str(device),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "world_size": dist.world_size(), "ddp_backend": dist.backend(),
+        "dtype": str(model.dtype), "rubrics": info.rubric_names, "max_prompt_tokens": max_prompt_tokens,
+        "split_sizes": {k: len(v) for k, v in splits.items()},
+    }
+    if resuming:
+        checkpoint, before, forced = resume
+        manifest["created"] = before.get("created", manifest["created"])
+        manifest["resumes"] = [*before.get("resumes", []), {
+            "command": manifest["command"], "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": str(checkpoint),
+            "git_commit": manifest["git_commit"], "forced": forced}]
+    if dist.is_main():
+        write_json_atomic(run_dir / MANIFEST, manifest)
+        if resuming:
+            step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+            forced_note = f"; --force_resume over {', '.join('--' + k for k in forced)}" if forced else ""
+            print(f"resuming from {checkpoint} (global step {step}){forced_note}")
     started = time.time()
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if resuming else None)
     train_seconds = time.time() - started
     trainer.save_model(str(run_dir))  # every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
 
-    manifest = {
-        "command": [sys.executable, *sys.argv], "config": vars(args), "run_dir": str(run_dir),
-        "git_commit": git_commit(), "packages": package_versions(), "seed": args.seed, "device": str(device),
-        "world_size": dist.world_size(), "ddp_backend": dist.backend(),
-        "dtype": str(model.dtype), "rubrics": info.rubric_names, "max_prompt_tokens": max_prompt_tokens,
-        "split_sizes": {k: len(v) for k, v in splits.items()},
-        "train": {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
-                  "best_checkpoint": trainer.state.best_model_checkpoint,
-                  "best_eval_loss": trainer.state.best_metric, **train_result.metrics},
-    }
+    manifest["train"] = {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
+                         "best_checkpoint": trainer.state.best_model_checkpoint,
+                         "best_eval_loss": trainer.state.best_metric, **train_result.metrics}
     if dist.is_main():
         tokenizer.save_pretrained(str(run_dir))
         write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
-        write_json_atomic(run_dir / "run_manifest.json", manifest)
+        write_json_atomic(run_dir / MANIFEST, manifest)
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
                                    and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
         # FSDP and ZeRO-3 leave each process a shard of the weights, but every process scores its own
@@ -301,7 +390,7 @@ def run(args: argparse.Namespace, info, splits, device) -> int:
         results = evaluate_predictions(predictions, info)
         write_json_atomic(run_dir / "evaluation_results.json", results)
         manifest["inference_seconds"] = round(time.time() - started, 1)
-        write_json_atomic(run_dir / "run_manifest.json", manifest)
+        write_json_atomic(run_dir / MANIFEST, manifest)
         print(format_results_table(results, info, constrained=args.constrained))
         print(f"run folder: {run_dir}")
     dist.barrier()

@@ -74,13 +74,17 @@ def _add_analysis_flags(p: argparse.ArgumentParser, from_config: bool) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from modules.sampling import SAMPLERS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from modules.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--adapter_dir", required=True, help="trained LoRA adapter folder (runs/<name>)")
     sampling.add_argument("--base_model_name", required=True, help="the adapter's base: hub id, local dir or built-in")
     sampling.add_argument("--test_path", required=True, help="test jsonl; dataset.json is read from its folder")
-    sampling.add_argument("--device_id", default=None, help="CUDA device index (default 0 when a GPU is present, else CPU)")
+    sampling.add_argument("--device_id", default=None,
+                          help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
+                               "first GPU, else the CPU); a GPU that is not there is an error")
     sampling.add_argument("--dry_run", action="store_true", help="load everything, print one prompt, exit")
     sampling.add_argument("--max_m", type=int, default=50, help="samples per essay")
     sampling.add_argument("--chunk_m", type=int, default=10, help="samples per generate call")
@@ -130,20 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- settings
 
-def read_json(path: Path) -> dict:
-    from modules.data import DataError
-
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return obj
-
-
 def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, str]:
     """mtl and prompt_format as in training (flags, else the adapter's run_manifest.json, else
     defaults), the training run's prompt budget (essays are shortened to it, as in training), and
@@ -151,6 +141,8 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, st
 
     The prompt must be rendered exactly as in training, or the adapter scores a prompt it never saw.
     """
+    from modules.data import read_json
+
     manifest = Path(args.adapter_dir) / "run_manifest.json"
     saved = read_json(manifest) if manifest.is_file() else {}
     config = saved.get("config")
@@ -158,9 +150,6 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, st
     max_prompt_tokens = saved.get("max_prompt_tokens")
     if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
         raise CliError(f"{manifest}: field 'max_prompt_tokens': expected a positive integer, got {max_prompt_tokens!r}")
-    if saved and "max_prompt_tokens" not in saved:
-        logger.info("%s has no max_prompt_tokens (a run from before prompts were shortened alike); "
-                       "prompting with whole essays", manifest)
     mtl = args.mtl if args.mtl is not None else bool(config.get("mtl", False))
     fmt = args.prompt_format or config.get("prompt_format") or "chat"
     if fmt not in ("chat", "plain"):
@@ -168,10 +157,7 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, st
     given = [args.mtl is not None, args.prompt_format is not None]
     parts = ["flags"] if any(given) else []
     if not all(given):
-        parts.append("run_manifest.json" if config else "defaults")
-        if not config:
-            logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if "
-                           "they differed)", manifest, mtl, fmt)
+        parts.append("run_manifest.json" if config else "defaults")  # cmd_sample warns about defaults
     return mtl, fmt, max_prompt_tokens, " + ".join(parts)
 
 
@@ -190,6 +176,8 @@ def resolve_fallback(values: list[int] | None, info) -> list[int]:
 
 
 def load_baselines(path: str | None) -> dict | None:
+    from modules.data import read_json
+
     return read_json(Path(path)) if path else None
 
 
@@ -286,6 +274,7 @@ def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> Non
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from modules.data import read_json
     from modules.scoring import decoding_mode
 
     bank = Path(args.bank_path)
@@ -371,8 +360,7 @@ def merge_banks(out_dir: Path, records, info) -> Path:
 def cmd_sample(args: argparse.Namespace) -> int:
     from main_pipeline import git_commit, package_versions, stop
     from modules import dist
-    from modules.data import DataError, build_prompt, write_json_atomic
-    from modules.models import load_adapter
+    from modules.data import DataError, build_prompt, read_json, write_json_atomic
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
     from modules.scoring import decoding_mode, score_line_budget
 
@@ -418,6 +406,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         if device is None and args.device_id is not None:
             device = dist.device(args.device_id)
+        from modules.models import load_adapter  # transformers and peft: seconds, so after the checks
+
         model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
     except (DataError, CliError) as err:
         error = str(err)
@@ -426,6 +416,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     error = dist.first_error(error)
     if error:
         return stop(error)
+    if prompt_source.endswith("defaults") and dist.is_main():
+        # Only now: a run that stops on an input error prints that error line alone.
+        logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if they "
+                       "differed)", Path(args.adapter_dir) / "run_manifest.json", mtl, prompt_format)
+    elif max_prompt_tokens is None and dist.is_main():
+        logger.info("%s records no max_prompt_tokens (a run from before prompts were shortened alike); "
+                    "prompting with whole essays", Path(args.adapter_dir) / "run_manifest.json")
     param = next(model.parameters())
     token_budget = args.max_new_tokens or score_line_budget(tokenizer, info.ranges, args.constrained)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from modules import converters
+from modules.cli import ArgumentParser
 from modules.data import DataError, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -609,7 +610,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser; each converter registers one subcommand with ``func``."""
-    parser = argparse.ArgumentParser(prog="python -m modules.convert",
+    parser = ArgumentParser(prog="python -m modules.convert",
                                      description="Dataset converters and sample-data generator.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write the deterministic synthetic sample dataset")

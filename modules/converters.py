@@ -88,7 +88,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from modules.data import SPLITS, DataError, load_splits, nfc, write_json_atomic, write_jsonl_atomic
+from modules.data import (SPLITS, DataError, load_splits, nfc, read_input_bytes, write_json_atomic,
+                          write_jsonl_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -303,12 +304,7 @@ class Table:
 def read_table(path: str | Path, delimiter: str | None = None) -> Table:
     """Read a delimited file with a header row; ``delimiter`` defaults to tab for .tsv/.tab."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a file") from None
+    data = read_input_bytes(path)
     text, encoding = decode_bytes(data)
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
@@ -336,7 +332,8 @@ def read_table(path: str | Path, delimiter: str | None = None) -> Table:
         raise DataError(f"{path}:{reader.line_num}: malformed table ({err})") from None
     if header is None:
         raise DataError(f"{path}: empty file (no header row)")
-    logger.info("%s: %d rows, encoding %s", path, len(rows), encoding)
+    # debug: the report printed at the end says it, and an input error that follows is then the only line
+    logger.debug("%s: %d rows, encoding %s", path, len(rows), encoding)
     return Table(path, header, rows, encoding, hashlib.sha256(data).hexdigest())
 
 
@@ -436,8 +433,8 @@ def build_records(table: Table, rows: Sequence[tuple[int, int, dict[str, str]]],
         for key, n in counts.items():
             setattr(report, key, getattr(report, key) + n)
         records.append({"id": essay_id, "prompt_id": prompt_id, "essay": essay, "scores": scores, "feedback": ""})
-    for reason, lines in report.dropped.items():
-        logger.info("%s: dropped %d row(s): %s (first on line %d)", table.path, len(lines), reason, lines[0])
+    for reason, lines in report.dropped.items():  # listed by the printed report too
+        logger.debug("%s: dropped %d row(s): %s (first on line %d)", table.path, len(lines), reason, lines[0])
     return records
 
 
@@ -619,6 +616,9 @@ def convert_csv(path: str | Path, out_dir: str | Path, *, text_col: str, score_c
         if lo > hi or any(abs(v * scale - round(v * scale)) > 1e-9 for v in (lo, hi)):
             raise DataError(f"range {lo:g}-{hi:g} of column '{col}' must have min <= max and be whole numbers "
                             f"after --scale {scale:g}")
+        if lo < 0:  # the loader refuses it too (scores are integers >= 0; -1 marks invalid samples)
+            raise DataError(f"range {lo:g}-{hi:g} of column '{col}': scores must be >= 0; shift the column "
+                            f"to 0-{hi - lo:g} first")
     table = read_table(path, delimiter)
     require_columns(table, [text_col, *score_cols] + [c for c in (id_col, prompt_col) if c])
     report = _new_report(table)

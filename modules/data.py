@@ -12,13 +12,14 @@ character offsets, never from fixed token counts, so any tokenizer works.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -90,30 +91,121 @@ def _fail(path: Path, line: int | None, fieldname: str | None, problem: str) -> 
 def load_dataset_info(data_dir: str | Path) -> DatasetInfo:
     """Read and validate ``dataset.json`` in ``data_dir``."""
     path = Path(data_dir) / "dataset.json"
+    text = read_text_utf8(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raw, line_of = loads_with_lines(text)
     except json.JSONDecodeError as err:
         raise _fail(path, err.lineno, None, f"invalid JSON ({err.msg})") from None
     if not isinstance(raw, dict):
         raise _fail(path, 1, None, "expected a JSON object")
     rubrics_raw = raw.get("rubrics")
     if not isinstance(rubrics_raw, list) or not rubrics_raw:
-        raise _fail(path, None, "rubrics", "missing or empty list")
+        raise _fail(path, line_of(raw, "rubrics"), "rubrics", "missing or empty list")
     rubrics = []
     for i, r in enumerate(rubrics_raw):
         for key in ("name", "min", "max"):
             if not isinstance(r, dict) or key not in r:
-                raise _fail(path, None, f"rubrics[{i}].{key}", "missing")
-        if not all(isinstance(r[k], int) and not isinstance(r[k], bool) for k in ("min", "max")) or r["min"] > r["max"]:
-            raise _fail(path, None, f"rubrics[{i}]", f"min/max must be integers with min <= max, got {r['min']!r}..{r['max']!r}")
+                raise _fail(path, line_of(r), f"rubrics[{i}].{key}", "missing")
+        for key in ("min", "max"):
+            if not isinstance(r[key], int) or isinstance(r[key], bool):
+                raise _fail(path, line_of(r, key), f"rubrics[{i}].{key}", f"must be an integer, got {r[key]!r}")
+        if r["min"] > r["max"]:
+            raise _fail(path, line_of(r, "min"), f"rubrics[{i}]", f"min {r['min']} > max {r['max']}")
+        if r["min"] < 0:
+            # Score lines hold non-negative integers, and the sample bank marks an invalid sample
+            # with -1: a rubric reaching -1 would fail only at analysis, after all the sampling.
+            raise _fail(path, line_of(r, "min"), f"rubrics[{i}].min",
+                        f"{r['min']} is negative; scores must be integers >= 0 (shift the scale, e.g. "
+                        f"{r['min']}..{r['max']} to 0..{r['max'] - r['min']})")
         rubrics.append(Rubric(str(r["name"]), r["min"], r["max"], nfc(r.get("description", "")), r.get("levels")))
     names = [r.name for r in rubrics]
     if len(set(names)) != len(names):
-        raise _fail(path, None, "rubrics", f"duplicate rubric names {names}")
+        raise _fail(path, line_of(raw, "rubrics"), "rubrics", f"duplicate rubric names {names}")
     prompts = {str(p["id"]): nfc(p.get("text", "")) for p in raw.get("prompts", []) if isinstance(p, dict) and "id" in p}
     return DatasetInfo(tuple(rubrics), prompts, raw.get("language", "en"), raw.get("name", ""))
+
+
+def read_input_bytes(path: Path) -> bytes:
+    """The bytes of an input file; a missing file or a folder in its place is a one-line DataError."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a file") from None
+
+
+def read_text_utf8(path: Path) -> str:
+    """A whole UTF-8 file (a leading BOM dropped); a missing file or a byte that is not UTF-8 is a
+    one-line DataError naming the file and line."""
+    return decode_utf8(path, read_input_bytes(path))
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a UTF-8 file (run configs, manifests, baselines); any problem with it is a
+    one-line DataError naming the file (and the line)."""
+    path = Path(path)
+    try:
+        obj = json.loads(read_text_utf8(path))
+    except json.JSONDecodeError as err:
+        raise _fail(path, err.lineno, None, f"invalid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, None, None, "expected a JSON object")
+    return obj
+
+
+def decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """``data`` (the text of ``path`` from line ``first_line`` on) as UTF-8, a BOM at the start of
+    the file dropped. A byte that is not UTF-8 is a DataError naming the file, line and column:
+    the codec's own message names only a byte position."""
+    bom = first_line == 1 and data.startswith(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        offset = err.start + (len(codecs.BOM_UTF8) if bom else 0)  # utf-8-sig counts after the BOM
+        line_start = data.rfind(b"\n", 0, offset) + 1 or (len(codecs.BOM_UTF8) if bom else 0)
+        column = len(data[line_start:offset].decode("utf-8", errors="replace")) + 1
+        raise _fail(path, first_line + data.count(b"\n", 0, offset), None,
+                    f"byte 0x{data[offset]:02x} at column {column} is not UTF-8 (save the file as UTF-8; "
+                    f"`python -m modules.convert csv` reads cp1252 and Latin-1 tables)") from None
+
+
+def loads_with_lines(text: str) -> tuple[Any, Callable[..., int | None]]:
+    """``json.loads`` that also returns ``line_of(obj, key=None)``: the line where a decoded object
+    (a dict of the result) starts, or where its ``key`` is written; None for anything else.
+
+    The pure-Python scanner is used because the C one does not report where objects start; the
+    files read this way (dataset.json) are small.
+    """
+    spans: dict[int, tuple[int, int]] = {}
+    decoder = json.JSONDecoder()
+
+    def parse_object(s_and_end, *args):
+        obj, end = json.decoder.JSONObject(s_and_end, *args)
+        spans[id(obj)] = (s_and_end[1] - 1, end)
+        return obj, end
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    obj = decoder.decode(text)
+
+    def line_of(item: Any, key: str | None = None) -> int | None:
+        span = spans.get(id(item))
+        if span is None:
+            return None
+        start, end = span
+        if key is not None:
+            # The key at this object's own level: skip matches inside nested objects.
+            inner = [spans[id(v)] for v in item.values() if id(v) in spans]
+            inner += [spans[id(x)] for v in item.values() if isinstance(v, list) for x in v if id(x) in spans]
+            for match in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text[start:end]):
+                pos = start + match.start()
+                if not any(lo <= pos < hi for lo, hi in inner):
+                    start = pos
+                    break
+        return text.count("\n", 0, start) + 1
+
+    return obj, line_of
 
 
 def infer_dataset_info(path: str | Path) -> DatasetInfo:
@@ -145,12 +237,16 @@ def _first_record(path: Path) -> tuple[int, Any] | None:
 # --------------------------------------------------------------------------- records
 
 def _iter_jsonl(path: Path):
+    # Bytes, decoded line by line: a byte that is not UTF-8 is then reported with its line.
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a file") from None
     with handle:
-        for lineno, line in enumerate(handle, start=1):
+        for lineno, raw in enumerate(handle, start=1):
+            line = decode_utf8(path, raw, first_line=lineno)
             if not line.strip():
                 continue
             try:
@@ -193,7 +289,14 @@ def _parse_record(path: Path, lineno: int, obj: Any, info: DatasetInfo) -> Essay
     feedback = obj.get("feedback", "")
     if not isinstance(feedback, str):
         raise _fail(path, lineno, "feedback", "must be a string")
-    return EssayRecord(str(obj["id"]), str(obj.get("prompt_id", "")), nfc(obj["essay"]), tuple(values), nfc(feedback))
+    prompt_id = str(obj.get("prompt_id", ""))
+    if info.prompts and prompt_id not in info.prompts or not info.prompts and prompt_id:
+        # The writing prompt is part of what the model is trained on: an id that names no prompt
+        # would silently train this essay without it.
+        known = ", ".join(map(repr, info.prompts)) or "none"
+        problem = f"{prompt_id!r} is not a prompt id of dataset.json" if prompt_id else "missing"
+        raise _fail(path, lineno, "prompt_id", f"{problem} (its prompts: {known})")
+    return EssayRecord(str(obj["id"]), prompt_id, nfc(obj["essay"]), tuple(values), nfc(feedback))
 
 
 def _parse_original(path: Path, lineno: int, obj: dict, info: DatasetInfo) -> EssayRecord:

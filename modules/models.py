@@ -83,35 +83,90 @@ def _builtin_dir(name: str) -> Path:
 # --------------------------------------------------------------------------- device
 
 
-def resolve_device(device_id: int | str | None = None) -> torch.device:
-    """Map ``--device_id`` to a torch device, falling back to CPU when CUDA is absent.
+def _gpu_index(device_id: int | str) -> int | torch.device:
+    """A ``--device_id`` as a GPU index, or the non-CUDA torch device it names (``cpu``, ``mps``)."""
+    text = str(device_id).strip().lower()
+    if text.lstrip("-").isdigit():
+        return int(text) if int(text) >= 0 else torch.device("cpu")  # negative: the original's "no GPU"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device_id {device_id}: not a GPU index (0, 1, ...), cuda:N or cpu") from None
+    if device.type != "cuda":
+        return device
+    return device.index or 0
 
-    Accepts ``None`` (first GPU if any), an int or digit string (CUDA index; negative
-    means CPU), or a torch device string such as ``"cpu"`` or ``"cuda:1"``. A missing GPU
-    is a warning, not an error, so the same command line runs on laptops and clusters.
+
+def _no_gpu(device_id: int | str, reason: str) -> ValueError:
+    return ValueError(f"--device_id {device_id}: {reason}; use --device_id cpu to run on the CPU")
+
+
+def _why_no_cuda() -> str:
+    if not torch.backends.cuda.is_built():
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "CUDA finds no GPU" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+
+
+def resolve_device(device_id: int | str | None = None) -> torch.device:
+    """Map ``--device_id`` to a torch device.
+
+    ``None``: the first GPU when there is one, else the CPU. ``cpu`` (or a negative number): the
+    CPU. ``N`` or ``cuda:N``: the N-th GPU among the visible ones (torch numbers the GPUs that
+    ``CUDA_VISIBLE_DEVICES`` leaves, in its order). A GPU that was asked for and is not there is a
+    ValueError, never a silent CPU run: an 8B model would crawl on the CPU for hours.
     """
-    if isinstance(device_id, str):
-        text = device_id.strip()
-        if text.lstrip("-").isdigit():
-            device_id = int(text)
-        else:
-            device = torch.device(text)
-            if device.type != "cuda":
-                return device
-            device_id = device.index if device.index is not None else 0
-    if isinstance(device_id, int) and device_id < 0:
+    if device_id is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        # debug, not info: a run that fails next should print its error line alone
+        logger.debug("CUDA is not available; using the CPU")
         return torch.device("cpu")
+    index = _gpu_index(device_id)
+    if isinstance(index, torch.device):
+        return index
     if not torch.cuda.is_available():
-        if device_id is None:
-            logger.info("CUDA is not available; using the CPU")
-        else:
-            logger.warning("CUDA device %s requested but CUDA is not available; using the CPU", device_id)
-        return torch.device("cpu")
-    index = 0 if device_id is None else int(device_id)
+        raise _no_gpu(device_id, _why_no_cuda())
     count = torch.cuda.device_count()
     if index >= count:
-        raise ValueError(f"CUDA device {index} requested but only {count} device(s) are visible")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+        raise _no_gpu(device_id, f"only {count} GPU(s) are visible (indices 0-{count - 1}{where})")
     return torch.device("cuda", index)
+
+
+def isolate_gpu(device_id: int | str | None) -> torch.device:
+    """:func:`resolve_device` for a process that must see that one GPU only, such as a run of the
+    HF Trainer: it trains on ``cuda:0`` and spreads over every visible GPU with DataParallel.
+
+    ``CUDA_VISIBLE_DEVICES`` is narrowed to the requested GPU (its N-th entry when set, else GPU
+    N), which then is ``cuda:0``. CUDA reads the variable once, when it starts, so this must run
+    before anything touches CUDA; later, the device is resolved without narrowing.
+    """
+    index = None if device_id is None else _gpu_index(device_id)
+    if not isinstance(index, int) or torch.cuda.is_initialized():
+        return resolve_device(device_id)
+    if not torch.backends.cuda.is_built():
+        raise _no_gpu(device_id, _why_no_cuda())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [v.strip() for v in visible.split(",") if v.strip()]
+        if index >= len(entries):
+            raise _no_gpu(device_id, f"CUDA_VISIBLE_DEVICES={visible!r} makes {len(entries)} GPU(s) visible"
+                                     + (f" (indices 0-{len(entries) - 1})" if entries else ""))
+        chosen = entries[index]
+    else:
+        chosen = str(index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+        if visible is None:  # as it was, for any process started from here
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        where = f"entry {index} of CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else f"GPU {index}"
+        raise _no_gpu(device_id, f"CUDA finds no GPU at {where} (nvidia-smi lists the GPUs)")
+    logger.info("--device_id %s: GPU %s (CUDA_VISIBLE_DEVICES=%s, cuda:0 in this process)", device_id, chosen, chosen)
+    return torch.device("cuda", 0)
 
 
 def check_4bit(device: torch.device) -> None:

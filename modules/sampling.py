@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from modules.data import DataError
 from modules.constrained import START, ScoreLineLogitsProcessor
+from modules.data import DataError, decode_utf8
 from modules.score_lines import line_sample, parse_score_line
 from modules.scoring import _EvalMode, _input_device, ended_rows, line_constraint, stop_token_ids
 from modules.tree_attention import require_tree_attention, tree_attention_mask
@@ -350,10 +350,7 @@ def read_bank(path: str | Path, ranges: Sequence[tuple[int, int]], *, repair: bo
             with path.open("r+b") as handle:
                 handle.truncate(end)
                 os.fsync(handle.fileno())
-    try:
-        lines = data[:end].decode("utf-8").split("\n")[:-1]
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = decode_utf8(path, data[:end]).split("\n")[:-1]
     rows, seen, reparsed = [], {}, 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():

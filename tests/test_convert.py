@@ -400,6 +400,10 @@ def test_generic_csv_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         converters.convert_csv(src, tmp_path / "out", text_col="body", score_cols=["a", "z"], ranges=[(1, 9)])
     assert one_line_error(excinfo).startswith(f"{src}: missing column(s) 'body', 'z'")
+    with pytest.raises(DataError) as excinfo:  # -1 is the sample bank's invalid marker
+        converters.convert_csv(src, tmp_path / "out", text_col="text", score_cols=["a"], ranges=[(-1, 9)])
+    assert one_line_error(excinfo) == "range -1-9 of column 'a': scores must be >= 0; shift the column to 0-10 first"
+    assert not (tmp_path / "out").exists()
     ragged = write(tmp_path, "ragged.csv", "text,a\n\"one\",3,extra\n")
     with pytest.raises(DataError, match=r"ragged.csv:2: row 1: 3 fields, the header has 2"):
         converters.convert_csv(ragged, tmp_path / "out", text_col="text", score_cols=["a"], ranges=[(1, 6)])
@@ -432,7 +436,7 @@ def test_cli_asap_prints_report_and_errors(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
-def test_cli_csv_and_ellipse(tmp_path: Path) -> None:
+def test_cli_csv_and_ellipse(tmp_path: Path, capsys) -> None:
     src = write(tmp_path, "mine.tsv", "id\ttext\tscore\n" + "".join(f"x{i}\t{essay(i)}\t{i % 3}\n" for i in range(20)))
     done = _run_cli("csv", str(src), "--out_dir", str(tmp_path / "out"), "--text_col", "text", "--score_cols", "score",
                     "--ranges", "0-2", "--id_col", "id")
@@ -442,8 +446,12 @@ def test_cli_csv_and_ellipse(tmp_path: Path) -> None:
     assert el.returncode == 0, el.stderr
     assert "score cohesion: observed 2-10 (range 2-10)" in el.stdout
     parse = convert.build_parser()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse.parse_args(["csv", "f.csv", "--out_dir", "o", "--text_col", "t", "--score_cols", "a", "--ranges", "1..6"])
+    assert exit_info.value.code == 2
+    # One line, not argparse's usage block first (modules.cli.ArgumentParser).
+    assert capsys.readouterr().err == ("error: argument --ranges: range '1..6' is not LO-HI (e.g. 1-6) "
+                                       "(see python -m modules.convert csv --help)\n")
 
 
 # --------------------------------------------------------------------------- the shared ASAP file

@@ -66,8 +66,55 @@ def test_empty_split_and_missing_files(tmp_path):
 
 def test_bad_dataset_json(tmp_path):
     (tmp_path / "dataset.json").write_text('{"rubrics": [{"name": "a", "min": 5, "max": 1}]}')
-    with pytest.raises(DataError, match=r"dataset.json: field 'rubrics\[0\]'"):
+    with pytest.raises(DataError, match=r"dataset.json:1: field 'rubrics\[0\]': min 5 > max 1"):
         load_dataset_info(tmp_path)
+
+
+@pytest.mark.parametrize("rubric, expected", [
+    ({"name": "b", "min": -1, "max": 3}, "11: field 'rubrics[1].min': -1 is negative; scores must be integers >= 0"),
+    ({"name": "b", "min": 0, "max": "9"}, "12: field 'rubrics[1].max': must be an integer, got '9'"),
+    ({"name": "b", "max": 3}, "9: field 'rubrics[1].min': missing"),
+])
+def test_dataset_json_errors_name_the_line(tmp_path, rubric, expected):
+    # Indented as people write it: the line is the one holding the field (or its rubric's "{"),
+    # the second rubric's "{" being on line 9.
+    text = json.dumps({"name": "t", "rubrics": [{"name": "a", "min": 0, "max": 3}, rubric]}, indent=2)
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(DataError) as err:
+        load_dataset_info(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'dataset.json'}:{expected}")
+
+
+def test_utf8_bom_crlf_and_bad_bytes(tmp_path):
+    folder = write_folder(tmp_path, [record(1), record(2)])
+    for name in ("dataset.json", "train.jsonl"):  # a BOM and CRLF line endings, as Windows editors save
+        data = (folder / name).read_bytes().replace(b"\n", b"\r\n")
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + data)
+    assert [r.id for r in load_split(folder / "train.jsonl")] == ["e1", "e2"]
+    lines = (folder / "valid.jsonl").read_bytes().splitlines()
+    lines[1] = lines[1].replace(b"bus", b"b\xe9s")  # a cp1252 byte in UTF-8 text
+    (folder / "valid.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    column = lines[1].index(b"\xe9") + 1
+    with pytest.raises(DataError) as err:
+        load_split(folder / "valid.jsonl")
+    assert str(err.value).startswith(f"{folder / 'valid.jsonl'}:2: byte 0xe9 at column {column} is not UTF-8")
+    (folder / "test.jsonl").write_bytes(b"\xef\xbb\xbf{\"id\": \"\xff")  # the BOM is not a column
+    with pytest.raises(DataError, match=r"test.jsonl:1: byte 0xff at column 9 is not UTF-8"):
+        load_split(folder / "test.jsonl")
+
+
+@pytest.mark.parametrize("prompt_id, expected", [
+    ("p2", "field 'prompt_id': 'p2' is not a prompt id of dataset.json (its prompts: 'p1')"),
+    (None, "field 'prompt_id': missing (its prompts: 'p1')"),
+])
+def test_record_prompt_id_must_name_a_prompt(tmp_path, prompt_id, expected):
+    bad = record(2, prompt_id=prompt_id)
+    if prompt_id is None:
+        del bad["prompt_id"]
+    folder = write_folder(tmp_path, [record(1), bad])
+    with pytest.raises(DataError) as err:
+        load_split(folder / "train.jsonl")
+    assert str(err.value) == f"{folder / 'train.jsonl'}:2: {expected}"
 
 
 def test_original_records_with_inferred_rubrics(tmp_path, caplog):

