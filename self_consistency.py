@@ -18,7 +18,6 @@ merged bank is the one a single process would write.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys

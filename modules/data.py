@@ -16,6 +16,7 @@ import codecs
 import json
 import logging
 import random
+import re
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
