@@ -275,6 +275,21 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         model, tokenizer = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
     except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
         error = str(err).strip().splitlines()[0]
+    if error is None:
+        number_values = number_token_values(tokenizer)
+        # Essays are shortened to the same prompt budget in training and in scoring (SPEC §7). Every
+        # example is encoded before the run folder exists, so an essay that cannot fit is a one-line
+        # error that leaves nothing behind.
+        wanted = {"train": splits["train"][: args.per_device_train_batch_size]} if args.dry_run else \
+            {"train": splits["train"], "valid": splits["valid"]}
+        try:
+            max_prompt_tokens = prompt_token_budget(splits["train"], tokenizer, args.mtl, args.max_seq_length)
+            encoded = {name: [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
+                                             max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
+                                             number_values=number_values) for r in records]
+                       for name, records in wanted.items()}
+        except ValueError as err:
+            error = str(err)
     if creating and error is None and dist.is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -285,22 +300,13 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         return stop(error)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()])
-    number_values = number_token_values(tokenizer)
     loss_config = LossConfig(number_values, ntl_weight=args.ntl_weights,
                              emo_weight=args.emo_weights if args.mtl else 0.0,
                              loss_type=args.loss_type, emo_topk=args.emo_topk)
 
-    # Essays are shortened to the same prompt budget in training and in scoring (SPEC §7).
-    max_prompt_tokens = prompt_token_budget(splits["train"], tokenizer, args.mtl, args.max_seq_length)
-
-    def encode(records):
-        return [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
-                               max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
-                               number_values=number_values) for r in records]
-
     collator = ScoringCollator(tokenizer.pad_token_id)
     if args.dry_run:
-        batch = collator(encode(splits["train"][: args.per_device_train_batch_size]))
+        batch = collator(encoded["train"])
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             _, terms, _ = compute_loss_terms(model, batch, loss_config)
@@ -309,7 +315,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
                   + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
         return 0
 
-    train_set, valid_set = encode(splits["train"]), encode(splits["valid"])
+    train_set, valid_set = encoded["train"], encoded["valid"]
     report_to = setup_wandb(args, run_dir)
     strategy = "steps" if args.eval_steps else "epoch"
     training_args = TrainingArguments(

@@ -423,9 +423,16 @@ def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = 
             return prompt
         text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         keep = len(text_ids) - excess
+        # A cut inside a multi-byte character decodes to U+FFFD, which re-encodes to as many byte
+        # tokens as were cut: drop it, and cut further until the text really gets shorter.
+        while keep > 0:
+            shorter_text = tokenizer.decode(text_ids[:keep]).rstrip("\ufffd")
+            if len(shorter_text) < len(text):
+                break
+            keep -= 1
         if keep <= 0:
             break
-        text = tokenizer.decode(text_ids[:keep])
+        text = shorter_text
         shorter = replace(record, instruction=text) if record.instruction is not None else replace(record, essay=text)
         prompt = render_prompt(tokenizer, render_instruction(shorter, info, mtl), prompt_format)
         length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -452,7 +459,11 @@ def prompt_token_budget(records: Sequence[EssayRecord], tokenizer, mtl: bool, ma
     """
     if max_seq_length is None:
         return None
-    return max_seq_length - max(len(_target_ids(r, tokenizer, mtl)[0]) for r in records)
+    longest = max(len(_target_ids(r, tokenizer, mtl)[0]) for r in records)
+    if longest >= max_seq_length:
+        raise ValueError(f"--max_seq_length {max_seq_length} leaves no room for a prompt: the longest training "
+                         f"target takes {longest} tokens")
+    return max_seq_length - longest
 
 
 # --------------------------------------------------------------------------- label masks

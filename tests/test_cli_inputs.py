@@ -29,6 +29,8 @@ from typing import Callable
 
 import pytest
 
+from modules.score_lines import score_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 SCRIPTS = {"main": [str(ROOT / "main_pipeline.py")], "sc": [str(ROOT / "self_consistency.py")],
@@ -148,7 +150,8 @@ class Fixtures:
         for line in self.lines(self.data, "test") if lines is None else []:
             record = json.loads(line)
             true = [record["scores"][n] for n in names]
-            samples = [{"text": "", "scores": scores(true, j)} for j in range(4)]
+            drawn = [scores(true, j) for j in range(4)]  # each sample's text is what its scores say
+            samples = [{"text": "no score" if d is None else score_line(d), "scores": d} for d in drawn]
             rows.append(json.dumps({"id": record["id"], "gold": gold(true), "samples": samples,
                                     "invalid": sum(s["scores"] is None for s in samples)}))
         (folder / "samples.jsonl").write_text("\n".join(lines if lines is not None else rows) + "\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,19 @@ def test_long_essay_scoring_prompt_is_the_training_prompt(request, tokenizer_nam
         # The budget comes from the training targets, not from the essay being scored.
         assert budget == max_seq_length - max(len(tokenizer(target_text(r, mtl), add_special_tokens=False)["input_ids"]) + 1
                                    for r in records)
+
+
+def test_cutting_a_byte_level_essay_mid_character_converges(tiny_tokenizer):
+    # The tiny tokenizer spells Hangul in byte tokens: a cut inside a character decodes to U+FFFD,
+    # which re-encodes to the bytes that were cut; the cut must still shorten the essay.
+    info, rec = sample_info(), sample_records()[0]
+    korean = replace(rec, essay="학교 교복은 학생들 사이의 차별을 줄이고 소속감을 높인다고 생각합니다. " * 8)
+    short_prompt = len(tiny_tokenizer(build_prompt(replace(rec, essay=""), info, tiny_tokenizer),
+                                      add_special_tokens=False)["input_ids"])
+    for budget in range(short_prompt + 5, short_prompt + 60, 7):
+        prompt = build_prompt(korean, info, tiny_tokenizer, max_prompt_tokens=budget)
+        assert budget - 4 <= len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget
+        assert "\ufffd" not in prompt and "Essay:\n학" in prompt
 
 
 def test_collator_pads_and_masks(tiny_tokenizer):

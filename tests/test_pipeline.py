@@ -91,7 +91,8 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
 
     info = dataset_info_for(small_data / "test.jsonl")
     model, tokenizer = load_adapter("tiny-random-llama", run_dir)
-    again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info, mtl=True, batch_size=8)
+    again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info, mtl=True, batch_size=8,
+                          max_prompt_tokens=manifest["max_prompt_tokens"], constrained=True)
     assert [(p["greedy"], p["weighted"], p["text"]) for p in again] == [(r["greedy"], r["weighted"], r["text"]) for r in rows]
     # And each QWK is sklearn's quadratic kappa of those predictions (0 where kappa is undefined).
     for table, key in (("token", "greedy"), ("weighted", "weighted")):

@@ -98,7 +98,8 @@ def test_two_process_training_writes_one_run_and_scores_every_essay_once(data, t
     # One process scoring the saved adapter gives the same predictions and evaluation.
     info = dataset_info_for(data.test)
     model, tokenizer = load_adapter("tiny-random-llama", run_dir)
-    alone = predict_split(model, tokenizer, load_split(data.test, info), info, mtl=True, batch_size=1)
+    alone = predict_split(model, tokenizer, load_split(data.test, info), info, mtl=True, batch_size=1,
+                          max_prompt_tokens=manifest["max_prompt_tokens"])
     for got, want in zip(rows, alone):
         assert {k: got[k] for k in ("id", "gold", "greedy", "text", "valid", "weighted")} == \
                {k: want[k] for k in ("id", "gold", "greedy", "text", "valid", "weighted")}
