@@ -225,16 +225,6 @@ def tiny_lora(tiny):
     return lora.eval(), tok
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from modules.models import load_base_model
-    try:
-        model, tok = load_base_model("smollm2-135m", device=torch.device("cpu"))
-    except (OSError, ValueError) as err:
-        pytest.skip(f"smollm2-135m not available offline: {err}")
-    return model.eval(), tok
-
-
 MODELS = ["tiny", "tiny_lora", "llama3_tiny", "smollm2"]
 
 
