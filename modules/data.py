@@ -239,21 +239,14 @@ def _first_record(path: Path) -> tuple[int, Any] | None:
 
 def _iter_jsonl(path: Path):
     # Bytes, decoded line by line: a byte that is not UTF-8 is then reported with its line.
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a file") from None
-    with handle:
-        for lineno, raw in enumerate(handle, start=1):
-            line = decode_utf8(path, raw, first_line=lineno)
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _fail(path, lineno, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    for lineno, raw in enumerate(read_input_bytes(path).split(b"\n"), start=1):
+        line = decode_utf8(path, raw, first_line=lineno)
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise _fail(path, lineno, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def _check_score(path: Path, lineno: int, fieldname: str, value: Any, rubric: Rubric) -> int:
@@ -411,16 +404,24 @@ def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = 
     Training and inference both call this with the run's ``max_prompt_tokens`` (see
     :func:`prompt_token_budget`), so the model is scored on exactly the prompt it was trained on.
     """
-    prompt = render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
     if max_prompt_tokens is None:
-        return prompt
+        return render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
+    return _fit_prompt(record, info, tokenizer, mtl, prompt_format, max_prompt_tokens)[0]
+
+
+def _fit_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool, prompt_format: str,
+                max_prompt_tokens: int | None) -> tuple[str, list[int]]:
+    """:func:`build_prompt`'s text and its token ids (tokenised once, as the cut needs them anyway)."""
+    prompt = render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
     # Chat templates write their own BOS text; the plain format writes it too (render_prompt).
-    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if max_prompt_tokens is None:
+        return prompt, list(ids)
     text = record.instruction if record.instruction is not None else record.essay
     for _ in range(8):  # decode/re-encode can merge tokens differently; a few rounds converge
-        excess = length - max_prompt_tokens
+        excess = len(ids) - max_prompt_tokens
         if excess <= 0:
-            return prompt
+            return prompt, list(ids)
         text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         keep = len(text_ids) - excess
         # A cut inside a multi-byte character decodes to U+FFFD, which re-encodes to as many byte
@@ -435,18 +436,18 @@ def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = 
         text = shorter_text
         shorter = replace(record, instruction=text) if record.instruction is not None else replace(record, essay=text)
         prompt = render_prompt(tokenizer, render_instruction(shorter, info, mtl), prompt_format)
-        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if length > max_prompt_tokens:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_prompt_tokens:
         raise ValueError(f"{record.id}: the prompt without its essay takes more than {max_prompt_tokens} tokens "
                          "(raise --max_seq_length)")
-    return prompt
+    return prompt, list(ids)
 
 
-def _target_ids(record: EssayRecord, tokenizer, mtl: bool):
-    """Target token ids (+EOS) and each one's character span in the target text."""
+def _target_ids(record: EssayRecord, tokenizer, mtl: bool) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """The target text, its token ids (+EOS) and each token's character span in the text."""
     target = target_text(record, mtl)
     enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
-    return (list(enc["input_ids"]) + [tokenizer.eos_token_id],
+    return (target, list(enc["input_ids"]) + [tokenizer.eos_token_id],
             list(enc["offset_mapping"]) + [(len(target), len(target))])
 
 
@@ -459,7 +460,7 @@ def prompt_token_budget(records: Sequence[EssayRecord], tokenizer, mtl: bool, ma
     """
     if max_seq_length is None:
         return None
-    longest = max(len(_target_ids(r, tokenizer, mtl)[0]) for r in records)
+    longest = max(len(_target_ids(r, tokenizer, mtl)[1]) for r in records)
     if longest >= max_seq_length:
         raise ValueError(f"--max_seq_length {max_seq_length} leaves no room for a prompt: the longest training "
                          f"target takes {longest} tokens")
@@ -487,11 +488,9 @@ def encode_example(record: EssayRecord, info: DatasetInfo, tokenizer, *, mtl: bo
         raise ValueError("a fast tokenizer is required: label masks come from character offsets")
     if number_values is None:
         number_values = number_token_values(tokenizer)
-    target = target_text(record, mtl)
-    target_ids, offsets = _target_ids(record, tokenizer, mtl)
+    target, target_ids, offsets = _target_ids(record, tokenizer, mtl)
     limits = [n for n in (max_prompt_tokens, max_seq_length and max_seq_length - len(target_ids)) if n is not None]
-    prompt = build_prompt(record, info, tokenizer, mtl, prompt_format, min(limits) if limits else None)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    _, prompt_ids = _fit_prompt(record, info, tokenizer, mtl, prompt_format, min(limits) if limits else None)
 
     line_len = len(score_line(record.scores))
     spans = score_spans(target[:line_len])
