@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora_alpha", type=int, default=32)
     p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    p.add_argument("--lora_top_layers", type=int, default=0,
+                   help="adapt only the last N decoder layers (0 = all); the backward pass stops below them")
+    p.add_argument("--group_by_length", action="store_true",
+                   help="batch essays of similar length together (the Trainer's length-grouped sampler), "
+                        "so less of each batch is padding")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--early_stopping_patience", type=int, default=3)
     p.add_argument("--emo_topk", type=int, default=64)
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--force_resume goes with --resume_checkpoint")
     if args.emo_topk < 1:
         p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
+    if args.lora_top_layers < 0:
+        p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
     return args
 
 
@@ -112,7 +119,7 @@ def newest_checkpoint(run_dir: Path) -> Path:
 RESUME_KEYS = ("base_model_name", "data_dir", "mtl", "ratio", "seed", "ntl_weights", "emo_weights", "loss_type",
                "emo_topk", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                "warmup_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-               "load_in_4bit", "prompt_format")
+               "lora_top_layers", "group_by_length", "load_in_4bit", "prompt_format")
 MANIFEST = "run_manifest.json"
 
 
@@ -298,8 +305,12 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     error = dist.first_error(error)
     if error:
         return stop(error)
-    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()])
+    try:
+        model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                         target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+                         top_layers=args.lora_top_layers)
+    except ValueError as err:  # e.g. --lora_top_layers beyond the model's depth: every rank meets it
+        return stop(f"--lora_top_layers {args.lora_top_layers}: {err}")
     loss_config = LossConfig(number_values, ntl_weight=args.ntl_weights,
                              emo_weight=args.emo_weights if args.mtl else 0.0,
                              loss_type=args.loss_type, emo_topk=args.emo_topk)
@@ -324,6 +335,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         eval_strategy=strategy, save_strategy=strategy, eval_steps=args.eval_steps, save_steps=args.eval_steps,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=report_to,

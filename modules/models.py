@@ -613,10 +613,13 @@ def add_lora(
     alpha: int = 32,
     dropout: float = 0.05,
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    top_layers: int = 0,
 ) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters; only the LoRA matrices are trainable.
 
-    Defaults are the original tool's (r=16, alpha=32, dropout=0.05 on q/v projections).
+    Defaults are the original tool's (r=16, alpha=32, dropout=0.05 on q/v projections, every
+    layer). ``top_layers=N`` adapts only the last N decoder layers: nothing below them needs a
+    gradient, so autograd records no graph there and the backward pass stops at layer L-N.
     """
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
@@ -628,10 +631,19 @@ def add_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
+        layers_to_transform=_top_layer_indices(model, top_layers),
         bias="none",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _top_layer_indices(model: PreTrainedModel, top_layers: int) -> list[int] | None:
+    """Indices of the last ``top_layers`` decoder layers (None = all layers)."""
+    n_layers = model.config.num_hidden_layers
+    if top_layers < 0 or top_layers > n_layers:
+        raise ValueError(f"the model has {n_layers} decoder layers; top_layers must be in 0..{n_layers}")
+    return list(range(n_layers - top_layers, n_layers)) if top_layers else None
 
 
 def _canonical_base_name(name: str) -> str:

@@ -267,6 +267,22 @@ def test_add_lora_trains_only_lora():
     assert config.task_type == "CAUSAL_LM"
 
 
+def test_add_lora_top_layers_adapts_only_the_last_layers(tmp_path):
+    model, tokenizer = M.load_base_model(TINY, device=torch.device("cpu"))
+    n_layers = model.config.num_hidden_layers
+    peft_model = M.add_lora(model, top_layers=1)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and {int(n.split(".layers.")[1].split(".")[0]) for n in trainable} == {n_layers - 1}
+    # Nothing below the adapted layer needs a gradient, so backward leaves the lower layers alone.
+    inputs = tokenizer(["An essay about trains."], return_tensors="pt")
+    peft_model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["layers_to_transform"] == [n_layers - 1]
+    with pytest.raises(ValueError, match=f"has {n_layers} decoder layers"):
+        M.add_lora(M.load_base_model(TINY, device=torch.device("cpu"))[0], top_layers=n_layers + 1)
+
+
 def test_adapter_round_trip_identical_logits(tmp_path):
     model, tokenizer = M.load_base_model(TINY, device=torch.device("cpu"))
     peft_model = _perturbed_lora(model)

@@ -61,7 +61,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     run_dir = tmp_path / "run"
     # The first run scores with --constrained, the resumed one without: both modes end to end.
     result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir), "--max_steps", "2",
-                     "--constrained", env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+                     "--constrained", "--lora_top_layers", "1", "--group_by_length", env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: offline mode" in result.stdout
     assert list((run_dir / "wandb").glob("offline-run-*")), "real wandb wrote no offline run"
@@ -70,6 +70,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
         assert (run_dir / name).exists(), name
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "tiny-random-llama"
+    assert adapter_config["layers_to_transform"] == [1]  # the tiny model's top layer of 2
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["seed"] == 42 and manifest["train"]["global_step"] == 2
     assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
@@ -114,7 +115,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     state_before = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert state_before["global_step"] == 2
     resumed = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--resume_checkpoint", str(run_dir),
-                      "--max_steps", "4", "--no_wandb")
+                      "--max_steps", "4", "--no_wandb", "--lora_top_layers", "1", "--group_by_length")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoint-2'} (global step 2)" in resumed.stdout
     state_after = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
