@@ -1,79 +1,61 @@
 """Decoding and cleaning corpus text (used by ``pipeline.py`` on every table and essay).
 
 Encodings: the bytes are decoded as UTF-8 (a BOM is allowed); failing that as cp1252; failing
-that (cp1252 leaves 0x81, 0x8D, 0x8F, 0x90, 0x9D undefined) as Latin-1. Latin-1 would turn bytes
-0x80-0x9F into C1 control characters, so after decoding every remaining character U+0080-U+009F
-is mapped to the character cp1252 gives its byte (U+0092 -> right single quote) and dropped where
-cp1252 defines none (the five bytes above); the output never holds a C1 control character.
-Before that, mojibake is repaired: a run of characters that are the cp1252/Latin-1 reading of one
-well-formed UTF-8 multi-byte sequence ("â€™", "â€\\x9d", "Â½") is replaced by the character it
-encodes ("’", "”", "½"); only sequences led by "Â", "Ã", "â" or "ð" (Latin-1 letters and symbols,
-punctuation, emoji), since other lead characters are capitals like "É" that real text may put
-before a curly quote. ASAP's own file holds such runs (its essays went through UTF-8 and were
+that (cp1252 leaves 0x81, 0x8D, 0x8F, 0x90, 0x9D undefined) as Latin-1.
+
+Mojibake is repaired with ftfy, one suspect run at a time: each run that ftfy's
+``UTF8_DETECTOR_RE`` finds and ``is_bad`` confirms ("â€™", "â€\\x9d", "Â½": UTF-8 read as
+cp1252/Latin-1) goes through ``ftfy.fix_encoding`` and becomes the characters it encodes
+("’", "”", "½"): the steps of ftfy's own ``decode_inconsistent_utf8``, plus a count. Not
+``ftfy.fix_text`` on the whole essay: once one run is mojibake it re-decodes the whole line,
+so a word real text writes as "CAFÉ’s" (É and ’ are also the cp1252 reading of the UTF-8 for
+"ɒ") would become "CAFɒs"; its other fixes (uncurled quotes, HTML entities, ...) would change
+text that is not broken. ASAP's own file holds such runs (its essays went through UTF-8 and were
 then read as cp1252); without the repair the closing quote "â€\\x9d" would lose its C1 byte and
-leave "â€". Text is NFC-normalised, line endings become "\\n" and essays are stripped.
+leave "â€".
+
+C1 control characters (U+0080-U+009F, what Latin-1 makes of bytes 0x80-0x9F) are then mapped
+by ``ftfy.fixes.fix_c1_controls`` to the character cp1252 gives their byte (U+0092 -> right
+single quote); the five that cp1252 leaves undefined have no such character and are dropped, so
+the output never holds a C1 control character. Text is NFC-normalised and line endings become
+"\\n" (the pipeline strips essays).
 """
 from __future__ import annotations
 
 import re
 
+import ftfy
+from ftfy.badness import is_bad
+from ftfy.chardata import UTF8_DETECTOR_RE
+from ftfy.fixes import fix_c1_controls
+
 from modules.data import nfc
 
-
-def _byte_table() -> dict[int, str]:
-    """Byte 0x80-0xFF -> character as cp1252 reads it, Latin-1 where cp1252 has none."""
-    table = {}
-    for b in range(0x80, 0x100):
-        try:
-            table[b] = bytes([b]).decode("cp1252")
-        except UnicodeDecodeError:
-            table[b] = chr(b)
-    return table
-
-
-_BYTE_CHAR = _byte_table()
-_CHAR_BYTE = {c: b for b, c in _BYTE_CHAR.items()}
-
-
-def _char_class(lo: int, hi: int) -> str:
-    return "[" + "".join(re.escape(_BYTE_CHAR[b]) for b in range(lo, hi + 1)) + "]"
-
-
-_CONT = _char_class(0x80, 0xBF)
-# One UTF-8 multi-byte sequence as cp1252/Latin-1 shows it: a lead byte and its continuation bytes.
-# Only the lead bytes of Latin-1 symbols and letters (0xC2 "Â", 0xC3 "Ã"), of punctuation, symbols
-# and the euro sign (0xE2 "â") and of emoji (0xF0 "ð"): other leads are capitals such as "É" that
-# real text does put before a curly quote or an ellipsis ("CAFÉ’s"), which must stay as written.
-_MOJIBAKE_RE = re.compile(f"[ÂÃ]{_CONT}|â{_CONT}{{2}}|ð{_CONT}{{3}}")
 _C1_RE = re.compile("[\u0080-\u009f]")
 
 
 def clean_text(text: str, repair_mojibake: bool = True) -> tuple[str, dict[str, int]]:
     """Repair mojibake, map or drop C1 control characters, NFC-normalise, "\\n" line endings.
 
-    Returns the text and counts (``mojibake_repaired``, ``c1_mapped``, ``c1_dropped``).
+    Returns the text and counts: ``mojibake_repaired`` (characters recovered from mojibake
+    runs, one per UTF-8 sequence), ``c1_mapped`` and ``c1_dropped``.
     """
     counts = {"mojibake_repaired": 0, "c1_mapped": 0, "c1_dropped": 0}
 
     def fix(match: re.Match) -> str:
-        try:
-            out = bytes(_CHAR_BYTE[c] for c in match.group(0)).decode("utf-8")
-        except UnicodeDecodeError:  # overlong or surrogate forms: leave the text as it is
-            return match.group(0)
-        counts["mojibake_repaired"] += 1
-        return out
-
-    def c1(match: re.Match) -> str:
-        mapped = _BYTE_CHAR[ord(match.group(0))]
-        if _C1_RE.fullmatch(mapped):
-            counts["c1_dropped"] += 1
-            return ""
-        counts["c1_mapped"] += 1
-        return mapped
+        run = match.group(0)
+        fixed = ftfy.fix_encoding(run) if is_bad(run) else run
+        if fixed != run:
+            counts["mojibake_repaired"] += len(fixed)
+        return fixed
 
     if repair_mojibake:
-        text = _MOJIBAKE_RE.sub(fix, text)
-    text = _C1_RE.sub(c1, text)
+        text = UTF8_DETECTOR_RE.sub(fix, text)
+    n_c1 = len(_C1_RE.findall(text))
+    text = fix_c1_controls(text)
+    counts["c1_dropped"] = len(_C1_RE.findall(text))
+    counts["c1_mapped"] = n_c1 - counts["c1_dropped"]
+    text = _C1_RE.sub("", text)
     return nfc(text.replace("\r\n", "\n").replace("\r", "\n")), counts
 
 
