@@ -7,7 +7,9 @@
         --score_cols content,language --ranges 1-6,1-4
 
 All three run the same pipeline (``pipeline.py``), so they share its row policy, split and
-report; this module holds what differs per corpus: columns, rubrics and their ranges.
+report; this module holds what differs per corpus (columns, rubrics and their ranges) and two
+helpers for callers: ``parse_split`` (the ``fractions`` argument from "70,15,15") and
+``original_score`` (a stored, scaled score back in the corpus's units).
 
 ASAP (``training_set_rel3.tsv`` layout: ``essay_id``, ``essay_set``, ``essay``, rater and domain
 columns): ``id`` = ``essay_id``, ``prompt_id`` = the essay set ("7"). Rubrics per set:
@@ -265,6 +267,8 @@ def convert_ellipse(path: str | Path, out_dir: str | Path, *, seed: int = 0,
                        name=name or "ellipse", prompt_text=ELLIPSE_PROMPT, descriptions=descriptions,
                        source_format="ellipse", repair_mojibake=repair_mojibake, overwrite=overwrite)
 
+
+# --------------------------------------------------------------------------- helpers for callers
 
 def original_score(score: int, scale: float) -> float:
     """Back-map a stored score to the corpus's units (ELLIPSE: ``score / 2``)."""
