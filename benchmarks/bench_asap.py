@@ -63,8 +63,8 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modules.convert import ridge_baseline  # noqa: E402
-from modules.converters import convert_asap  # noqa: E402
+from modules.convert.baseline import ridge_baseline  # noqa: E402
+from modules.convert.corpora import convert_asap  # noqa: E402
 from modules.data import SPLITS, DataError, write_json_atomic, write_jsonl_atomic  # noqa: E402
 
 ASAP7 = ROOT.parent / "shared" / "data" / "asap" / "asap_set7.tsv"

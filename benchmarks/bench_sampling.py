@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modules.converters import convert_asap  # noqa: E402
+from modules.convert.corpora import convert_asap  # noqa: E402
 from modules.data import build_prompt, load_splits  # noqa: E402
 from modules.models import load_adapter, load_base_model  # noqa: E402
 from modules.sampling import SAMPLERS  # noqa: E402

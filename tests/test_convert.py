@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from modules import convert, converters
+from modules.convert import cli as convert
+from modules.convert import corpora as converters
 from modules.data import DataError, load_splits
 
 REPO = Path(__file__).resolve().parents[1]

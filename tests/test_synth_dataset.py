@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modules import convert
+from modules.convert import baseline, cli, lexicon, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "aes_dataset_mtl"
@@ -33,14 +33,14 @@ def splits() -> dict[str, list[dict]]:
 
 def test_regeneration_is_byte_identical(tmp_path: Path) -> None:
     out = tmp_path / "aes_dataset_mtl"
-    assert convert.main(["synth", "--out_dir", str(out), "--seed", "0"]) == 0
+    assert cli.main(["synth", "--out_dir", str(out), "--seed", "0"]) == 0
     for name in FILES:
         assert (out / name).read_bytes() == (DATA / name).read_bytes(), name
 
 
 def test_other_seed_differs() -> None:
-    a = convert.generate_synthetic(0, {"train": 5, "valid": 0, "test": 0})["train"]
-    b = convert.generate_synthetic(1, {"train": 5, "valid": 0, "test": 0})["train"]
+    a = synthetic.generate_synthetic(0, {"train": 5, "valid": 0, "test": 0})["train"]
+    b = synthetic.generate_synthetic(1, {"train": 5, "valid": 0, "test": 0})["train"]
     assert [r["essay"] for r in a] != [r["essay"] for r in b]
 
 
@@ -49,7 +49,7 @@ def test_dataset_json_schema(meta: dict) -> None:
     assert 3 <= len(meta["prompts"]) <= 4
     for p in meta["prompts"]:
         assert set(p) == {"id", "title", "text"} and all(isinstance(v, str) and v for v in p.values())
-    assert [r["name"] for r in meta["rubrics"]] == list(convert.RUBRIC_NAMES)
+    assert [r["name"] for r in meta["rubrics"]] == list(lexicon.RUBRIC_NAMES)
     for r in meta["rubrics"]:
         assert re.fullmatch(r"[a-z][a-z0-9_]*", r["name"])
         assert (r["min"], r["max"]) == (1, 9) and r["description"]
@@ -80,12 +80,12 @@ def test_records_schema(meta: dict, splits: dict[str, list[dict]]) -> None:
 
 
 def test_scores_recomputable_from_text(splits: dict[str, list[dict]]) -> None:
-    max_noise = max(abs(n) for n in convert.NOISE)
+    max_noise = max(abs(n) for n in lexicon.NOISE)
     assert max_noise == 1
     exact = total = 0
     for recs in splits.values():
         for r in recs:
-            base = convert.score_from_measures(convert.measure_essay(r["essay"], r["prompt_id"]))
+            base = synthetic.score_from_measures(synthetic.measure_essay(r["essay"], r["prompt_id"]))
             for name, score in r["scores"].items():
                 assert abs(score - base[name]) <= max_noise, (r["id"], name, score, base[name])
                 exact += score == base[name]
@@ -95,13 +95,13 @@ def test_scores_recomputable_from_text(splits: dict[str, list[dict]]) -> None:
 
 def test_cue_lists_do_not_collide() -> None:
     """A misspelling must never break another cue, and cue lists must not overlap."""
-    phrases = [*convert.INTRO_OPENERS, *convert.CONCLUSION_OPENERS, *convert.POSITION_MARKERS,
-               *convert.EXAMPLE_MARKERS, *convert.DEPTH_MARKERS, *convert.COUNTER_MARKERS,
-               *convert.TRANSITIONS, *convert.ADVANCED_WORDS, *convert.OFF_TOPIC_WORDS]
-    phrases += [w for p in convert.PROMPTS for w in [p["key"], *p["topic"]]]
-    for key in convert.MISSPELLINGS:
-        assert not any(convert._find(key, ph) for ph in phrases), key
-    topic_sets = [set(p["topic"]) for p in convert.PROMPTS]
+    phrases = [*lexicon.INTRO_OPENERS, *lexicon.CONCLUSION_OPENERS, *lexicon.POSITION_MARKERS,
+               *lexicon.EXAMPLE_MARKERS, *lexicon.DEPTH_MARKERS, *lexicon.COUNTER_MARKERS,
+               *lexicon.TRANSITIONS, *lexicon.ADVANCED_WORDS, *lexicon.OFF_TOPIC_WORDS]
+    phrases += [w for p in lexicon.PROMPTS for w in [p["key"], *p["topic"]]]
+    for key in lexicon.MISSPELLINGS:
+        assert not any(synthetic.find_phrase(key, ph) for ph in phrases), key
+    topic_sets = [set(p["topic"]) for p in lexicon.PROMPTS]
     assert all(not (a & b) for i, a in enumerate(topic_sets) for b in topic_sets[i + 1:])
 
 
@@ -109,7 +109,7 @@ def test_measure_essay_detects_cues() -> None:
     text = ("In this essay I discuss school uniforms. In my opinion, a dress code helps.\n\n"
             "However, for example, 30 poeple said bullying fell. This means that identity "
             "matters, a crucial point. My cat likes the sofa.\n\nIn conclusion, it works.")
-    m = convert.measure_essay(text, "school_uniforms")
+    m = synthetic.measure_essay(text, "school_uniforms")
     assert (m["has_intro"], m["has_conclusion"], m["paragraphs"]) == (1, 1, 3)
     assert (m["has_position"], m["has_key_phrase"], m["off_topic_sentences"]) == (1, 1, 1)
     assert m["topic_found"] == ["dress code", "bullying", "identity"]
@@ -118,14 +118,14 @@ def test_measure_essay_detects_cues() -> None:
 
 
 def test_score_spread(splits: dict[str, list[dict]]) -> None:
-    for name in convert.RUBRIC_NAMES:
+    for name in lexicon.RUBRIC_NAMES:
         assert len({r["scores"][name] for r in splits["train"]}) >= 5, name
-    assert len({r["prompt_id"] for r in splits["train"]}) == len(convert.PROMPTS)
+    assert len({r["prompt_id"] for r in splits["train"]}) == len(lexicon.PROMPTS)
 
 
 def test_ridge_baseline_learnable(meta: dict, splits: dict[str, list[dict]]) -> None:
-    qwks = convert.ridge_baseline(splits["train"], splits["test"], meta["rubrics"])
-    assert set(qwks) == set(convert.RUBRIC_NAMES)
+    qwks = baseline.ridge_baseline(splits["train"], splits["test"], meta["rubrics"])
+    assert set(qwks) == set(lexicon.RUBRIC_NAMES)
     mean = sum(qwks.values()) / len(qwks)
     assert mean >= 0.6, qwks
     assert min(qwks.values()) >= 0.5, qwks
