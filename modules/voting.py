@@ -78,7 +78,6 @@ __all__ = [
     "majority_vote",
     "qwk",
     "default_fallback",
-    "vote_counts",
     "qwk_curves",
     "bootstrap_curves",
     "best_scores",
@@ -210,26 +209,6 @@ def majority_vote(samples: np.ndarray, fallback) -> np.ndarray:
     key = np.where(counts > 0, key, np.iinfo(np.int64).min)
     vote = values[np.argmax(key, axis=2)]
     return np.where(count > 0, vote, fb[None, :]).astype(np.int64)
-
-
-def vote_counts(samples, lo, hi) -> np.ndarray:
-    """How many valid samples of each essay and rubric have each value.
-
-    lo, hi: int or int[K] rubric bounds.  Returns int64 [N, K, R] with R = max(hi - lo + 1):
-    ``counts[n, k, r]`` is the number of valid samples equal to ``lo[k] + r``.  Values outside
-    a rubric's range (other than -1) raise ValueError.
-    """
-    s = _as_samples(samples)
-    N, _, K = s.shape
-    lo_v = _fallback_vector(lo, K, "lo")
-    hi_v = _fallback_vector(hi, K, "hi")
-    _check_samples_in_range(s, lo_v, hi_v)
-    R = int((hi_v - lo_v).max()) + 1
-    valid = s != INVALID
-    off = s - lo_v[None, None, :]
-    cell = (np.arange(N)[:, None, None] * K + np.arange(K)[None, None, :])
-    idx = (cell * R + off)[valid]
-    return np.bincount(idx, minlength=N * K * R).reshape(N, K, R).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- QWK

@@ -19,7 +19,6 @@ from modules.voting import (
     majority_vote,
     qwk,
     qwk_curves,
-    vote_counts,
 )
 
 
@@ -176,16 +175,8 @@ def test_vote_shape_errors():
         average_vote(np.full((1, 2, 1), 2.5), 0)
 
 
-def test_default_fallback_and_vote_counts():
+def test_default_fallback_is_the_midpoint_rounded_down():
     assert default_fallback([(1, 9), (0, 3), (2, 2)]).tolist() == [5, 1, 2]
-    s = np.array([[[1, 0], [1, 3], [2, -1]], [[-1, -1], [9, 3], [9, 3]]])
-    counts = vote_counts(s, [1, 0], [9, 3])
-    assert counts.shape == (2, 2, 9)
-    assert counts[0, 0].tolist() == [2, 1, 0, 0, 0, 0, 0, 0, 0]
-    assert counts[0, 1, :4].tolist() == [1, 0, 0, 1]
-    assert counts[1, 0, 8] == 2 and counts[1, 1, 3] == 2 and counts.sum() == 9
-    with pytest.raises(ValueError, match="outside"):
-        vote_counts(s, 1, 3)
 
 
 # ----------------------------------------------------------------------------- QWK
