@@ -138,12 +138,18 @@ def test_qwk_curves_max_m_default_fallback_and_names():
     assert_curves_match(curves, ref, curves["rubrics"])
 
 
+def repeated_bank(seed, N, M, ranges, spread):
+    """(gold, pred, samples): every essay's M samples are the same prediction pred."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.array(ranges).T
+    gold = rng.integers(lo, hi + 1, size=(N, len(ranges)))
+    pred = np.clip(gold + rng.integers(-spread, spread + 1, gold.shape), lo, hi)
+    return gold, pred, np.repeat(pred[:, None, :], M, axis=1)
+
+
 def test_qwk_curves_identical_samples_equal_direct_qwk():
-    rng = np.random.default_rng(4)
     ranges = [(1, 9), (0, 4)]
-    gold = np.stack([rng.integers(1, 10, 40), rng.integers(0, 5, 40)], 1)
-    pred = np.clip(gold + rng.integers(-2, 3, gold.shape), [1, 0], [9, 4])
-    samples = np.repeat(pred[:, None, :], 6, axis=1)
+    gold, pred, samples = repeated_bank(4, 40, 6, ranges, spread=2)
     curves = qwk_curves(samples, gold, ranges)
     per = [qwk(gold[:, k], pred[:, k], *ranges[k]) for k in range(2)]
     for v in ("avg", "maj"):
@@ -264,11 +270,8 @@ def test_bootstrap_band_contains_mean_and_collapses_at_full_m():
 
 
 def test_bootstrap_band_collapses_for_identical_samples():
-    rng = np.random.default_rng(11)
     ranges = [(1, 9), (0, 3)]
-    gold = np.stack([rng.integers(1, 10, 30), rng.integers(0, 4, 30)], 1)
-    pred = np.clip(gold + rng.integers(-1, 2, gold.shape), [1, 0], [9, 3])
-    samples = np.repeat(pred[:, None, :], 7, axis=1)
+    gold, pred, samples = repeated_bank(11, 30, 7, ranges, spread=1)
     boot = bootstrap_curves(samples, gold, ranges, n_orderings=10, seed=1)
     direct = qwk(gold.ravel(), pred.ravel(), 0, 9)
     for v in ("avg", "maj"):
