@@ -84,13 +84,12 @@ class _Workspace:
         return buf[:nbytes].view(dtype).reshape(shape)
 
 
-
 def engine_dtypes(n_values: int, max_m: int, n_essays: int) -> tuple[type, type]:
     """(integer dtype for counts and keys, float dtype for sums and votes) of the engine.
 
     n_values: R, the widest rubric's number of scores; max_m: the longest prefix; n_essays: N.
-    The integer type must hold every count (<= max_m) and every key |4r - q| + the sign bit
-    (< 4R), see :class:`CurveEngine`.  float32 is exact here: every quantity is an integer or
+    The integer type must hold every count (<= max_m) and every key |4r - q| (< 4R) with its
+    top bit clear, see :class:`CurveEngine`.  float32 is exact here: every quantity is an integer or
     quarter below 2^24 and the division error (< 2^-22 relative) is far below the 1/(4C)
     margin; otherwise float64.
     """
@@ -120,9 +119,10 @@ class CurveEngine:
 
     * Average vote.  Y = running sum of the raw entries (-1 for invalid), NI = running number
       of invalid entries; with C = j + 1 - NI valid samples and S = Y + NI their sum,
-      x1 = (S + C/2 + 1/4) / C and floor(x1) is the half-up mean.  The exact value of
-      (S + C/2)/C is a multiple of 1/C, so adding 1/4 puts x1 at least 1/(4C) from any integer
-      and float rounding (see :func:`engine_dtypes`) cannot cross one.  2*x1 - 1/C =
+      x1 = (S + C/2 + 1/4) / C and floor(x1) is the half-up mean.  (S + C/2)/C =
+      (2S + C)/(2C) is a multiple of 1/(2C), so the 1/4 (1/(4C) after dividing) puts x1 at
+      least 1/(4C) from any integer and float rounding (see :func:`engine_dtypes`) cannot
+      cross one.  2*x1 - 1/C =
       (2S + C - 1/2)/C is non-negative, so truncating it to an integer is a floor and gives
       floor((2S - 1)/C) + 1 = (q + 1)/2 with majority_vote's tie centre q, again with a margin
       of 1/(2C).
@@ -132,7 +132,7 @@ class CurveEngine:
       negative dif has it set (two's complement).  OR-ing dif into key viewed as unsigned
       therefore leaves the tied values' keys unchanged and lifts every other key above all
       of them, so the unsigned minimum over r is the tied value nearest the mean, as in
-      majority_vote (at least one value is tied: the one at maxc).  q is odd, so distinct r
+      majority_vote (with a valid sample, some value has cnt == maxc).  q is odd, so distinct r
       give distinct keys and the minimum d names one value: 4r is q + d or q - d, and as d is
       odd those two differ by 2 mod 4, so exactly one is a multiple of 4; ((q + d) & 2) says
       which.  That decoding needs up to 8R, hence its wider type (x16).

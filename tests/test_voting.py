@@ -1,4 +1,4 @@
-"""Tests for modules.voting: the votes, their tie and fallback rules, QWK and best m (SPEC §6, §10)."""
+"""Tests for modules.voting: votes, their tie and fallback rules, QWK and best m (SPEC §6, §10)."""
 from __future__ import annotations
 
 import warnings
