@@ -163,9 +163,9 @@ def qwk_curves(samples, gold, ranges, fallback=None, max_m: int | None = None,
     """QWK of the average and majority votes over the first m samples, for m = 1..max_m.
 
     samples: int [N, m, K] (-1 = invalid); gold: int [N, K]; ranges: K (lo, hi) pairs;
-    fallback: None (rubric midpoints, :func:`~modules.voting.default_fallback`), int or int[K]; max_m: default
-    all samples; rubric_names: default rubric_1..rubric_K.  Returns the dict described in the
-    module docstring (lists over m).
+    fallback: None (rubric midpoints, :func:`~modules.voting.default_fallback`), int or
+    int[K]; max_m: default all samples; rubric_names: default rubric_1..rubric_K.  Returns the
+    dict described in the module docstring (lists over m).
     """
     s, g, lo, hi, fb, mm, names = _prepare(samples, gold, ranges, fallback, max_m, rubric_names)
     eng = CurveEngine(s, g, lo, hi, fb, mm)
