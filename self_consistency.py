@@ -213,7 +213,8 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
     from modules.data import DataError, write_json_atomic
     from modules.plots import plot_average, plot_overall, plot_per_rubric
     from modules.sampling import read_bank
-    from modules.voting import INVALID, best_scores, bootstrap_curves, qwk_curves
+    from modules.curves import bootstrap_curves, qwk_curves
+    from modules.voting import INVALID, best_scores
 
     rows = {row["id"]: row for row in read_bank(bank_path, info.ranges)}
     expected = [r.id for r in records]

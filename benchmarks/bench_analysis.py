@@ -22,14 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.voting import (  # noqa: E402
-    average_vote,
-    bootstrap_curves,
-    default_fallback,
-    majority_vote,
-    qwk,
-    qwk_curves,
-)
+from modules.curves import bootstrap_curves, qwk_curves  # noqa: E402
+from modules.voting import average_vote, default_fallback, majority_vote, qwk  # noqa: E402
 
 
 def make_bank(n_essays: int, m: int, k: int, lo: int = 1, hi: int = 9, invalid: float = 0.03,

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from modules.curves import bootstrap_curves, qwk_curves
 from modules.plots import plot_average, plot_overall, plot_per_rubric, qwk_ylim
-from modules.voting import INVALID, bootstrap_curves, qwk_curves
+from modules.voting import INVALID
 
 RANGES = [(1, 6), (1, 4), (0, 3)]
 NAMES = ["content", "style", "mechanics"]

@@ -224,7 +224,8 @@ def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     """A bank with real scores: curves.json is exactly voting's curves of the [N, m, K] array."""
     import self_consistency
     from modules.sampling import read_bank as read_checked
-    from modules.voting import INVALID, best_scores, bootstrap_curves, qwk_curves
+    from modules.curves import bootstrap_curves, qwk_curves
+    from modules.voting import INVALID, best_scores
 
     rng = np.random.default_rng(0)
     gold = np.array([[json.loads(line)["scores"][r] for r in setup.rubrics]
