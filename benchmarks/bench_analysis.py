@@ -3,7 +3,7 @@
 Builds a seeded random sample bank shaped like a real run (each essay-rubric pair has a
 model "opinion" near the gold score, samples scatter around it, ~3% of samples unparsable
 and stored as -1 in every column), then times `qwk_curves` + `bootstrap_curves` (B orderings)
-from modules.voting, best of --repeats runs.  For comparison it also times the direct way
+from modules.curves, best of --repeats runs.  For comparison it also times the direct way
 (for every ordering and m: average_vote / majority_vote on the first m samples, then qwk per
 rubric and pooled) on --baseline_orderings orderings, extrapolates that to B + 1 curves and
 prints the ratio.  The last line is `seconds=<wall-clock seconds of the fast path>`.
