@@ -260,7 +260,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
                               write_jsonl_atomic)
     from modules.losses import number_token_values
     from modules.models import add_lora, load_adapter, load_base_model
-    from modules.scoring import evaluate_predictions, format_results_table, predict_split
+    from modules.evaluation import evaluate_predictions, format_results_table, predict_split
     from modules.trainer import LABEL_NAMES, CustomTrainer, LossConfig, compute_loss_terms
 
     set_seed(args.seed)

@@ -275,7 +275,7 @@ def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> Non
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from modules.data import read_json
-    from modules.scoring import decoding_mode
+    from modules.evaluation import decoding_mode
 
     bank = Path(args.bank_path)
     config_path = bank.parent / CONFIG
@@ -362,7 +362,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from modules import dist
     from modules.data import DataError, build_prompt, read_json, write_json_atomic
     from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
-    from modules.scoring import decoding_mode, score_line_budget
+    from modules.evaluation import decoding_mode
+    from modules.scoring import score_line_budget
 
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
     # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and

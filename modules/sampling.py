@@ -29,7 +29,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from modules.constrained import START, ScoreLineLogitsProcessor
 from modules.data import DataError, decode_utf8
 from modules.score_lines import line_sample, parse_score_line
-from modules.scoring import _EvalMode, _input_device, ended_rows, line_constraint, stop_token_ids
+from modules.scoring import ended_rows, eval_mode, input_device, line_constraint, stop_token_ids
 from modules.tree_attention import require_tree_attention, tree_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _generate_one(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int
         raise ValueError(f"max_m and chunk_m must be >= 1, got {max_m} and {chunk_m}")
     stop = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = _input_device(model)
+    device = input_device(model)
     enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
     extra = {} if top_p is None else {"top_p": top_p}
     constraint = line_constraint(tokenizer, ranges, model) if constrained else None
@@ -180,7 +180,7 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
     processors = sampling_processors(model, temperature, top_k, top_p)
     constraint = line_constraint(tokenizer, ranges, model) if constrained else None
     stop = set(stop_token_ids(tokenizer, model))
-    device = _input_device(model)
+    device = input_device(model)
     dtype = model.get_input_embeddings().weight.dtype
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if not all(prompt_ids):
@@ -204,7 +204,7 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
     live: list[tuple[int, int, tuple[int, ...], int | None]] = [(e, max_m, (), root) for e in range(len(prompts))]
     rows = list(range(len(prompts)))
     ended: list[list[tuple[tuple[int, ...], int]]] = [[] for _ in prompts]  # (path, count) per essay
-    with _EvalMode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=seen.long(), position_ids=positions, use_cache=True,
                     logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1]

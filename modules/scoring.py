@@ -1,4 +1,4 @@
-"""Greedy and probability-weighted scoring of essays, and their evaluation (SPEC §6).
+"""Greedy and probability-weighted scoring of prompts by the model (SPEC §6).
 
 Greedy prediction generates the score line and parses it. The weighted prediction is the
 expected score under the model's distribution over each rubric's valid values, computed
@@ -6,22 +6,20 @@ exactly by teacher-forcing every candidate number, whatever the tokenizer does w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import weakref
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
-from modules.data import DatasetInfo, EssayRecord, build_prompt
 from modules.score_lines import line_sample, score_line
 from modules.tree_attention import require_tree_attention, tree_attention_mask
-from modules.voting import qwk
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +87,21 @@ def line_constraint(tokenizer, ranges: Sequence[tuple[int, int]], model=None) ->
 
 # --------------------------------------------------------------------------- greedy
 
-def _input_device(model) -> torch.device:
+def input_device(model) -> torch.device:
+    """Where the model's input ids must go: the device of its input embeddings (with a
+    ``device_map`` the layers may sit elsewhere)."""
     return model.get_input_embeddings().weight.device
 
 
-class _EvalMode:
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[object]:
     """model.eval() for the block, restoring training mode after (the trainer scores mid-run)."""
-
-    def __init__(self, model) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def score_line_budget(tokenizer, ranges: Sequence[tuple[int, int]], constrained: bool = False) -> int:
@@ -140,12 +137,12 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
     constraint = line_constraint(tokenizer, ranges, model) if constrained else None
     stop = eos_token_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = _input_device(model)
+    device = input_device(model)
     answers: list[dict] = []
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with _EvalMode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", disable=None):
                 batch = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
                                   return_tensors="pt").to(device)
@@ -344,8 +341,8 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     probabilities: list[list[float]] = []
     underflow: list[int] = []
     chosen: list[int] = []
-    with _EvalMode(model), torch.inference_mode():
-        out = _forward(model, torch.tensor([prompt_ids], device=_input_device(model)), last_only=True)
+    with eval_mode(model), torch.inference_mode():
+        out = _forward(model, torch.tensor([prompt_ids], device=input_device(model)), last_only=True)
         prompt_cache, prompt_logits = out.cache, out.logits[0, -1].float()
         if prefix_scores is not None:  # every line is known: one trie for all rubrics
             lines = [score_line(prefix_scores[:k]) + " " if k else "" for k in range(len(ranges))]
@@ -370,109 +367,3 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
             chosen.append(int(prefix_scores[k]) if prefix_scores is not None and k < len(prefix_scores)
                           else lo + int(torch.argmax(p)))
     return WeightedPrediction(expected, probabilities, underflow)
-
-
-# --------------------------------------------------------------------------- splits and evaluation
-
-def _round_half_up(x: float, lo: int, hi: int) -> int:
-    return int(min(max(np.floor(x + 0.5), lo), hi))
-
-
-def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
-                  prompt_format: str = "chat", max_prompt_tokens: int | None = None, batch_size: int = 8,
-                  weighted: bool = True, generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
-    """Greedy (and weighted) predictions for every record, one dict each.
-
-    Prompts are built as in training (``max_prompt_tokens``: the run's essay shortening). An
-    invalid or truncated generated line scores each rubric's midpoint and is marked ``valid: False``.
-    The weighted prediction conditions later rubrics on the greedy scores when they are valid
-    (what the model actually wrote), else on its own per-rubric argmax. ``weighted_underflow``
-    names the rubrics whose candidate probabilities underflowed and were replaced by the uniform
-    distribution (usually none). Without ``weighted`` the weighted keys hold None. ``constrained``:
-    greedy decoding restricted to valid score lines (``--constrained``); the weighted prediction is
-    unchanged (it already only weighs valid values).
-    """
-    ranges = info.ranges
-    prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format, max_prompt_tokens) for r in records]
-    answers = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
-                             generate_feedback=generate_feedback, constrained=constrained)
-    fallback = [r.midpoint for r in info.rubrics]
-    predictions = []
-    for record, prompt, answer in tqdm(list(zip(records, prompts, answers)), desc="weighted", unit="essay",
-                                       disable=None if weighted else True):
-        parsed = answer["scores"]
-        pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
-                "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
-                "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
-        if weighted:
-            expected, probs, underflow = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
-            pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
-            pred["weighted_expected"] = expected
-            pred["probabilities"] = dict(zip(info.rubric_names, probs))
-            pred["weighted_underflow"] = [info.rubric_names[k] for k in underflow]
-        predictions.append(pred)
-    invalid = sum(not p["valid"] for p in predictions)
-    if invalid:
-        logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",
-                       invalid, len(predictions))
-    underflow = _underflow_count(predictions)
-    if underflow:
-        logger.warning("%d essay-rubric weighted predictions underflowed and used a uniform distribution", underflow)
-    return predictions
-
-
-def _underflow_count(predictions: list[dict]) -> int:
-    # .get(): rows written before the key existed count as no underflow.
-    return sum(len(p.get("weighted_underflow") or ()) for p in predictions)
-
-
-def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
-    gold = np.array([p["gold"] for p in predictions], dtype=int).reshape(len(predictions), -1)
-    pred = np.array([p[key] for p in predictions], dtype=int).reshape(len(predictions), -1)
-    block = {r.name: qwk(gold[:, k], pred[:, k], r.min, r.max) for k, r in enumerate(info.rubrics)}
-    lo, hi = min(r.min for r in info.rubrics), max(r.max for r in info.rubrics)
-    per_rubric = list(block.values())
-    block["overall"] = qwk(gold.ravel(), pred.ravel(), lo, hi)
-    block["average"] = float(np.mean(per_rubric))
-    return block
-
-
-def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
-    """QWK per rubric, pooled over all essay-rubric pairs (``overall``) and averaged, for the
-    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed.
-    ``token.invalid`` counts essays whose score line was invalid, ``weighted.underflow`` the
-    essay-rubric pairs whose weighted distribution underflowed to uniform."""
-    if not predictions:
-        raise ValueError("no predictions to evaluate")
-    results = {"token": _score_block(predictions, info, "greedy")}
-    results["token"]["invalid"] = sum(not p["valid"] for p in predictions)
-    results["token"]["truncated"] = sum(bool(p.get("truncated")) for p in predictions)
-    if all(p.get("weighted") is not None for p in predictions):
-        results["weighted"] = _score_block(predictions, info, "weighted")
-        results["weighted"]["underflow"] = _underflow_count(predictions)
-    return results
-
-
-def format_results_table(results: dict, info: DatasetInfo, constrained: bool = False) -> str:
-    """Plain-text QWK table: rubrics, overall and average down, token and weighted across, then
-    the invalid and truncated counts and the decoding mode that produced the greedy answers."""
-    rows = info.rubric_names + ["overall", "average"]
-    counts = [row for row in ("invalid", "truncated", "underflow")
-              if any(row in results.get(b, {}) for b in ("token", "weighted"))]
-    width = max(len(r) for r in rows + counts)
-
-    def cell(block: str, row: str) -> str:
-        value = results.get(block, {}).get(row)
-        if isinstance(value, float):
-            return f"{value:>9.4f}"
-        return f"{value:>9d}" if isinstance(value, int) else f"{'-':>9}"
-
-    lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
-    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
-    lines.append(f"decoding: {decoding_mode(constrained)}")
-    return "\n".join(lines)
-
-
-def decoding_mode(constrained: bool) -> str:
-    """How a results table names its decoding: ``constrained`` (``--constrained``) or ``unconstrained``."""
-    return "constrained" if constrained else "unconstrained"

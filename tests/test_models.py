@@ -1,4 +1,4 @@
-"""Tests for modules.models: built-in models, fast failure, LoRA and adapter round trips."""
+"""Tests for modules.models and modules.builtin_models: built-in models, fast failure, LoRA and adapter round trips."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modules import builtin_models
 from modules import models as M
 
 TINY = "tiny-random-llama"
@@ -53,7 +54,7 @@ def test_builtin_cache_is_never_left_half_built(tmp_path, monkeypatch):
         (target / "config.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setitem(M._BUILDERS, TINY, crashing_build)
+    monkeypatch.setitem(builtin_models.BUILDERS, TINY, crashing_build)
     with pytest.raises(RuntimeError):
         M.load_tokenizer(TINY)
     assert not (tmp_path / TINY).exists()
@@ -72,7 +73,7 @@ def test_tiny_cached_load_reuses_the_cache_and_is_identical(tiny, monkeypatch):
     def no_rebuild(target: Path) -> None:
         raise AssertionError("a cached built-in must load from the cache, not be built again")
 
-    monkeypatch.setitem(M._BUILDERS, TINY, no_rebuild)
+    monkeypatch.setitem(builtin_models.BUILDERS, TINY, no_rebuild)
     model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
     first, second = _state(tiny[0]), _state(model)
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -237,9 +238,9 @@ def test_isolate_gpu_after_cuda_started_only_resolves(fake_gpus):
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AES_CACHE_DIR", str(tmp_path))
-    assert M.cache_dir() == tmp_path
+    assert builtin_models.cache_dir() == tmp_path
     monkeypatch.delenv("AES_CACHE_DIR")
-    assert M.cache_dir() == Path.home() / ".cache" / "aes_lora"
+    assert builtin_models.cache_dir() == Path.home() / ".cache" / "aes_lora"
 
 
 # --------------------------------------------------------------------------- LoRA and adapters

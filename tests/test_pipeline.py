@@ -88,7 +88,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     # The predictions are the saved adapter's: scoring the test split again with it gives them back.
     from modules.data import dataset_info_for, load_split
     from modules.models import load_adapter
-    from modules.scoring import predict_split
+    from modules.evaluation import predict_split
 
     info = dataset_info_for(small_data / "test.jsonl")
     model, tokenizer = load_adapter("tiny-random-llama", run_dir)

@@ -74,7 +74,7 @@ TRAIN_FLAGS = ["--base_model_name", "tiny-random-llama", "--mtl", "--per_device_
 def test_two_process_training_writes_one_run_and_scores_every_essay_once(data, tmp_path, one_thread):
     from modules.data import dataset_info_for, load_split
     from modules.models import load_adapter
-    from modules.scoring import evaluate_predictions, predict_split
+    from modules.evaluation import evaluate_predictions, predict_split
 
     run_dir = tmp_path / "run"
     result = torchrun("main_pipeline.py", *TRAIN_FLAGS, "--data_dir", str(data.dir), "--output_dir", str(run_dir))

@@ -9,11 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
+import modules.evaluation as evaluation
 import modules.scoring as scoring
 from benchmarks.reference_weighted import reference_candidate_log_scores, reference_scorer
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
-from modules.scoring import (WeightedPrediction, evaluate_predictions, format_results_table, greedy_predict,
-                             predict_split, stop_token_ids, weighted_predict)
+from modules.evaluation import evaluate_predictions, format_results_table, predict_split
+from modules.scoring import WeightedPrediction, greedy_predict, stop_token_ids, weighted_predict
 
 SHIPPED = Path(__file__).resolve().parents[1] / "aes_dataset_mtl"
 
@@ -386,8 +387,8 @@ def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
     seen = []
     answers = [{"text": "5 1", "scores": [5, 1]}, {"text": "7 1", "scores": None},
                {"text": "2 4\nNice.", "scores": [2, 4]}]
-    monkeypatch.setattr(scoring, "greedy_predict", lambda *a, **k: answers)
-    monkeypatch.setattr(scoring, "weighted_predict",
+    monkeypatch.setattr(evaluation, "greedy_predict", lambda *a, **k: answers)
+    monkeypatch.setattr(evaluation, "weighted_predict",
                         lambda m, t, prompt, ranges, prefix_scores=None: (
                             seen.append(prefix_scores) or WeightedPrediction([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4], [])))
     preds = predict_split(model, tok, records, info, mtl=True)

@@ -1,0 +1,123 @@
+"""Predictions for a whole split (greedy and weighted, per essay) and their QWK evaluation (SPEC §6).
+
+The model queries themselves (greedy score lines, weighted expected scores) are in
+:mod:`modules.scoring`; this module turns them into per-essay prediction rows, scores the rows
+against the gold scores, and formats the results table.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from modules.data import DatasetInfo, EssayRecord, build_prompt
+from modules.scoring import greedy_predict, weighted_predict
+from modules.voting import qwk
+
+logger = logging.getLogger(__name__)
+
+
+def _round_half_up(x: float, lo: int, hi: int) -> int:
+    return int(min(max(np.floor(x + 0.5), lo), hi))
+
+
+def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
+                  prompt_format: str = "chat", max_prompt_tokens: int | None = None, batch_size: int = 8,
+                  weighted: bool = True, generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
+    """Greedy (and weighted) predictions for every record, one dict each.
+
+    Prompts are built as in training (``max_prompt_tokens``: the run's essay shortening). An
+    invalid or truncated generated line scores each rubric's midpoint and is marked ``valid: False``.
+    The weighted prediction conditions later rubrics on the greedy scores when they are valid
+    (what the model actually wrote), else on its own per-rubric argmax. ``weighted_underflow``
+    names the rubrics whose candidate probabilities underflowed and were replaced by the uniform
+    distribution (usually none). Without ``weighted`` the weighted keys hold None. ``constrained``:
+    greedy decoding restricted to valid score lines (``--constrained``); the weighted prediction is
+    unchanged (it already only weighs valid values).
+    """
+    ranges = info.ranges
+    prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format, max_prompt_tokens) for r in records]
+    answers = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
+                             generate_feedback=generate_feedback, constrained=constrained)
+    fallback = [r.midpoint for r in info.rubrics]
+    predictions = []
+    for record, prompt, answer in tqdm(list(zip(records, prompts, answers)), desc="weighted", unit="essay",
+                                       disable=None if weighted else True):
+        parsed = answer["scores"]
+        pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
+                "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
+                "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
+        if weighted:
+            expected, probs, underflow = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
+            pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
+            pred["weighted_expected"] = expected
+            pred["probabilities"] = dict(zip(info.rubric_names, probs))
+            pred["weighted_underflow"] = [info.rubric_names[k] for k in underflow]
+        predictions.append(pred)
+    invalid = sum(not p["valid"] for p in predictions)
+    if invalid:
+        logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",
+                       invalid, len(predictions))
+    underflow = _underflow_count(predictions)
+    if underflow:
+        logger.warning("%d essay-rubric weighted predictions underflowed and used a uniform distribution", underflow)
+    return predictions
+
+
+def _underflow_count(predictions: list[dict]) -> int:
+    # .get(): rows written before the key existed count as no underflow.
+    return sum(len(p.get("weighted_underflow") or ()) for p in predictions)
+
+
+def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
+    gold = np.array([p["gold"] for p in predictions], dtype=int).reshape(len(predictions), -1)
+    pred = np.array([p[key] for p in predictions], dtype=int).reshape(len(predictions), -1)
+    block = {r.name: qwk(gold[:, k], pred[:, k], r.min, r.max) for k, r in enumerate(info.rubrics)}
+    lo, hi = min(r.min for r in info.rubrics), max(r.max for r in info.rubrics)
+    per_rubric = list(block.values())
+    block["overall"] = qwk(gold.ravel(), pred.ravel(), lo, hi)
+    block["average"] = float(np.mean(per_rubric))
+    return block
+
+
+def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
+    """QWK per rubric, pooled over all essay-rubric pairs (``overall``) and averaged, for the
+    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed.
+    ``token.invalid`` counts essays whose score line was invalid, ``weighted.underflow`` the
+    essay-rubric pairs whose weighted distribution underflowed to uniform."""
+    if not predictions:
+        raise ValueError("no predictions to evaluate")
+    results = {"token": _score_block(predictions, info, "greedy")}
+    results["token"]["invalid"] = sum(not p["valid"] for p in predictions)
+    results["token"]["truncated"] = sum(bool(p.get("truncated")) for p in predictions)
+    if all(p.get("weighted") is not None for p in predictions):
+        results["weighted"] = _score_block(predictions, info, "weighted")
+        results["weighted"]["underflow"] = _underflow_count(predictions)
+    return results
+
+
+def format_results_table(results: dict, info: DatasetInfo, constrained: bool = False) -> str:
+    """Plain-text QWK table: rubrics, overall and average down, token and weighted across, then
+    the invalid and truncated counts and the decoding mode that produced the greedy answers."""
+    rows = info.rubric_names + ["overall", "average"]
+    counts = [row for row in ("invalid", "truncated", "underflow")
+              if any(row in results.get(b, {}) for b in ("token", "weighted"))]
+    width = max(len(r) for r in rows + counts)
+
+    def cell(block: str, row: str) -> str:
+        value = results.get(block, {}).get(row)
+        if isinstance(value, float):
+            return f"{value:>9.4f}"
+        return f"{value:>9d}" if isinstance(value, int) else f"{'-':>9}"
+
+    lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
+    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
+    lines.append(f"decoding: {decoding_mode(constrained)}")
+    return "\n".join(lines)
+
+
+def decoding_mode(constrained: bool) -> str:
+    """How a results table names its decoding: ``constrained`` (``--constrained``) or ``unconstrained``."""
+    return "constrained" if constrained else "unconstrained"
