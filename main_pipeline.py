@@ -249,8 +249,8 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from modules import dist
-    from modules.data import (ScoringCollator, encode_example, prompt_token_budget, write_json_atomic,
-                              write_jsonl_atomic)
+    from modules.encoding import ScoringCollator, encode_example, prompt_token_budget
+    from modules.jsonio import write_json_atomic, write_jsonl_atomic
     from modules.losses import number_token_values
     from modules.models import add_lora, load_adapter, load_base_model
     from modules.scoring import evaluate_predictions, format_results_table, predict_split
