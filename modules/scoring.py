@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
 from modules.data import DatasetInfo, EssayRecord, build_prompt
-from modules.score_lines import line_sample, score_line
+from modules.score_lines import decoding_mode, line_sample, score_line
 from modules.tree_attention import require_tree_attention, tree_attention_mask
 from modules.voting import qwk
 
@@ -471,8 +471,3 @@ def format_results_table(results: dict, info: DatasetInfo, constrained: bool = F
     lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
     lines.append(f"decoding: {decoding_mode(constrained)}")
     return "\n".join(lines)
-
-
-def decoding_mode(constrained: bool) -> str:
-    """How a results table names its decoding: ``constrained`` (``--constrained``) or ``unconstrained``."""
-    return "constrained" if constrained else "unconstrained"
