@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-# DataError and the atomic writers are imported from here by the converters and benchmarks too.
-from modules.jsonio import (DataError, input_error, iter_jsonl, read_json_with_lines, write_json_atomic,  # noqa: F401
-                            write_jsonl_atomic, write_text_atomic)
+from modules.jsonio import DataError, input_error, iter_jsonl, read_json_with_lines
+# Re-exported for the converters and benchmarks, which import them from here (until they import
+# modules.jsonio themselves).
+from modules.jsonio import read_input_bytes, write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401
 from modules.score_lines import first_line, is_digit_string, parse_score_line, score_fields, score_line
 
 logger = logging.getLogger(__name__)
