@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from modules.runs import (create_run_dir, occupied_dir_error, provenance, resume_entry, setup_logging, stop,
-                          timestamp)
+from modules.runs import (RunDirError, create_run_dir, occupied_dir_error, provenance, resume_entry, setup_logging,
+                          stop, timestamp)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("main_pipeline")
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     if creating and error is None and dist.is_main():
         try:
             create_run_dir(run_dir)
-        except ValueError as err:  # RunDirError
+        except RunDirError as err:
             error = str(err)
     error = dist.first_error(error)
     if error:

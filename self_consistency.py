@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 # Only torch-free modules at the top: analyze runs where torch and transformers are not installed.
-from modules.bank import BANK, bank_files
+from modules.bank import (BANK, append_bank_line, bank_files, bank_line, merge_banks, own_bank_name, read_bank,
+                          sampled_ids)
 from modules.jsonio import DataError, read_json, write_json_atomic
 from modules.runs import RunDirError, create_run_dir, occupied_dir_error, setup_logging, stop
 
@@ -218,7 +219,6 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
     """
     import numpy as np
 
-    from modules.bank import read_bank
     from modules.plots import plot_average, plot_overall, plot_per_rubric
     from modules.voting import INVALID, best_scores, bootstrap_curves, qwk_curves
 
@@ -331,7 +331,6 @@ def run_prefix(args: argparse.Namespace) -> str:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from modules import dist
-    from modules.bank import append_bank_line, bank_line, merge_banks, own_bank_name, sampled_ids
     from modules.data import build_prompt
     from modules.runs import provenance, resume_entry
     from modules.sampling import SAMPLERS
