@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
@@ -23,12 +23,7 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 240) -> su
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """The shipped dataset cut to a few essays per split, so a run takes seconds."""
-    folder = tmp_path_factory.mktemp("data")
-    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
-    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
-        lines = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return small_dataset(tmp_path_factory.mktemp("data"), train=8, valid=4, test=4)
 
 
 def kappa(gold: list[int], pred: list[int]) -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
@@ -35,29 +36,13 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) -> sub
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def one_thread():
-    """In-process model runs on one thread, like each torchrun worker (OMP_NUM_THREADS=1): on small
-    CPUs a tiny model's steps are dominated by thread synchronisation otherwise."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> SimpleNamespace:
-    folder = tmp_path_factory.mktemp("data")
-    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
-    for split, n in (("train", 8), ("valid", 4), ("test", N_TEST)):
-        lines = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder = small_dataset(tmp_path_factory.mktemp("data"), train=8, valid=4, test=N_TEST)
     test_lines = (folder / "test.jsonl").read_text(encoding="utf-8").splitlines()
     return SimpleNamespace(dir=folder, test=folder / "test.jsonl", ids=[json.loads(l)["id"] for l in test_lines])
 
