@@ -2,6 +2,7 @@
 runs, and small cuts of the shipped dataset."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 sys.path.insert(0, str(ROOT))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment the tests run the command lines in: no hub downloads, no tokenizer threads
+    (forked workers would warn), and ``extra``."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def small_dataset(folder: Path, **sizes: int) -> Path:

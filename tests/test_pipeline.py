@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import small_dataset
+from conftest import cli_env, small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 
 
 def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "main_pipeline.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(ROOT / "main_pipeline.py"), *args], cwd=ROOT,
+                          env=cli_env(**(env_extra or {})), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Each torchrun call costs about 15 s of start-up (the launcher and two workers im
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import small_dataset
+from conftest import cli_env, small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
@@ -29,8 +28,7 @@ def free_port() -> int:
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled"}
+    env = cli_env(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / script), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,13 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import small_dataset
+from conftest import cli_env, small_dataset
 from modules.score_lines import score_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 PNGS = ("overall_qwk_vs_m.png", "average_qwk_vs_m.png", "per_rubric_qwk_vs_m.png")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = cli_env()
 
 
 def cli(*args: str) -> list[str]:
