@@ -17,13 +17,13 @@ import gc
 import json
 import logging
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
+
+from modules.runs import (RunDirError, create_run_dir, occupied_dir_error, provenance, resume_entry, setup_logging,
+                          stop, timestamp)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("main_pipeline")
@@ -94,13 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_name(args: argparse.Namespace) -> str:
     model = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(args.base_model_name).name)
     mode = "mtl" if args.mtl else "stl"
-    return f"{model}_{mode}_{args.loss_type}_ntl{args.ntl_weights:g}_emo{args.emo_weights:g}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{model}_{mode}_{args.loss_type}_ntl{args.ntl_weights:g}_emo{args.emo_weights:g}_{timestamp()}"
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
     """The newest complete ``checkpoint-N`` of a run folder. The Trainer writes trainer_state.json
     last, so a checkpoint without it was cut off by a kill and is passed over."""
-    from modules.data import DataError
+    from modules.jsonio import DataError
 
     numbered = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
     numbered.sort(key=lambda p: int(p.name.split("-")[-1]))
@@ -133,7 +133,7 @@ def check_resume(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     """The checkpoint a --resume_checkpoint run continues, the run's manifest, and the RESUME_KEYS
     whose values differ from the run's ({flag: {"run": old, "now": new}}); a DataError (one line)
     when there is nothing to resume or flags differ without --force_resume."""
-    from modules.data import DataError, read_json
+    from modules.jsonio import DataError, read_json
 
     run_dir = Path(args.resume_checkpoint)
     if not run_dir.is_dir():
@@ -153,25 +153,6 @@ def check_resume(args: argparse.Namespace) -> tuple[Path, dict, dict]:
         raise DataError(f"{run_dir}: cannot resume with different flags: {listed}; use the run's values, or "
                         f"--force_resume to continue anyway")
     return checkpoint, manifest or {}, diffs
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def package_versions() -> dict[str, str]:
-    names = ("torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn", "wandb", "gguf")
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def setup_wandb(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -199,11 +180,8 @@ def _read_netrc() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     from modules import dist
-
-    # Under a launcher only rank 0 logs INFO; the others keep warnings and errors.
-    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from modules.data import load_splits
 
     # Under a launcher each process takes its LOCAL_RANK's GPU (--device_id is ignored) and joins the
@@ -237,27 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         dist.finish()
 
 
-def stop(error: str) -> int:
-    """End a run on an error every process met: rank 0 prints the one line, and all exit 2.
-
-    The barrier keeps the other processes alive until rank 0 has printed: a launcher stops the
-    remaining processes as soon as one exits, and could otherwise cut rank 0 off before its line.
-    """
-    from modules import dist
-
-    if dist.is_main():
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    dist.barrier()
-    return 2
-
-
 def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from modules import dist
-    from modules.data import (ScoringCollator, encode_example, prompt_token_budget, write_json_atomic,
-                              write_jsonl_atomic)
+    from modules.encoding import ScoringCollator, encode_example, prompt_token_budget
+    from modules.jsonio import write_json_atomic, write_jsonl_atomic
     from modules.losses import number_token_values
     from modules.models import add_lora, load_adapter, load_base_model
     from modules.evaluation import evaluate_predictions, format_results_table, predict_split
@@ -270,9 +234,8 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     if creating:
         # Rank 0 picks the one run folder (its name holds rank 0's clock) and tells the others; it is
         # created only once the model has loaded, so a bad model name leaves no folder behind.
-        error = None
-        if dist.is_main() and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            error = f"{run_dir}: run folder exists and is not empty (use --resume_checkpoint to continue it)"
+        error = occupied_dir_error(run_dir, "run folder", "use --resume_checkpoint to continue it") \
+            if dist.is_main() else None
         run_dir, error = dist.broadcast((run_dir, error))
         if error:
             return stop(error)
@@ -299,9 +262,9 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
             error = str(err)
     if creating and error is None and dist.is_main():
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            error = f"{run_dir}: cannot create the run folder ({err.strerror})"
+            create_run_dir(run_dir)
+        except RunDirError as err:
+            error = str(err)
     error = dist.first_error(error)
     if error:
         return stop(error)
@@ -350,9 +313,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     # The manifest is written before training too: a killed run's flags are then on record, and a
     # resume of it is checked against them (check_resume).
     manifest = {
-        "command": [sys.executable, *sys.argv], "config": run_config(args), "run_dir": str(run_dir),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git_commit": git_commit(), "packages": package_versions(), "seed": args.seed, "device": str(device),
+        **provenance(), "config": run_config(args), "run_dir": str(run_dir), "seed": args.seed, "device": str(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "world_size": dist.world_size(), "ddp_backend": dist.backend(),
         "dtype": str(model.dtype), "rubrics": info.rubric_names, "max_prompt_tokens": max_prompt_tokens,
@@ -361,9 +322,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     if resuming:
         checkpoint, before, forced = resume
         manifest["created"] = before.get("created", manifest["created"])
-        manifest["resumes"] = [*before.get("resumes", []), {
-            "command": manifest["command"], "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": str(checkpoint),
-            "git_commit": manifest["git_commit"], "forced": forced}]
+        manifest["resumes"] = [*before.get("resumes", []), resume_entry({"from": str(checkpoint), "forced": forced})]
     if dist.is_main():
         write_json_atomic(run_dir / MANIFEST, manifest)
         if resuming:

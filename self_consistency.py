@@ -24,11 +24,16 @@ import sys
 import time
 from pathlib import Path
 
+# Only torch-free modules at the top: analyze runs where torch and transformers are not installed.
+from modules.bank import (BANK, append_bank_line, bank_files, bank_line, merge_banks, own_bank_name, read_bank,
+                          sampled_ids)
+from modules.jsonio import DataError, read_json, write_json_atomic
+from modules.runs import RunDirError, create_run_dir, occupied_dir_error, setup_logging, stop
+
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("self_consistency")
 
-BANK, CONFIG = "samples.jsonl", "run_config.json"
-PARTIAL_BANK = "samples.rank{rank}.jsonl"  # one per process of a multi-process run, merged into BANK
+CONFIG = "run_config.json"
 # The flags that decide which samples get drawn: a resumed run must use the same ones.
 SAMPLING_KEYS = ("adapter_dir", "base_model_name", "test_path", "max_m", "chunk_m", "temperature", "top_k",
                  "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format", "max_prompt_tokens",
@@ -71,9 +76,17 @@ def _add_analysis_flags(p: argparse.ArgumentParser, from_config: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from modules.sampling import SAMPLERS
-
     from modules.cli import ArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    # The sampler registry imports torch, which analyze must not need; an analyze command line (the
+    # subcommand comes first) is never parsed by the sampling flags, which alone use the registry.
+    if argv[:1] == ["analyze"]:
+        samplers = []
+    else:
+        from modules.sampling import SAMPLERS
+
+        samplers = list(SAMPLERS)
 
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--max_new_tokens", type=int, default=None,
                           help="token budget per sample (default: what a valid score line can take for this "
                                "tokenizer and these rubrics); a sample cut by it is invalid")
-    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=next(iter(SAMPLERS)),
+    sampling.add_argument("--sampler", choices=samplers, default=samplers[0] if samplers else None,
                           help="trie: exact and fast (default); generate: the original's HF generate loop")
     sampling.add_argument("--constrained", action="store_true",
                           help="allow only tokens that keep each sample a prefix of a valid score line "
@@ -140,8 +153,6 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, st
 
     The prompt must be rendered exactly as in training, or the adapter scores a prompt it never saw.
     """
-    from modules.data import read_json
-
     manifest = Path(args.adapter_dir) / "run_manifest.json"
     saved = read_json(manifest) if manifest.is_file() else {}
     config = saved.get("config")
@@ -175,8 +186,6 @@ def resolve_fallback(values: list[int] | None, info) -> list[int]:
 
 
 def load_baselines(path: str | None) -> dict | None:
-    from modules.data import read_json
-
     return read_json(Path(path)) if path else None
 
 
@@ -210,9 +219,7 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
     """
     import numpy as np
 
-    from modules.data import DataError, write_json_atomic
     from modules.plots import plot_average, plot_overall, plot_per_rubric
-    from modules.sampling import read_bank
     from modules.curves import bootstrap_curves, qwk_curves
     from modules.voting import INVALID, best_scores
 
@@ -274,8 +281,7 @@ def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> Non
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from modules.data import read_json
-    from modules.evaluation import decoding_mode
+    from modules.score_lines import decoding_mode
 
     bank = Path(args.bank_path)
     config_path = bank.parent / CONFIG
@@ -312,57 +318,24 @@ def check_output_dir(args: argparse.Namespace) -> Path | None:
         return out
     if args.output_dir:
         out = Path(args.output_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise CliError(f"{out}: output folder exists and is not empty (use --resume to continue that run)")
+        error = occupied_dir_error(out, "output folder", "use --resume to continue that run")
+        if error:
+            raise CliError(error)
         return out
     return None
 
 
-def create_output_dir(args: argparse.Namespace) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", args.tag or Path(args.adapter_dir).resolve().name)
-    base = Path(args.output_root) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1000):  # two runs started in the same second get -1, -2, ...
-        out = base.with_name(f"{base.name}-{i}") if i else base
-        try:
-            out.mkdir()
-            return out
-        except FileExistsError:
-            continue
-    raise CliError(f"{base}: could not create a new run folder")
-
-
-def bank_files(out_dir: Path) -> list[Path]:
-    """The merged bank and the per-process partial banks present in a run folder, merged one first."""
-    return [p for p in (out_dir / BANK, *sorted(out_dir.glob(PARTIAL_BANK.format(rank="*")))) if p.is_file()]
-
-
-def merge_banks(out_dir: Path, records, info) -> Path:
-    """Write every essay of the run folder's banks into ``samples.jsonl`` in test-file order (one
-    atomic write), then delete the partial banks. An essay found twice (a resumed run with another
-    number of processes) was drawn with the same seed both times; the first copy is kept."""
-    from modules.data import write_jsonl_atomic
-    from modules.sampling import read_bank
-
-    files = bank_files(out_dir)
-    rows: dict[str, dict] = {}
-    for path in files:
-        for row in read_bank(path, info.ranges):
-            rows.setdefault(row["id"], row)
-    merged = out_dir / BANK
-    write_jsonl_atomic(merged, (rows[r.id] for r in records if r.id in rows))
-    for path in files:
-        if path != merged:
-            path.unlink()
-    return merged
+def run_prefix(args: argparse.Namespace) -> str:
+    """The name a new run folder starts with: --tag, else the adapter folder's name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", args.tag or Path(args.adapter_dir).resolve().name)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from main_pipeline import git_commit, package_versions, stop
     from modules import dist
-    from modules.data import DataError, build_prompt, read_json, write_json_atomic
-    from modules.sampling import SAMPLERS, append_bank_line, bank_line, read_bank
-    from modules.evaluation import decoding_mode
+    from modules.data import build_prompt
+    from modules.runs import provenance, resume_entry
+    from modules.sampling import SAMPLERS
+    from modules.score_lines import decoding_mode
     from modules.scoring import score_line_budget
 
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
@@ -384,8 +357,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
                     "max_prompt_tokens": max_prompt_tokens,
                     "fallback_score": fallback, "baselines_json": baselines_path}
-        # One process appends to samples.jsonl itself; under a launcher each has its own partial bank.
-        own_bank = BANK if dist.world_size() == 1 else PARTIAL_BANK.format(rank=dist.rank())
+        own_bank = own_bank_name(dist.rank(), dist.world_size())
         saved, done = None, set()
         if args.resume:
             saved = read_json(out_dir / CONFIG)
@@ -395,15 +367,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if diffs:
                 raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
                     f"{k} {resolved[k]!r} (run used {used[k]!r})" for k in diffs))
-            # Done: every essay in the merged bank or in any process's partial bank (a killed run may have
-            # had another number of processes). Each process cuts a torn last line off its own bank only.
-            for bank in bank_files(out_dir):
-                ids = {row["id"] for row in read_bank(bank, info.ranges, repair=bank.name == own_bank)}
-                extra = ids - {r.id for r in records}
-                if extra:
-                    raise DataError(f"{bank}: holds essays that are not among the {len(records)} test essays "
-                                    f"(e.g. {sorted(extra)[0]!r}); resume with the run's --limit or none")
-                done |= ids
+            done = sampled_ids(out_dir, records, info, own_bank)
 
         if device is None and args.device_id is not None:
             device = dist.device(args.device_id)
@@ -447,26 +411,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     error = None
     if dist.is_main():
         try:
-            out_dir = out_dir or create_output_dir(args)
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except (CliError, OSError) as err:
+            out_dir = create_run_dir(out_dir, Path(args.output_root), run_prefix(args))
+        except RunDirError as err:
             error = str(err)
     out_dir, error = dist.broadcast((out_dir, error))  # one folder for all, named by rank 0's clock
     if error:
         return stop(error)
     resolved["output_dir"] = str(out_dir.resolve())
     if dist.is_main():
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        command = [sys.executable, *sys.argv]
         if saved is None:
-            config = {"command": command, "created": now, "args": resolved, "prompt_settings_from": prompt_source,
-                      "git_commit": git_commit(), "packages": package_versions(), "device": str(param.device),
-                      "dtype": str(param.dtype), "rubrics": info.rubric_names, "world_size": dist.world_size(),
-                      "token_budget": token_budget}
+            config = {**provenance(), "args": resolved, "prompt_settings_from": prompt_source,
+                      "device": str(param.device), "dtype": str(param.dtype), "rubrics": info.rubric_names,
+                      "world_size": dist.world_size(), "token_budget": token_budget}
         else:
             config = {**saved, "args": resolved}
-            config.setdefault("resumes", []).append({"command": command, "at": now, "git_commit": git_commit(),
-                                                     "world_size": dist.world_size()})
+            config.setdefault("resumes", []).append(resume_entry({"world_size": dist.world_size()}))
         config["n_essays"] = len(records)
         write_json_atomic(out_dir / CONFIG, config)
         if done:
@@ -522,20 +481,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from modules import dist
-
-    # Under a launcher only rank 0 logs INFO; the others keep warnings and errors.
-    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from modules.data import DataError
-
+    setup_logging()
+    sampling = args.command != "analyze"
+    if sampling:  # analyze needs no process group, and must not import torch
+        from modules import dist
     try:
-        return cmd_analyze(args) if args.command == "analyze" else cmd_sample(args)
+        return cmd_sample(args) if sampling else cmd_analyze(args)
     except (DataError, CliError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        dist.finish()
+        if sampling:
+            dist.finish()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ the mean over rubrics (here the one holistic rubric), on its full 0-30 range.
 How the defaults were sized. The issue's budget is about 40 minutes of CPU for the fine-tuning, on
 the project's 2-core machine. With the smollm2 tokenizer and chat template a set-7 training example
 (holistic-only prompt, essay, score line) is 331 tokens on average (median 308, p90 507, max 981),
-measured with ``modules.data.encode_example`` over the 1,099 essays of the converted train split.
+measured with ``modules.encoding.encode_example`` over the 1,099 essays of the converted train split.
 The trainer pads each batch to its longest example: over random batches of 4 drawn from those
 lengths that is 471 tokens per example. At the ~110 tokens/s the CPU quickstart trains at (42,610
 tokens in 411 s, see the README) an example costs ~4.3 s, so 500 essays x 1 epoch (125 steps of 4)

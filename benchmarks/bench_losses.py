@@ -24,8 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.data import IGNORE_INDEX  # noqa: E402
-from modules.losses import number_token_values  # noqa: E402
+from modules.losses import IGNORE_INDEX, number_token_values  # noqa: E402
 from modules.models import add_lora, load_base_model  # noqa: E402
 from modules.trainer import LossConfig, compute_loss_terms  # noqa: E402
 

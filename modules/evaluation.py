@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from modules.data import DatasetInfo, EssayRecord, build_prompt
+from modules.score_lines import decoding_mode
 from modules.scoring import greedy_predict, weighted_predict
 from modules.voting import qwk
 
@@ -116,8 +117,3 @@ def format_results_table(results: dict, info: DatasetInfo, constrained: bool = F
     lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
     lines.append(f"decoding: {decoding_mode(constrained)}")
     return "\n".join(lines)
-
-
-def decoding_mode(constrained: bool) -> str:
-    """How a results table names its decoding: ``constrained`` (``--constrained``) or ``unconstrained``."""
-    return "constrained" if constrained else "unconstrained"

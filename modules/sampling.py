@@ -1,4 +1,4 @@
-"""Samplers for self-consistency, and the sample bank they fill (SPEC §2, §6, §9).
+"""Samplers for self-consistency (SPEC §2, §6, §9).
 
 A sampler draws ``max_m`` answers for each of a batch of essay prompts and returns, per prompt,
 ``[{"text": str, "scores": [int] * K or None}]`` (the first line of the answer, and its scores under
@@ -8,33 +8,24 @@ line ended also carries ``"truncated": True`` and has no scores. Samplers are re
 from each prompt's generator seed alone, so that a resumed run redraws nothing differently.
 
 ``generate`` is the original tool's sampler. ``trie`` (the default) draws from the same
-distribution with far less compute: see :func:`trie_sample`.
-
-The bank (``samples.jsonl``) holds one JSON line per essay,
-``{"id", "gold": [int] * K, "samples": [{"text", "scores", ["truncated"]}], "invalid": int}``. It is appended
-and fsynced essay by essay, so a killed run loses at most the essay in flight; a torn last
-line is detected on reading and dropped (and cut off the file when resuming).
+distribution with far less compute: see :func:`trie_sample`. What they draw is stored in the
+sample bank, whose file format is :mod:`modules.bank`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from modules.bank import Sample
 from modules.constrained import START, ScoreLineLogitsProcessor
-from modules.data import DataError, decode_utf8
-from modules.score_lines import line_sample, parse_score_line
+from modules.score_lines import line_sample
 from modules.scoring import ended_rows, eval_mode, input_device, line_constraint, stop_token_ids
 from modules.tree_attention import require_tree_attention, tree_attention_mask
 
 logger = logging.getLogger(__name__)
-
-Sample = dict  # {"text": str, "scores": list[int] | None}
 
 
 def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
@@ -274,99 +265,3 @@ SamplerFn = Callable[..., list[list[Sample]]]
 # Name -> sampler with generate_sample's signature (a batch of prompts, one seed each); the
 # CLI's --sampler choices. The first is the default.
 SAMPLERS: dict[str, SamplerFn] = {"trie": trie_sample, "generate": generate_sample}
-
-
-# --------------------------------------------------------------------------- the bank
-
-def bank_line(essay_id: str, gold: Sequence[int], samples: list[Sample]) -> dict:
-    return {"id": essay_id, "gold": [int(g) for g in gold], "samples": samples,
-            "invalid": sum(s["scores"] is None for s in samples)}
-
-
-def append_bank_line(handle, row: dict) -> None:
-    """Append one essay and force it to disk: after this returns, a kill cannot lose it."""
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _check_row(path: Path, lineno: int, row, ranges: Sequence[tuple[int, int]]) -> tuple[dict, int]:
-    """A validated bank line, and how many of its samples' scores were re-read from their text."""
-    def fail(fieldname: str, problem: str) -> DataError:
-        return DataError(f"{path}:{lineno}: field '{fieldname}': {problem}")
-
-    if not isinstance(row, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object")
-    for key in ("id", "gold", "samples"):
-        if key not in row:
-            raise fail(key, "missing")
-    k, reparsed = len(ranges), 0
-
-    def valid_scores(values) -> bool:
-        return (isinstance(values, list) and len(values) == k
-                and all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-                        for v, (lo, hi) in zip(values, ranges)))
-
-    if not valid_scores(row["gold"]):
-        raise fail("gold", f"expected {k} integers inside the rubric ranges, got {row['gold']!r}")
-    if not isinstance(row["samples"], list) or not row["samples"]:
-        raise fail("samples", "must be a non-empty list")
-    for i, sample in enumerate(row["samples"]):
-        if not isinstance(sample, dict) or "scores" not in sample:
-            raise fail(f"samples[{i}].scores", "missing")
-        if sample["scores"] is not None and not valid_scores(sample["scores"]):
-            raise fail(f"samples[{i}].scores", f"expected null or {k} in-range integers, got {sample['scores']!r}")
-        if isinstance(sample.get("text"), str):
-            # The text is what the model wrote: its scores are what the strict parser reads in it
-            # (a bank written before parsing was strict may hold scores read from a sloppy line).
-            strict = None if sample.get("truncated") else parse_score_line(sample["text"], ranges)
-            if strict != sample["scores"]:
-                sample["scores"] = strict
-                reparsed += 1
-    row["invalid"] = sum(s["scores"] is None for s in row["samples"])
-    return row, reparsed
-
-
-def read_bank(path: str | Path, ranges: Sequence[tuple[int, int]], *, repair: bool = False) -> list[dict]:
-    """The essays of a bank, in file order, validated against the rubric ranges.
-
-    A last line without its newline is what a kill mid-write leaves: it is dropped with a
-    warning, and with ``repair`` also cut off the file so appending can continue. Any other bad
-    line is a one-line :class:`DataError`, as are duplicate ids. A sample's scores are re-read from
-    its text with :func:`~modules.score_lines.parse_score_line` (null when truncated), and each
-    line's ``invalid`` count follows.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    # json.dumps escapes newlines, so a kill mid-write leaves bytes after the last newline.
-    end = data.rfind(b"\n") + 1
-    torn = data[end:]
-    if torn:
-        logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(torn))
-        if repair:
-            with path.open("r+b") as handle:
-                handle.truncate(end)
-                os.fsync(handle.fileno())
-    lines = decode_utf8(path, data[:end]).split("\n")[:-1]
-    rows, seen, reparsed = [], {}, 0
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-        row, changed = _check_row(path, lineno, obj, ranges)
-        reparsed += changed
-        row["id"] = str(row["id"])
-        if row["id"] in seen:
-            raise DataError(f"{path}:{lineno}: field 'id': duplicate id {row['id']!r} (first on line {seen[row['id']]})")
-        seen[row["id"]] = lineno
-        rows.append(row)
-    if reparsed:
-        logger.warning("%s: %d samples' stored scores differ from what the strict parser reads in their text "
-                       "(a bank from before strict parsing?); counting the strict values", path, reparsed)
-    return rows

@@ -73,3 +73,9 @@ def line_sample(text: str, ranges: Sequence[tuple[int, int]], truncated: bool = 
     if truncated:
         sample["truncated"] = True
     return sample
+
+
+def decoding_mode(constrained: bool) -> str:
+    """How results name the decoding of score lines: ``constrained`` (``--constrained``) or
+    ``unconstrained``."""
+    return "constrained" if constrained else "unconstrained"

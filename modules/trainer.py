@@ -10,8 +10,8 @@ from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 from modules import dist
-from modules.data import IGNORE_INDEX
-from modules.losses import composite_loss, emo_columns, ntl_mse_columns, ntl_was_columns, number_logits, number_targets
+from modules.losses import (IGNORE_INDEX, composite_loss, emo_columns, ntl_mse_columns, ntl_was_columns, number_logits,
+                            number_targets)
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,58 @@
-"""Shared fixtures: the three tokenizer families the label masks must handle."""
+"""Shared fixtures: the tokenizer families the label masks must handle, the tiny model, one-thread
+runs, and small cuts of the shipped dataset."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "aes_dataset_mtl"
 sys.path.insert(0, str(ROOT))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment the tests run the command lines in: no hub downloads, no tokenizer threads
+    (forked workers would warn), and ``extra``."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def small_dataset(folder: Path, **sizes: int) -> Path:
+    """``folder`` holding the shipped dataset.json and the first ``sizes[split]`` records of each
+    named split (``small_dataset(path, train=8, test=4)``), so a run on it takes seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
+    for split, n in sizes.items():
+        lines = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``) or
+    from the test that asks on: tiny models gain nothing from intra-op threads, and on a shared
+    2-core machine the thread pool's spinning makes them several times slower (each torchrun
+    worker runs with OMP_NUM_THREADS=1 too)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny-random-llama on the CPU, as (model, tokenizer); built into the cache on first use."""
+    import torch
+
+    from modules.models import load_base_model
+
+    return load_base_model("tiny-random-llama", device=torch.device("cpu"))
 
 # Llama-3's pre-tokenisation splits numbers into groups of up to three digits, so "12" and "25"
 # become single tokens, and a number never carries the preceding space.

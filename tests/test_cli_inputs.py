@@ -29,6 +29,7 @@ from typing import Callable
 
 import pytest
 
+from conftest import cli_env
 from modules.score_lines import score_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ class Fixtures:
         run_dir = self.root / "killed"
         cmd = [sys.executable, *SCRIPTS["main"], *TRAIN_FLAGS, "--data_dir", str(self.data),
                "--output_dir", str(run_dir), "--max_steps", "400"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**ROW_ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300  # a bound on the wait, not a speed assertion
         while not (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and proc.poll() is None:
             assert time.monotonic() < deadline, "the training run wrote no checkpoint"
@@ -215,9 +216,8 @@ class Fixtures:
         return self.csv("scores.csv", "text,score\n" + rows)
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-            "OMP_NUM_THREADS": "1", **extra}
+# Each row's process on one thread, as several run side by side on a small machine.
+ROW_ENV = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -570,7 +570,7 @@ def outcomes(request, tmp_path_factory) -> tuple[Fixtures, dict[str, Outcome]]:
         cmd = [sys.executable, *SCRIPTS[case.cli], *argv]
         started = time.monotonic()
         try:
-            return subprocess.run(cmd, cwd=ROOT, env=cli_env(**case.env), capture_output=True, text=True, timeout=600)
+            return subprocess.run(cmd, cwd=ROOT, env=cli_env(**{**ROW_ENV, **case.env}), capture_output=True, text=True, timeout=600)
         finally:
             seconds[case.id] = time.monotonic() - started  # for the report only
 

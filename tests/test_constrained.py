@@ -11,13 +11,7 @@ from modules.constrained import (ACCEPT, DEAD, START, ScoreLineConstraint, Score
                                  max_line_tokens, score_line_constraint, token_texts)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- the brute force
@@ -193,13 +187,6 @@ def test_mask_logits_restricts_rows_by_state_and_leaves_ended_rows_alone():
 
 
 # --------------------------------------------------------------------------- generate()
-
-@pytest.fixture(scope="module")
-def tiny():
-    from modules.models import load_base_model
-
-    return load_base_model("tiny-random-llama", device=torch.device("cpu"))
-
 
 def constrained_generate(model, tokenizer, prompt: str, ranges, **kwargs) -> list[str]:
     from modules.scoring import line_constraint, stop_token_ids

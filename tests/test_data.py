@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.data import (IGNORE_INDEX, DataError, DatasetInfo, EssayRecord, Rubric, ScoringCollator,
-                          build_prompt, encode_example, load_dataset_info, load_split, load_splits,
-                          prompt_token_budget, target_text)
+from modules.data import (DataError, DatasetInfo, EssayRecord, Rubric, build_prompt, load_dataset_info, load_split,
+                          load_splits, target_text)
+from modules.encoding import ScoringCollator, encode_example, prompt_token_budget
+from modules.losses import IGNORE_INDEX
 from modules.score_lines import score_line
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,13 +16,6 @@ TINY = "tiny-random-llama"
 SMOL = "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The tiny model from the default cache (built on first use)."""
-    model, tokenizer = M.load_base_model(TINY, device=torch.device("cpu"))
-    return model, tokenizer
-
-
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

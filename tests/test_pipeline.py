@@ -2,33 +2,26 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_env, small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 
 
 def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "main_pipeline.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(ROOT / "main_pipeline.py"), *args], cwd=ROOT,
+                          env=cli_env(**(env_extra or {})), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """The shipped dataset cut to a few essays per split, so a run takes seconds."""
-    folder = tmp_path_factory.mktemp("data")
-    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
-    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
-        lines = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return small_dataset(tmp_path_factory.mktemp("data"), train=8, valid=4, test=4)
 
 
 def kappa(gold: list[int], pred: list[int]) -> float:

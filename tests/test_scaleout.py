@@ -6,7 +6,6 @@ Each torchrun call costs about 15 s of start-up (the launcher and two workers im
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import cli_env, small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
@@ -28,23 +28,10 @@ def free_port() -> int:
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled"}
+    env = cli_env(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / script), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def one_thread():
-    """In-process model runs on one thread, like each torchrun worker (OMP_NUM_THREADS=1): on small
-    CPUs a tiny model's steps are dominated by thread synchronisation otherwise."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -53,11 +40,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> SimpleNamespace:
-    folder = tmp_path_factory.mktemp("data")
-    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
-    for split, n in (("train", 8), ("valid", 4), ("test", N_TEST)):
-        lines = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder = small_dataset(tmp_path_factory.mktemp("data"), train=8, valid=4, test=N_TEST)
     test_lines = (folder / "test.jsonl").read_text(encoding="utf-8").splitlines()
     return SimpleNamespace(dir=folder, test=folder / "test.jsonl", ids=[json.loads(l)["id"] for l in test_lines])
 

@@ -31,20 +31,13 @@ def peaky(model: torch.nn.Module, scale: float = 30.0) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
-    pool's spinning makes them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from modules.models import load_base_model
-    model, tokenizer = load_base_model("tiny-random-llama", device=torch.device("cpu"))
+def tiny(tiny):
+    """conftest's tiny model, made peaky."""
+    model, tokenizer = tiny
     return peaky(model), tokenizer
 
 

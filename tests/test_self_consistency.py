@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,12 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import cli_env, small_dataset
 from modules.score_lines import score_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "aes_dataset_mtl"
 PNGS = ("overall_qwk_vs_m.png", "average_qwk_vs_m.png", "per_rubric_qwk_vs_m.png")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = cli_env()
 
 
 def cli(*args: str) -> list[str]:
@@ -46,11 +46,8 @@ def setup(tmp_path_factory) -> SimpleNamespace:
     (adapter / "evaluation_results.json").write_text(json.dumps(
         {"token": {**table, "overall": 0.31, "average": 0.27, "invalid": 0},
          "weighted": {**table, "overall": 0.42, "average": 0.38}}))
-    data = root / "data"
-    data.mkdir()
-    shutil.copy(DATA / "dataset.json", data / "dataset.json")
-    lines = (DATA / "test.jsonl").read_text(encoding="utf-8").splitlines()[:4]
-    (data / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = small_dataset(root / "data", test=4)
+    lines = (data / "test.jsonl").read_text(encoding="utf-8").splitlines()
     return SimpleNamespace(root=root, adapter=adapter, test=data / "test.jsonl", rubrics=rubrics,
                            ids=[json.loads(line)["id"] for line in lines])
 
@@ -223,7 +220,7 @@ def test_input_errors_are_one_line_before_model_load(setup, run_dir, tmp_path, c
 def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     """A bank with real scores: curves.json is exactly voting's curves of the [N, m, K] array."""
     import self_consistency
-    from modules.sampling import read_bank as read_checked
+    from modules.bank import read_bank as read_checked
     from modules.curves import bootstrap_curves, qwk_curves
     from modules.voting import INVALID, best_scores
 
@@ -256,6 +253,40 @@ def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     assert bank.read_bytes().endswith(b'"torn')
     assert len(read_checked(bank, [(1, 9)] * k, repair=True)) == n
     assert bank.read_bytes().endswith(b"\n")
+
+
+# Runs self_consistency.py with its arguments as if torch and transformers (and peft and accelerate,
+# which need them) were not installed: importing any of them raises ModuleNotFoundError.
+WITHOUT_TORCH = """
+import runpy, sys
+for name in ("torch", "transformers", "peft", "accelerate"):
+    sys.modules[name] = None
+sys.argv = ["self_consistency.py", *sys.argv[1:]]
+runpy.run_path("self_consistency.py", run_name="__main__")
+"""
+
+
+def test_analyze_runs_without_torch_and_transformers(tmp_path):
+    data = small_dataset(tmp_path / "data", test=4)
+    rubrics = [r["name"] for r in json.loads((data / "dataset.json").read_text())["rubrics"]]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"args": {"bootstrap": 5, "seed": 3, "constrained": True}}))
+    with (run / "samples.jsonl").open("w") as handle:
+        for line in (data / "test.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            gold = [record["scores"][name] for name in rubrics]
+            drawn = [[min(9, g + j % 2) for g in gold] for j in range(3)]
+            samples = [{"text": score_line(scores), "scores": scores} for scores in drawn]
+            handle.write(json.dumps({"id": record["id"], "gold": gold, "samples": samples, "invalid": 0}) + "\n")
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "analyze", "--bank_path", str(run / "samples.jsonl"),
+                             "--test_path", str(data / "test.jsonl")], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "overall QWK (4 essays, m = 1..3)" in result.stdout and "decoding: constrained" in result.stdout
+    assert all((run / name).is_file() for name in ("curves.json", "best_qwk_scores.json", *PNGS))
+    curves = json.loads((run / "curves.json").read_text())
+    assert curves["ms"] == [1, 2, 3] and curves["bootstrap"]["n_orderings"] == 5
 
 
 @pytest.fixture(scope="module")

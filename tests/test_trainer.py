@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.data import IGNORE_INDEX, ScoringCollator, encode_example, load_splits
-from modules.losses import composite_loss, emo_loss, ntl_mse, ntl_was, number_token_values
+from modules.data import load_splits
+from modules.encoding import ScoringCollator, encode_example
+from modules.losses import IGNORE_INDEX, composite_loss, emo_loss, ntl_mse, ntl_was, number_token_values
 from modules.models import add_lora, load_base_model
 from modules.trainer import (LABEL_NAMES, LossConfig, compute_loss_terms, labeled_log_probs, logits_to_keep,
                              loss_terms, shift_labels)

@@ -16,7 +16,7 @@ from modules.convert.corpora import convert_asap, convert_csv, convert_ellipse, 
 from modules.convert.lexicon import SPLIT_SIZES
 from modules.convert.pipeline import DEFAULT_SPLIT
 from modules.convert.synthetic import write_synthetic
-from modules.data import DataError
+from modules.jsonio import DataError
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

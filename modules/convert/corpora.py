@@ -52,7 +52,7 @@ from typing import Sequence
 
 from modules.convert.pipeline import (DEFAULT_SPLIT, ConversionReport, ScoreSpec, Table, build_records,
                                       read_table, require_columns, write_dataset)
-from modules.data import DataError
+from modules.jsonio import DataError
 
 # --------------------------------------------------------------------------- ASAP constants
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from modules.convert.text import clean_text, decode_bytes
-from modules.data import SPLITS, DataError, load_splits, read_input_bytes, write_json_atomic, write_jsonl_atomic
+from modules.data import SPLITS, load_splits
+from modules.jsonio import DataError, read_input_bytes, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from modules.convert.lexicon import (ADVANCED_WORDS, BASIC_WORDS, BODY_TEMPLATES
                                      MISSPELLINGS, NOISE, OFF_TOPIC_SENTENCES, OFF_TOPIC_WORDS,
                                      POSITION_MARKERS, POSITION_TEMPLATES, PROMPT_BY_ID, PROMPTS, REBUTTALS,
                                      RUBRIC_NAMES, RUBRICS, SPLIT_SIZES, TRANSITIONS)
-from modules.data import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from modules.jsonio import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,122 @@
+"""What both CLIs do around a run: logging, the run folder, the manifest's provenance, and stopping.
+
+``main_pipeline.py`` writes ``run_manifest.json`` into its run folder, ``self_consistency.py``
+writes ``run_config.json``; both record how the run was made (:func:`provenance`) and each
+resume (:func:`resume_entry`). Imports neither torch nor transformers (:func:`stop` loads
+:mod:`modules.dist` only when called), so ``self_consistency.py analyze`` can use it without them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn", "wandb", "gguf")
+
+
+class RunDirError(ValueError):
+    """A run folder that cannot be created, as one line."""
+
+
+def setup_logging() -> None:
+    """Log INFO with times; under a launcher only rank 0 does, the others keep warnings and errors."""
+    # Called before the process group exists, when the launcher's RANK is the rank (as modules.dist
+    # reads it too); importing dist here would load torch, which analyze must not need.
+    main = int(os.environ.get("RANK", 0)) == 0
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def stop(error: str) -> int:
+    """End a run on an error every process met: rank 0 prints the one line, and all exit 2.
+
+    The barrier keeps the other processes alive until rank 0 has printed: a launcher stops the
+    remaining processes as soon as one exits, and could otherwise cut rank 0 off before its line.
+    """
+    from modules import dist
+
+    if dist.is_main():
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    dist.barrier()
+    return 2
+
+
+# --------------------------------------------------------------------------- the run folder
+
+def timestamp() -> str:
+    """The time part of a run folder's name."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def occupied_dir_error(path: Path, what: str, hint: str) -> str | None:
+    """The one-line error for a new run's folder that already holds something, else None."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        return f"{path}: {what} exists and is not empty ({hint})"
+    return None
+
+
+def create_run_dir(path: Path | None, parent: Path | None = None, prefix: str = "") -> Path:
+    """Create the run folder ``path`` (and its parents; it may exist already, empty or resumed), or
+    without one a new ``<parent>/<prefix>_<timestamp>``, with ``-1``, ``-2``, ... when a run
+    started in the same second took that name. Raises :class:`RunDirError` when it cannot."""
+    try:
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        base = parent / f"{prefix}_{timestamp()}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            path = base.with_name(f"{base.name}-{i}") if i else base
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise RunDirError(f"{path if path is not None else base}: cannot create the run folder "
+                          f"({err.strerror})") from None
+    raise RunDirError(f"{base}: could not create a new run folder")
+
+
+# --------------------------------------------------------------------------- provenance
+
+def git_commit() -> str | None:
+    """The checked-out commit of this code, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    """Python's version and those of the installed packages a run's results depend on."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def now() -> str:
+    """The local time as a manifest records it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def provenance() -> dict:
+    """How a run was made, the first fields of its manifest: command line, time, commit, packages."""
+    return {"command": [sys.executable, *sys.argv], "created": now(), "git_commit": git_commit(),
+            "packages": package_versions()}
+
+
+def resume_entry(details: dict) -> dict:
+    """One entry of a manifest's ``resumes`` list: command line, time, commit, then ``details``."""
+    return {"command": [sys.executable, *sys.argv], "at": now(), "git_commit": git_commit(), **details}
