@@ -1,1 +1,1 @@
-"""LoRA essay scoring: data, models, losses, trainer, scoring, sampling, voting, plots, converters."""
+"""LoRA essay scoring: the modules behind main_pipeline.py and self_consistency.py (README lists each one's job)."""

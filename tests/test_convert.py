@@ -1,4 +1,4 @@
-"""Converters for real corpora (modules/converters.py) on small invented fixtures, and on the
+"""Converters for real corpora (modules/convert/corpora.py) on small invented fixtures, and on the
 shared ASAP set-7 file when it is there."""
 from __future__ import annotations
 
