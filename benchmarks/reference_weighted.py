@@ -70,8 +70,8 @@ def _reference_rubrics(model, tokenizer, prompt_cache, prompt_logits: torch.Tens
 
 @contextmanager
 def reference_scorer() -> Iterator[None]:
-    """Within the block, ``modules.scoring.weighted_predict`` (and ``modules.evaluation.predict_split``, which calls it) score candidates
-    with the reference above, one rubric per call as before, so old and new differ in the candidate
-    step only."""
+    """Within the block, ``modules.scoring.weighted_predict`` (and ``modules.evaluation.predict_split``,
+    which calls it) score candidates with the reference above, one rubric per call as before, so old
+    and new differ in the candidate step only."""
     with mock.patch.object(scoring, "_candidate_log_scores", _reference_rubrics):
         yield
