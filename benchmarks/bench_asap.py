@@ -84,6 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def shared_file_missing(source: Path) -> bool:
+    """Say so when the ASAP file is absent: it is shared data, not part of a fresh clone."""
+    if source.is_file():
+        return False
+    print(f"{source} not found: the ASAP set-7 file is shared data outside the repository "
+          "(../shared/data/asap/); nothing to benchmark.")
+    return True
+
+
 class StageFailed(RuntimeError):
     """A subprocess stage failed; the message carries the tail of its log."""
 
@@ -274,9 +283,7 @@ def report(out: Path, ranges: list[tuple[int, int]], args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = Path(args.input)
-    if not source.is_file():
-        print(f"{source} not found: the ASAP set-7 file is shared data outside the repository "
-              "(../shared/data/asap/); nothing to benchmark.")
+    if shared_file_missing(source):
         return 0
     variant = "ce" if args.ablation else "ce+ntl"
     out = Path(args.out_dir)

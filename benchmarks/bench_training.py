@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ASAP7 = ROOT.parent / "shared" / "data" / "asap" / "asap_set7.tsv"
+from bench_asap import ASAP7, shared_file_missing  # noqa: E402
 
 # The CPU recipe (README "Quickstart" and "Results on real essays"): LoRA on the top 8 of the 30
 # layers, length-grouped batches.
@@ -120,9 +120,7 @@ def time_setting(examples: list[dict], number_values, seed: int, *, top_layers: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = Path(args.input)
-    if not source.is_file():
-        print(f"{source} not found: the ASAP set-7 file is shared data outside the repository "
-              "(../shared/data/asap/); nothing to benchmark.")
+    if shared_file_missing(source):
         return 0
     import logging
 
