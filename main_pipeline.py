@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
     p.add_argument("--lora_top_layers", type=int, default=0,
                    help="adapt only the last N decoder layers (0 = all); the backward pass stops below them")
+    p.add_argument("--bf16", action="store_true",
+                   help="train under bf16 autocast (the Trainer's bf16): on a CPU with AVX512-BF16 or AMX the matmuls "
+                        "run in bf16; weights, optimizer state and scoring stay in the model's dtype")
     p.add_argument("--group_by_length", action="store_true",
                    help="batch essays of similar length together (the Trainer's length-grouped sampler), "
                         "so less of each batch is padding")
@@ -303,7 +306,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=report_to,
         label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
-        bf16=model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
+        bf16=args.bf16 or model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
         # Multi-process: the process group dist.init made (gloo/NCCL); every LoRA weight gets a
         # gradient each step, so DDP need not search the graph for unused parameters.
         ddp_backend=dist.backend(), ddp_find_unused_parameters=False)

@@ -54,7 +54,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     run_dir = tmp_path / "run"
     # The first run scores with --constrained, the resumed one without: both modes end to end.
     result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir), "--max_steps", "2",
-                     "--constrained", "--lora_top_layers", "1", "--group_by_length", env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+                     "--constrained", "--lora_top_layers", "1", "--group_by_length", "--bf16", env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: offline mode" in result.stdout
     assert list((run_dir / "wandb").glob("offline-run-*")), "real wandb wrote no offline run"
@@ -68,6 +68,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     assert manifest["seed"] == 42 and manifest["train"]["global_step"] == 2
     assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
     assert manifest["config"]["mtl"] is True and manifest["config"]["constrained"] is True
+    assert manifest["config"]["bf16"] is True and manifest["config"]["group_by_length"] is True
     history = json.loads((run_dir / "log_history.json").read_text())
     logged = [h for h in history if "loss_total" in h]
     assert logged and all({"loss_ce", "loss_ntl", "loss_emo"} <= set(h) for h in logged)
