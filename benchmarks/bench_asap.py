@@ -12,10 +12,10 @@ Stages, each timed (wall seconds):
    ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` (>= 150 for a real run), written as
    one dataset folder that both commands and every method share. When the file is absent the
    script says so and exits 0: the shared data is not part of a fresh clone.
-2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
-   ``--group_by_length`` batches; LoRA r 16 on q/v of every layer; no ``--mtl``: ASAP has no
-   feedback), loss CE + 2.0 NTL (``--ablation``: CE only); greedy and weighted predictions from
-   its run folder.
+2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast;
+   LoRA r 16 on q/v of every layer, random batches; no ``--mtl``: ASAP has no feedback), loss
+   CE + 2.0 NTL (``--ablation``: CE only); greedy and weighted predictions from its run folder.
+   ``--group_by_length`` opts into length-grouped batches (faster, but see the README).
 3. constrained greedy: the saved adapter rescored with ``--constrained`` decoding.
 4. self-consistency: ``self_consistency.py run`` with ``--max_m m``, once unconstrained and once
    ``--constrained``; majority and average votes over all m samples of each essay.
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
+    p.add_argument("--group_by_length", action="store_true", help="main_pipeline.py --group_by_length")
     p.add_argument("--max_seq_length", type=int, default=1024)
     p.add_argument("--m", type=int, default=10, help="self-consistency samples per essay")
     p.add_argument("--sampler", default=None, help="self_consistency.py --sampler (default: its own default)")
@@ -157,8 +158,9 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
            "--num_train_epochs", str(args.epochs), "--max_steps", str(args.max_steps),
            "--per_device_train_batch_size", str(args.batch_size),
            "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.learning_rate),
-           "--lora_top_layers", str(args.top_layers), "--group_by_length", "--bf16",
+           "--lora_top_layers", str(args.top_layers), "--bf16",
            "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0"]
+    cmd += ["--group_by_length"] if args.group_by_length else []
     run_logged(cmd, log)
     predictions = read_jsonl(run_dir / "predictions.jsonl")
     manifest = read_json(run_dir / "run_manifest.json")
