@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train under bf16 autocast (the Trainer's bf16): on a CPU with AVX512-BF16 or AMX the matmuls "
                         "run in bf16; weights, optimizer state and scoring stay in the model's dtype")
     p.add_argument("--group_by_length", action="store_true",
-                   help="batch essays of similar length together (the Trainer's length-grouped sampler), "
-                        "so less of each batch is padding")
+                   help="batch essays of similar length together, the batches in random order "
+                        "(modules.trainer.ShuffledLengthBuckets), so less of each batch is padding")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--early_stopping_patience", type=int, default=3)
     p.add_argument("--emo_topk", type=int, default=64)

@@ -10,12 +10,13 @@ Stages, each timed (wall seconds):
 1. convert ``../shared/data/asap/asap_set7.tsv`` with ``modules.convert.corpora.convert_asap`` (seeded
    70/15/15 split; 1,569 essays, holistic score 0-30) and take a seeded sample of
    ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` (>= 150 for a real run), written as
-   one dataset folder that both commands and every method share. When the file is absent the
-   script says so and exits 0: the shared data is not part of a fresh clone.
-2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast;
-   LoRA r 16 on q/v of every layer, random batches; no ``--mtl``: ASAP has no feedback), loss
-   CE + 2.0 NTL (``--ablation``: CE only); greedy and weighted predictions from its run folder.
-   ``--group_by_length`` opts into length-grouped batches (faster, but see the README).
+   one dataset folder that both commands and every method share (its dataset.json sets the short
+   ``SYSTEM_PROMPT``). When the file is absent the script says so and exits 0: the shared data is
+   not part of a fresh clone.
+2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
+   ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
+   layer; no ``--mtl``: ASAP has no feedback), loss CE + 0.2 NTL (``--ablation``: CE only); greedy
+   and weighted predictions from its run folder. ``--no-group_by_length`` trains on random batches.
 3. constrained greedy: the saved adapter rescored with ``--constrained`` decoding.
 4. self-consistency: ``self_consistency.py run`` with ``--max_m m``, once unconstrained and once
    ``--constrained``; majority and average votes over all m samples of each essay.
@@ -52,7 +53,12 @@ from modules.jsonio import DataError, iter_jsonl, read_json, write_json_atomic, 
 
 ASAP7 = ROOT.parent / "shared" / "data" / "asap" / "asap_set7.tsv"
 MIN_TEST = 150
-VARIANTS = {"ce+ntl": 2.0, "ce": 0.0}  # NTL weight of each command's LoRA
+# dataset.json's system_prompt for the subset: a short system message in place of SmolLM2's default
+# (18 tokens naming the assistant), which every training step would pay for.
+SYSTEM_PROMPT = "You score essays."
+# NTL weight of each command's LoRA: 0.2, the quickstart's scale; at the original tool's 2.0, NTL's
+# gradients dwarf CE's and the hour's training learned far less (README).
+VARIANTS = {"ce+ntl": 0.2, "ce": 0.0}
 LORA_ROWS = ("greedy", "greedy, constrained", "weighted", "SC majority", "SC average",
              "SC majority, constrained", "SC average, constrained")
 
@@ -68,13 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_essays", type=int, default=800, help="sized for the 60-minute budget (README)")
     p.add_argument("--valid_essays", type=int, default=30)
     p.add_argument("--test_essays", type=int, default=MIN_TEST)
-    p.add_argument("--epochs", type=float, default=1)
+    p.add_argument("--epochs", type=float, default=2.5, help="sized for the 60-minute budget (README)")
     p.add_argument("--max_steps", type=int, default=-1, help="overrides --epochs when > 0")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
-    p.add_argument("--group_by_length", action="store_true", help="main_pipeline.py --group_by_length")
+    p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                   help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
     p.add_argument("--max_seq_length", type=int, default=1024)
     p.add_argument("--m", type=int, default=10, help="self-consistency samples per essay")
     p.add_argument("--sampler", default=None, help="self_consistency.py --sampler (default: its own default)")
@@ -129,10 +136,11 @@ def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], seed: int
     """A seeded sample of each split (file order kept), written as one dataset folder; an existing
     folder (the other command's) is reused when it was made with the same seed and sizes."""
     if (data_dir / "dataset.json").is_file():
-        made = read_json(data_dir / "dataset.json").get("subset", {})
-        if made.get("seed") != seed or made.get("sizes") != sizes:
-            raise DataError(f"{data_dir}: made with seed {made.get('seed')} and sizes {made.get('sizes')}, not "
-                            f"{seed} and {sizes}; use another --out_dir")
+        meta = read_json(data_dir / "dataset.json")
+        made = meta.get("subset", {})
+        if made.get("seed") != seed or made.get("sizes") != sizes or meta.get("system_prompt") != SYSTEM_PROMPT:
+            raise DataError(f"{data_dir}: made with seed {made.get('seed')}, sizes {made.get('sizes')} and system prompt "
+                            f"{meta.get('system_prompt')!r}, not {seed}, {sizes} and {SYSTEM_PROMPT!r}; use another --out_dir")
         return
     rng = random.Random(seed)
     subset = {}
@@ -146,6 +154,7 @@ def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], seed: int
     data_dir.mkdir(parents=True)
     meta = read_json(full_dir / "dataset.json")
     meta["subset"] = {"of": str(full_dir), "seed": seed, "sizes": sizes}
+    meta["system_prompt"] = SYSTEM_PROMPT
     for split, records in subset.items():
         write_jsonl_atomic(data_dir / f"{split}.jsonl", records)
     write_json_atomic(data_dir / "dataset.json", meta)

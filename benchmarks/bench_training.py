@@ -4,16 +4,17 @@ default settings against the CPU recipe, in one process.
     python benchmarks/bench_training.py [--essays 48] [--levers [LEVER ...]]
 
 Each setting trains a fresh LoRA with the project's ``CustomTrainer`` (CE + 2.0 NTL, the real HF
-Trainer, batch 4, lr 1e-3) on ``--essays`` essays: ``--essays / 4`` batches spread evenly over one
-epoch's batch order of all 1,099 essays of the converted train split
-(``modules.convert.corpora.convert_asap``, holistic 0-30), encoded exactly as ``main_pipeline.py``
-encodes them. The order is random, or length-grouped for settings that group (the Trainer's own
-``get_length_grouped_indices``): grouping pays off only over a whole epoch, which is why the
-batches are drawn from one. Throughput is essays / the Trainer's ``train_runtime``.
+Trainer, batch 4, lr 1e-3) on ``--essays`` essays: ``--essays / 4`` batches of one epoch over all
+1,099 essays of the converted train split (``modules.convert.corpora.convert_asap``, holistic
+0-30), encoded exactly as ``main_pipeline.py`` encodes them. The epoch's batches are random, or
+length-grouped for settings that group (``modules.trainer.ShuffledLengthBuckets``, what
+``--group_by_length`` uses); the sample is picked at evenly spaced quantiles of the batches' padded
+width, so its padding is the epoch's (each line prints both). Throughput is essays / the Trainer's
+``train_runtime``.
 
 - ``default``: what ``main_pipeline.py`` does without the recipe flags: LoRA on q/v of every
   layer, random batches padded to their longest essay, float32.
-- ``recipe``: the flags the README's CPU commands use (``CPU_RECIPE`` below).
+- ``recipe``: the flags ``bench_asap.py`` trains with (``CPU_RECIPE`` below).
 - ``--levers``: also each lever (or the ones named) alone on top of ``default``.
 
 Prints one line per setting (essays/s, padded tokens per essay, final loss) and ends with
@@ -31,12 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_asap import ASAP7, shared_file_missing  # noqa: E402
+from bench_asap import ASAP7, SYSTEM_PROMPT, shared_file_missing  # noqa: E402
 
-# The CPU recipe (README "Quickstart" and "Results on real essays"): bf16 autocast. LoRA stays on
-# q/v of every layer and batches stay random: fewer adapted layers trained faster but learned the
-# score line far more slowly, and length-grouped batches cost QWK on ASAP (see the README).
-CPU_RECIPE = {"bf16": True}
+# The CPU recipe of "Results on real essays" (README): bf16 autocast, length-bucketed batches in
+# random order (--bf16 --group_by_length) and bench_asap.py's short system message. LoRA stays on
+# q/v of every layer: fewer adapted layers trained faster but learned the score line far more
+# slowly (see the README).
+CPU_RECIPE = {"bf16": True, "group_by_length": True, "system_prompt": SYSTEM_PROMPT}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEVERS = {
     "group_by_length": {"group_by_length": True},
@@ -47,6 +49,7 @@ LEVERS = {
     "torch.compile": {"compile": True},
     "1 thread": {"threads": 1},
     "prompt <= 256 tokens": {"max_prompt_tokens": 256},
+    "short system prompt": {"system_prompt": SYSTEM_PROMPT},
 }
 
 
@@ -63,8 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def encode_train_split(source: Path, seed: int, max_prompt_tokens: int | None = None):
-    """Every essay of the converted train split, encoded as main_pipeline.py encodes it."""
+def encode_train_split(source: Path, seed: int, max_prompt_tokens: int | None = None,
+                       system_prompt: str | None = None):
+    """Every essay of the converted train split, encoded as main_pipeline.py encodes it (with
+    ``system_prompt`` as dataset.json's system message, when given)."""
+    from dataclasses import replace
+
     from modules.convert.corpora import convert_asap
     from modules.data import load_splits
     from modules.encoding import encode_example, prompt_token_budget
@@ -74,6 +81,7 @@ def encode_train_split(source: Path, seed: int, max_prompt_tokens: int | None = 
     with tempfile.TemporaryDirectory() as tmp:
         convert_asap(source, Path(tmp) / "asap7", seed=seed)
         info, splits = load_splits(Path(tmp) / "asap7")
+    info = replace(info, system_prompt=system_prompt)
     tokenizer = load_tokenizer("smollm2-135m")
     budget = prompt_token_budget(splits["train"], tokenizer, False, 1024)
     if max_prompt_tokens is not None:
@@ -83,29 +91,32 @@ def encode_train_split(source: Path, seed: int, max_prompt_tokens: int | None = 
                            number_values=values) for r in splits["train"]], values
 
 
-def sampled_batches(examples: list[dict], n_batches: int, group_by_length: bool, seed: int) -> list[list[int]]:
-    """``n_batches`` batches of 4, spread evenly over one epoch's batch order of all ``examples``.
-
-    The order is the Trainer's: a random permutation, or with ``group_by_length`` its length-grouped
-    order (``get_length_grouped_indices``: megabatches of up to 50 batches sorted by length). A
-    length-grouped order only pays off over many essays, so a few batches taken from the start of
-    it would not be typical; batches spread over the whole epoch are.
-    """
+def epoch_batches(examples: list[dict], group_by_length: bool, seed: int) -> list[list[int]]:
+    """One epoch's batches of 4 in the order the Trainer reads them: a random permutation, or with
+    ``group_by_length`` the project's ``ShuffledLengthBuckets`` (main_pipeline.py --group_by_length)."""
     import torch
-    from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    generator = torch.Generator().manual_seed(seed)
-    lengths = [len(e["input_ids"]) for e in examples]
-    order = (get_length_grouped_indices(lengths, 4, generator=generator) if group_by_length
-             else torch.randperm(len(lengths), generator=generator).tolist())
-    batches = [order[i:i + 4] for i in range(0, len(order) - 3, 4)]
-    step = len(batches) / n_batches
-    return [batches[int(i * step)] for i in range(n_batches)]
+    from modules.trainer import ShuffledLengthBuckets
+
+    if group_by_length:
+        return ShuffledLengthBuckets([len(e["input_ids"]) for e in examples], 4, seed=seed).batches()
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i:i + 4] for i in range(0, len(order), 4)]
+
+
+def sampled_batches(examples: list[dict], batches: list[list[int]], n_batches: int) -> list[list[int]]:
+    """``n_batches`` of an epoch's full batches, picked at evenly spaced quantiles of their padded
+    width and kept in epoch order: a few batches drawn at random would stray from the epoch's padding
+    (the figure that grouping changes), a stratified pick stays close to it."""
+    full = [b for b in batches if len(b) == 4]
+    by_width = sorted(range(len(full)), key=lambda k: max(len(examples[i]["input_ids"]) for i in full[k]))
+    picked = sorted(by_width[int((q + 0.5) * len(full) / n_batches)] for q in range(n_batches))
+    return [full[k] for k in picked]
 
 
 def padded_tokens(examples: list[dict], batches: list[list[int]]) -> float:
     """Tokens per essay the model runs over once each batch is padded to its longest essay."""
-    return sum(len(b) * max(len(examples[i]["input_ids"]) for i in b) for b in batches) / (4 * len(batches))
+    return sum(len(b) * max(len(examples[i]["input_ids"]) for i in b) for b in batches) / sum(map(len, batches))
 
 
 def time_setting(examples: list[dict], batches: list[list[int]], number_values, seed: int, *, top_layers: int = 0,
@@ -159,14 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     started = time.perf_counter()
     for name, setting in settings.items():
-        cut = setting.get("max_prompt_tokens")
-        if cut not in encoded:
-            encoded[cut] = encode_train_split(source, args.seed, cut)
-        examples, values = encoded[cut]
-        batches = sampled_batches(examples, args.essays // 4, setting.get("group_by_length", False), args.seed)
+        prompt = (setting.get("max_prompt_tokens"), setting.get("system_prompt"))
+        if prompt not in encoded:
+            encoded[prompt] = encode_train_split(source, args.seed, *prompt)
+        examples, values = encoded[prompt]
+        epoch = epoch_batches(examples, setting.get("group_by_length", False), args.seed)
+        batches = sampled_batches(examples, epoch, args.essays // 4)
         results[name] = row = time_setting(examples, batches, values, args.seed, **setting)
         print(f"{name:26s} {row['essays_per_s']:.3f} essays/s  ({row['seconds']:.1f} s for {args.essays} essays, "
-              f"{row['padded_tokens']:.0f} padded tokens/essay, loss {row['loss']:.3f})", flush=True)
+              f"{row['padded_tokens']:.0f} padded tokens/essay, whole epoch {padded_tokens(examples, epoch):.0f}; "
+              f"loss {row['loss']:.3f})", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     print(f"ratio={results['recipe']['essays_per_s'] / results['default']['essays_per_s']:.2f}")
     return 0

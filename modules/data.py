@@ -48,6 +48,9 @@ class DatasetInfo:
     prompts: dict[str, str] = field(default_factory=dict)
     language: str = "en"
     name: str = ""
+    # The chat system message of every prompt; None keeps the chat template's own default (SmolLM2's
+    # names the assistant in 18 tokens, which every training step pays for).
+    system_prompt: str | None = None
 
     @property
     def rubric_names(self) -> list[str]:
@@ -102,7 +105,11 @@ def load_dataset_info(data_dir: str | Path) -> DatasetInfo:
     if len(set(names)) != len(names):
         raise input_error(path, line_of(raw, "rubrics"), "rubrics", f"duplicate rubric names {names}")
     prompts = {str(p["id"]): nfc(p.get("text", "")) for p in raw.get("prompts", []) if isinstance(p, dict) and "id" in p}
-    return DatasetInfo(tuple(rubrics), prompts, raw.get("language", "en"), raw.get("name", ""))
+    system_prompt = raw.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise input_error(path, line_of(raw, "system_prompt"), "system_prompt", f"must be a string, got {system_prompt!r}")
+    return DatasetInfo(tuple(rubrics), prompts, raw.get("language", "en"), raw.get("name", ""),
+                       None if system_prompt is None else nfc(system_prompt))
 
 
 def infer_dataset_info(path: str | Path) -> DatasetInfo:
@@ -264,12 +271,14 @@ def render_instruction(record: EssayRecord, info: DatasetInfo, mtl: bool = False
     return "\n\n".join(parts)
 
 
-def render_prompt(tokenizer, instruction: str, prompt_format: str = "chat") -> str:
-    """Wrap the instruction in the chat template, or the original tool's plain concatenation."""
+def render_prompt(tokenizer, instruction: str, prompt_format: str = "chat", system_prompt: str | None = None) -> str:
+    """Wrap the instruction in the chat template (after ``system_prompt`` as the system message, when
+    given), or the original tool's plain concatenation (which has no system message)."""
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     if prompt_format == "chat" and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        return tokenizer.apply_chat_template([*system, {"role": "user", "content": instruction}],
                                              tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token or ""
     return f"{bos}{instruction}\n"
@@ -290,7 +299,7 @@ def build_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool = 
     was trained on.
     """
     if max_prompt_tokens is None:
-        return render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
+        return render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format, info.system_prompt)
     return fit_prompt(record, info, tokenizer, mtl, prompt_format, max_prompt_tokens)[0]
 
 
@@ -298,7 +307,7 @@ def fit_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool, pro
                max_prompt_tokens: int | None) -> tuple[str, list[int]]:
     """:func:`build_prompt`'s text and its token ids (tokenised once, as the cut needs them anyway);
     :func:`modules.encoding.encode_example` builds training examples from the ids."""
-    prompt = render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format)
+    prompt = render_prompt(tokenizer, render_instruction(record, info, mtl), prompt_format, info.system_prompt)
     # Chat templates write their own BOS text; the plain format writes it too (render_prompt).
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if max_prompt_tokens is None:
@@ -321,7 +330,7 @@ def fit_prompt(record: EssayRecord, info: DatasetInfo, tokenizer, mtl: bool, pro
             break
         text = shorter_text
         shorter = replace(record, instruction=text) if record.instruction is not None else replace(record, essay=text)
-        prompt = render_prompt(tokenizer, render_instruction(shorter, info, mtl), prompt_format)
+        prompt = render_prompt(tokenizer, render_instruction(shorter, info, mtl), prompt_format, info.system_prompt)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) > max_prompt_tokens:
         raise ValueError(f"{record.id}: the prompt without its essay takes more than {max_prompt_tokens} tokens "

@@ -237,6 +237,30 @@ def test_masks_smollm2_tokenizer(smollm2_tokenizer):
     check_masks(smollm2_tokenizer, "chat")
 
 
+def test_dataset_system_prompt_replaces_the_template_default(tmp_path, smollm2_tokenizer):
+    folder = write_folder(tmp_path, [record(1)])
+    meta = json.loads((folder / "dataset.json").read_text())
+    default_info, [rec] = load_dataset_info(folder), load_split(folder / "train.jsonl")
+    assert default_info.system_prompt is None
+    default = build_prompt(rec, default_info, smollm2_tokenizer)
+    assert "You are a helpful AI assistant named SmolLM" in default  # SmolLM2's own system message
+    (folder / "dataset.json").write_text(json.dumps({**meta, "system_prompt": "You score essays."}))
+    info = load_dataset_info(folder)
+    prompt = build_prompt(rec, info, smollm2_tokenizer)
+    assert prompt.startswith("<|im_start|>system\nYou score essays.<|im_end|>\n<|im_start|>user\n")
+    assert "SmolLM" not in prompt and prompt.split("<|im_start|>user")[1] == default.split("<|im_start|>user")[1]
+    assert len(smollm2_tokenizer(prompt)["input_ids"]) < len(smollm2_tokenizer(default)["input_ids"]) - 10
+    # The training example holds the same prompt as scoring.
+    ids = encode_example(rec, info, smollm2_tokenizer)["input_ids"]
+    assert ids[:len(smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"])] == \
+        smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert build_prompt(rec, info, smollm2_tokenizer, prompt_format="plain") == \
+        build_prompt(rec, default_info, smollm2_tokenizer, prompt_format="plain")  # plain has no system message
+    (folder / "dataset.json").write_text(json.dumps({**meta, "system_prompt": 3}, indent=2))
+    with pytest.raises(DataError, match=r"dataset.json:\d+: field 'system_prompt': must be a string, got 3"):
+        load_dataset_info(folder)
+
+
 def test_truncation_shortens_the_essay_not_the_target(tiny_tokenizer):
     info, rec = sample_info(), sample_records()[0]
     long = EssayRecord(rec.id, rec.prompt_id, " ".join([rec.essay] * 40), rec.scores, rec.feedback)

@@ -11,8 +11,8 @@ from modules.data import load_splits
 from modules.encoding import ScoringCollator, encode_example
 from modules.losses import IGNORE_INDEX, composite_loss, emo_loss, ntl_mse, ntl_was, number_token_values
 from modules.models import add_lora, load_base_model
-from modules.trainer import (LABEL_NAMES, LossConfig, compute_loss_terms, labeled_log_probs, logits_to_keep,
-                             loss_terms, shift_labels)
+from modules.trainer import (LABEL_NAMES, LossConfig, ShuffledLengthBuckets, compute_loss_terms, labeled_log_probs,
+                             logits_to_keep, loss_terms, shift_labels)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,46 @@ def test_loss_terms_backpropagate_into_lora(tiny_batch_parts):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+
+
+def test_shuffled_length_buckets_batch_similar_lengths_in_random_order():
+    lengths = [int(x) for x in torch.randint(50, 900, (203,), generator=torch.Generator().manual_seed(1))]
+    sampler = ShuffledLengthBuckets(lengths, 4, pool_batches=8, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(203)) and len(sampler) == 203  # every example once per epoch
+    batches = [order[i:i + 4] for i in range(0, 203, 4)]
+    assert batches == sampler.batches() and len(batches[-1]) == 3  # the one short batch is last
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / len(lengths)
+    randperm = torch.randperm(203, generator=torch.Generator().manual_seed(3)).tolist()
+    assert padded(batches) < 0.85 * padded([randperm[i:i + 4] for i in range(0, 203, 4)])
+    # No sweep: the batches' longest essays are not ordered (LengthGroupedSampler reads long to short).
+    longest = torch.tensor([max(lengths[i] for i in b) for b in batches[:-1]], dtype=torch.float)
+    steps = torch.arange(len(longest), dtype=torch.float)
+    assert abs(torch.corrcoef(torch.stack([longest, steps]))[0, 1]) < 0.3
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(203))
+    sampler.set_epoch(0)
+    assert list(sampler) == order  # an epoch's order depends only on seed and epoch (resume replays it)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShuffledLengthBuckets(lengths, 0)
+
+
+def test_trainer_group_by_length_uses_shuffled_length_buckets(tiny_batch_parts, tmp_path):
+    from transformers import TrainingArguments
+
+    from modules.trainer import CustomTrainer
+
+    model, tokenizer, feats, values = tiny_batch_parts
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             train_sampling_strategy="group_by_length", seed=5, label_names=LABEL_NAMES,
+                             remove_unused_columns=False)
+    trainer = CustomTrainer(model=model, args=args, train_dataset=feats, loss_config=LossConfig(values),
+                            data_collator=ScoringCollator(tokenizer.pad_token_id))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ShuffledLengthBuckets) and sampler.batch_size == 2 and sampler.seed == 5
+    assert sampler.lengths == [len(f["input_ids"]) for f in feats]
+    loader = trainer.get_train_dataloader()
+    widths = sorted(batch["input_ids"].shape[1] for batch in loader)
+    assert len(widths) == 2
