@@ -1,4 +1,5 @@
-"""CustomTrainer: the HF Trainer with the composite loss CE + w_ntl * NTL + w_emo * EMO."""
+"""CustomTrainer: the HF Trainer with the composite loss CE + w_ntl * NTL + w_emo * EMO, and its
+length-bucketed sampler for --group_by_length."""
 from __future__ import annotations
 
 import logging
