@@ -109,14 +109,19 @@ def sampled_batches(examples: list[dict], batches: list[list[int]], n_batches: i
     width and kept in epoch order: a few batches drawn at random would stray from the epoch's padding
     (the figure that grouping changes), a stratified pick stays close to it."""
     full = [b for b in batches if len(b) == 4]
-    by_width = sorted(range(len(full)), key=lambda k: max(len(examples[i]["input_ids"]) for i in full[k]))
+    by_width = sorted(range(len(full)), key=lambda k: batch_width(examples, full[k]))
     picked = sorted(by_width[int((q + 0.5) * len(full) / n_batches)] for q in range(n_batches))
     return [full[k] for k in picked]
 
 
+def batch_width(examples: list[dict], batch: list[int]) -> int:
+    """Tokens per row of the padded batch: its longest example."""
+    return max(len(examples[i]["input_ids"]) for i in batch)
+
+
 def padded_tokens(examples: list[dict], batches: list[list[int]]) -> float:
     """Tokens per essay the model runs over once each batch is padded to its longest essay."""
-    return sum(len(b) * max(len(examples[i]["input_ids"]) for i in b) for b in batches) / sum(map(len, batches))
+    return sum(len(b) * batch_width(examples, b) for b in batches) / sum(map(len, batches))
 
 
 def time_setting(examples: list[dict], batches: list[list[int]], number_values, seed: int, *, top_layers: int = 0,

@@ -156,6 +156,4 @@ def test_trainer_group_by_length_uses_shuffled_length_buckets(tiny_batch_parts, 
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ShuffledLengthBuckets) and sampler.batch_size == 2 and sampler.seed == 5
     assert sampler.lengths == [len(f["input_ids"]) for f in feats]
-    loader = trainer.get_train_dataloader()
-    widths = sorted(batch["input_ids"].shape[1] for batch in loader)
-    assert len(widths) == 2
+    assert len(list(trainer.get_train_dataloader())) == 2
