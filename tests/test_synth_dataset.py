@@ -93,6 +93,38 @@ def test_scores_recomputable_from_text(splits: dict[str, list[dict]]) -> None:
     assert 0.35 < exact / total < 0.75  # noise is present but not dominant
 
 
+def measures(**counts: int) -> dict[str, int]:
+    """The cue counts score_from_measures reads: none found, one paragraph, overridden by ``counts``."""
+    zero = dict.fromkeys(("has_position", "has_key_phrase", "off_topic_sentences", "topic_words", "example_markers",
+                          "has_number", "depth_markers", "has_counterargument", "has_intro", "has_conclusion",
+                          "transitions", "advanced_words", "misspellings"), 0)
+    return {**zero, "paragraphs": 1, **counts}
+
+
+RUBRIC_ORDER = ("task", "content_1", "content_2", "content_3", "organization_1", "organization_2", "expression_1",
+                "expression_2")
+
+
+@pytest.mark.parametrize("counts, expected", [
+    # No cue at all: the floors, and 9 for spelling (no misspelling).
+    ({}, (3, 1, 1, 1, 1, 1, 1, 9)),
+    # Every cue at or past its cap: 3+3+3, _scale(5, 5) = 9, 1+3*2+2, 1+3+3+3-1; 7 misspellings count as 5.
+    (dict(has_position=1, has_key_phrase=1, topic_words=5, example_markers=4, has_number=1, depth_markers=3,
+          has_counterargument=1, has_intro=1, has_conclusion=1, paragraphs=6, transitions=5, advanced_words=5,
+          misspellings=7), (9, 9, 9, 9, 9, 9, 9, 1)),
+    # In between: task 3+3-2 = 4; content_1 = 1+floor(3.2+0.5) - 1 = 3; 1+3*min(3, 2) = 7; 1+3+2 = 6;
+    # 1+3+2-1 = 5; transitions 1+floor(4.8+0.5) = 6; advanced 1+floor(1.6+0.5) = 3; spelling _scale(3, 5) = 6.
+    (dict(has_position=1, off_topic_sentences=1, topic_words=2, example_markers=3, depth_markers=1,
+          has_counterargument=1, has_intro=1, paragraphs=2, transitions=3, advanced_words=1, misspellings=2),
+     (4, 3, 7, 6, 5, 6, 3, 6)),
+    # Off-topic sentences push task (3-6) and content_1 (1-3) below the scale: clipped to 1.
+    (dict(off_topic_sentences=3), (1, 1, 1, 1, 1, 1, 1, 9)),
+])
+def test_score_from_measures_by_hand(counts: dict, expected: tuple) -> None:
+    scores = synthetic.score_from_measures(measures(**counts))
+    assert tuple(scores[name] for name in RUBRIC_ORDER) == expected and len(scores) == len(RUBRIC_ORDER)
+
+
 def test_cue_lists_do_not_collide() -> None:
     """A misspelling must never break another cue, and cue lists must not overlap."""
     phrases = [*lexicon.INTRO_OPENERS, *lexicon.CONCLUSION_OPENERS, *lexicon.POSITION_MARKERS,
