@@ -55,15 +55,20 @@ def test_axis_widens_only_for_values_outside_and_counts_invalid(gold, tmp_path):
     samples[0, :2] = INVALID
     samples[3, 4] = INVALID
     curves = curves_of(samples, gold, bootstrap=False)
-    baselines = {"token": {"overall": -0.33, "average": 0.2}, "weighted": {"overall": 0.5}}
+    # Overall curves lie in [0.06, 0.31]: only the -0.28 baseline is outside. The margin takes it
+    # to -0.33, whose next 0.1 below is -0.4 (without the margin the axis would end at -0.3).
+    baselines = {"token": {"overall": -0.28, "average": -0.26}, "weighted": {"overall": 0.5}}
+    assert -0.21 < min(curves["avgk_avg"] + curves["avgk_maj"]) < -0.2 and min(curves["overall_maj"]) > 0
     fig = plot_overall(curves, baselines, tmp_path / "o.png", "t")
-    assert fig.axes[0].get_ylim() == (-0.4, 1.0)  # -0.33 with a margin, to the next 0.1 below
+    assert fig.axes[0].get_ylim() == (-0.4, 1.0)
     assert "invalid samples: 3 of 60 (5.0%)" in fig.axes[0].get_title()
     assert "fallback" not in fig.axes[0].get_title()
+    # Average-QWK curves reach -0.209; the -0.26 baseline (-0.31 with the margin) sets -0.4.
     fig = plot_average(curves, baselines, tmp_path / "a.png", "t")
-    values = curves["avgk_avg"] + curves["avgk_maj"] + [0.2]
-    expected = qwk_ylim(values)
-    assert fig.axes[0].get_ylim() == expected and expected[1] == 1.0
+    assert fig.axes[0].get_ylim() == (-0.4, 1.0)
+    # Without the baselines the curves' own -0.209 (-0.259 with the margin) sets -0.3.
+    fig = plot_average(curves, None, tmp_path / "a.png", "t")
+    assert fig.axes[0].get_ylim() == (-0.3, 1.0)
 
 
 def test_qwk_ylim():
@@ -72,3 +77,6 @@ def test_qwk_ylim():
     assert qwk_ylim([-0.1, 1.0]) == (-0.1, 1.0)
     assert qwk_ylim([-0.52, 0.3]) == (-0.6, 1.0)
     assert qwk_ylim([1.0000001]) == (-0.1, 1.1)
+    # Within the 0.05 margin of a tenth, the axis goes one tenth further.
+    assert qwk_ylim([-0.18]) == (-0.3, 1.0)
+    assert qwk_ylim([1.06]) == (-0.1, 1.2)
