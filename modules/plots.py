@@ -158,3 +158,62 @@ def plot_per_rubric(curves: dict, baselines: dict | None, path: str | Path, titl
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
+
+
+# ----------------------------------------------------------------------------- confidence figures
+
+SIGNAL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+
+
+def plot_risk_coverage(signals: dict, path: str | Path, title: str) -> Figure:
+    """Left: risk (MAE of the kept essays) against coverage, one line per signal, from each
+    signal's ``curve_coverage`` / ``curve_mae`` (modules.confidence.signal_summaries); random order
+    is the dashed grey reference. Right: average QWK of the kept essays at the table's coverages."""
+    fig, (risk_ax, qwk_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = iter(SIGNAL_COLORS)
+    drawn = []
+    for name, s in signals.items():
+        style = dict(color="grey", ls="--", lw=1.2) if name == "random" else dict(color=next(colors), lw=1.6)
+        risk_ax.plot(s["curve_coverage"], s["curve_mae"], label=f"{name} (AURC {s['aurc']:.3f})", **style)
+        qwk_ax.plot([100 * c for c in s["coverage"]], s["qwk"], marker="o", ms=3, label=name, **style)
+        drawn += s["qwk"]
+    risk_ax.set_xlabel("coverage (share of essays kept, most confident first)")
+    risk_ax.set_ylabel("MAE of the kept essays (score points)")
+    risk_ax.set_xlim(0, 1)
+    risk_ax.set_ylim(bottom=0)
+    qwk_ax.set_xlabel("coverage (%)")
+    qwk_ax.set_ylabel("average QWK of the kept essays")
+    qwk_ax.invert_xaxis()  # from all essays kept to half of them
+    qwk_ax.set_ylim(*qwk_ylim(drawn))
+    for ax in (risk_ax, qwk_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Risk-coverage of the confidence signals\n{_wrap(title, 110)}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_reliability(calibration: dict, path: str | Path, title: str) -> Figure:
+    """Reliability diagram of p(predicted score): per bin, the share of exact predictions against
+    the bin's mean probability (bars at the bin, dots at the mean), the diagonal as perfect
+    calibration, the pairs per bin below and the ECE in the title (modules.confidence.calibration_summary)."""
+    bins = calibration["bins"]
+    fig, (ax, count_ax) = plt.subplots(2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    filled = [b for b in bins if b["count"]]
+    width = bins[0]["upper"] - bins[0]["lower"]
+    ax.bar([b["lower"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           color="tab:blue", alpha=0.6, edgecolor="tab:blue", label="share exact")
+    ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red", ms=4,
+            label="at the bin's mean probability")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of exact predictions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    count_ax.bar([b["lower"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="grey")
+    count_ax.set_xlabel("probability of the predicted score")
+    count_ax.set_ylabel("pairs")
+    count_ax.grid(alpha=0.3)
+    ax.set_title(f"Reliability diagram, ECE {calibration['ece']:.3f} ({calibration['n_pairs']} essay-rubric pairs)"
+                 f"\n{_wrap(title)}", fontsize=10)
+    return _save(fig, path)
