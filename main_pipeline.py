@@ -219,81 +219,139 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
-    import torch
-    from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+    """A training run, stage by stage: claim the run folder -> load the base model and encode the
+    examples -> create the folder -> LoRA -> (dry run: one forward pass, exit) -> train and save ->
+    score the test split -> write and print the results. Each stage that can fail on bad input
+    fails on every process before anything is written."""
+    from transformers import set_seed
 
     from modules import dist
-    from modules.encoding import ScoringCollator, encode_example, prompt_token_budget
-    from modules.jsonio import write_json_atomic, write_jsonl_atomic
     from modules.losses import number_token_values
-    from modules.models import add_lora, load_adapter, load_base_model
-    from modules.evaluation import evaluate_predictions, format_results_table, predict_split
-    from modules.trainer import LABEL_NAMES, CustomTrainer, LossConfig, compute_loss_terms
 
     set_seed(args.seed)
-    resuming = resume is not None
-    run_dir = Path(args.resume_checkpoint or args.output_dir or ROOT / "runs" / run_name(args))
-    creating = not resuming and not args.dry_run
-    if creating:
-        # Rank 0 picks the one run folder (its name holds rank 0's clock) and tells the others; it is
-        # created only once the model has loaded, so a bad model name leaves no folder behind.
-        error = occupied_dir_error(run_dir, "run folder", "use --resume_checkpoint to continue it") \
-            if dist.is_main() else None
-        run_dir, error = dist.broadcast((run_dir, error))
-        if error:
-            return stop(error)
-
+    run_dir, error = claim_run_dir(args, resume)
+    if error:
+        return stop(error)
     error = None
     try:
-        model, tokenizer = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
+        model, tokenizer = load_base(args, device)
+        number_values = number_token_values(tokenizer)
+        encoded, max_prompt_tokens = encode_splits(args, info, splits, tokenizer, number_values)
+        if creates_run_dir(args, resume) and dist.is_main():
+            create_run_dir(run_dir)
     except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
         error = str(err).strip().splitlines()[0]
-    if error is None:
-        number_values = number_token_values(tokenizer)
-        # Essays are shortened to the same prompt budget in training and in scoring (SPEC §7). Every
-        # example is encoded before the run folder exists, so an essay that cannot fit is a one-line
-        # error that leaves nothing behind.
-        wanted = {"train": splits["train"][: args.per_device_train_batch_size]} if args.dry_run else \
-            {"train": splits["train"], "valid": splits["valid"]}
-        try:
-            max_prompt_tokens = prompt_token_budget(splits["train"], tokenizer, args.mtl, args.max_seq_length)
-            encoded = {name: [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
-                                             max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
-                                             number_values=number_values) for r in records]
-                       for name, records in wanted.items()}
-        except ValueError as err:
-            error = str(err)
-    if creating and error is None and dist.is_main():
-        try:
-            create_run_dir(run_dir)
-        except RunDirError as err:
-            error = str(err)
     error = dist.first_error(error)
     if error:
         return stop(error)
     try:
-        model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                         target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
-                         top_layers=args.lora_top_layers)
+        model = attach_lora(args, model)
     except ValueError as err:  # e.g. --lora_top_layers beyond the model's depth: every rank meets it
         return stop(f"--lora_top_layers {args.lora_top_layers}: {err}")
-    loss_config = LossConfig(number_values, ntl_weight=args.ntl_weights,
-                             emo_weight=args.emo_weights if args.mtl else 0.0,
-                             loss_type=args.loss_type, emo_topk=args.emo_topk)
-
-    collator = ScoringCollator(tokenizer.pad_token_id)
+    loss_config = loss_config_for(args, number_values)
     if args.dry_run:
-        batch = collator(encoded["train"])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad():
-            _, terms, _ = compute_loss_terms(model, batch, loss_config)
-        if dist.is_main():
-            print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
-                  + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
-        return 0
+        return dry_run_forward(model, tokenizer, encoded["train"], loss_config, device)
+    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device)
+    manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume)
+    train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
+    model = scoring_model(args, trainer, model, run_dir, device)
+    test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
+    return score_and_report(args, model, tokenizer, test_records, info, run_dir, manifest,
+                            mtl=args.mtl, prompt_format=args.prompt_format, max_prompt_tokens=max_prompt_tokens)
 
-    train_set, valid_set = encoded["train"], encoded["valid"]
-    report_to = setup_wandb(args, run_dir)
+
+# --------------------------------------------------------------------------- the stages of run
+
+def creates_run_dir(args: argparse.Namespace, resume) -> bool:
+    """Whether this run makes a new run folder: not when it resumes one, nor on a dry run."""
+    return resume is None and not args.dry_run
+
+
+def claim_run_dir(args: argparse.Namespace, resume) -> tuple[Path, str | None]:
+    """The run folder (resumed, named, or runs/<auto-name>) and the error that refuses it, the same
+    on every process. Rank 0 picks the name (it holds rank 0's clock) and checks that a new folder
+    is free; the folder is created only once the model has loaded, so a bad model name leaves no
+    folder behind."""
+    from modules import dist
+
+    run_dir = Path(args.resume_checkpoint or args.output_dir or ROOT / "runs" / run_name(args))
+    if not creates_run_dir(args, resume):
+        return run_dir, None
+    error = occupied_dir_error(run_dir, "run folder", "use --resume_checkpoint to continue it") \
+        if dist.is_main() else None
+    return dist.broadcast((run_dir, error))
+
+
+def load_base(args: argparse.Namespace, device):
+    """The base model and tokenizer the adapter is trained on."""
+    from modules.models import load_base_model
+
+    return load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
+
+
+def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_values) -> tuple[dict[str, list], int]:
+    """Training examples of the train and valid splits (a dry run: the first batch of train), and
+    the prompt budget every essay is shortened to, in training and in scoring alike (SPEC §7).
+
+    Every example is encoded before the run folder exists, so an essay that cannot fit is a
+    one-line error (ValueError) that leaves nothing behind."""
+    from modules.encoding import encode_example, prompt_token_budget
+
+    wanted = {"train": splits["train"][: args.per_device_train_batch_size]} if args.dry_run else \
+        {"train": splits["train"], "valid": splits["valid"]}
+    max_prompt_tokens = prompt_token_budget(splits["train"], tokenizer, args.mtl, args.max_seq_length)
+    encoded = {name: [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
+                                     max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
+                                     number_values=number_values) for r in records]
+               for name, records in wanted.items()}
+    return encoded, max_prompt_tokens
+
+
+def attach_lora(args: argparse.Namespace, model):
+    """The base model with LoRA adapters on --lora_target_modules (of the top --lora_top_layers)."""
+    from modules.models import add_lora
+
+    return add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                    target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+                    top_layers=args.lora_top_layers)
+
+
+def loss_config_for(args: argparse.Namespace, number_values):
+    """CE + w_ntl * NTL + w_emo * EMO as the flags set it (EMO only on MTL targets)."""
+    from modules.trainer import LossConfig
+
+    return LossConfig(number_values, ntl_weight=args.ntl_weights,
+                      emo_weight=args.emo_weights if args.mtl else 0.0, loss_type=args.loss_type,
+                      emo_topk=args.emo_topk)
+
+
+def dry_run_forward(model, tokenizer, examples: list, loss_config, device) -> int:
+    """One forward pass on one batch; rank 0 prints the batch shape and every loss term."""
+    import torch
+
+    from modules import dist
+    from modules.encoding import ScoringCollator
+    from modules.trainer import compute_loss_terms
+
+    batch = {k: v.to(device) for k, v in ScoringCollator(tokenizer.pad_token_id)(examples).items()}
+    with torch.no_grad():
+        _, terms, _ = compute_loss_terms(model, batch, loss_config)
+    if dist.is_main():
+        print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
+              + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+    return 0
+
+
+def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device):
+    """The CustomTrainer: evaluation and a checkpoint each epoch (or --eval_steps), the best
+    checkpoint by eval loss loaded at the end, early stopping."""
+    import torch
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    from modules import dist
+    from modules.encoding import ScoringCollator
+    from modules.trainer import LABEL_NAMES, CustomTrainer
+
     strategy = "steps" if args.eval_steps else "epoch"
     training_args = TrainingArguments(
         output_dir=str(run_dir), run_name=run_dir.name, seed=args.seed,
@@ -304,17 +362,26 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         eval_strategy=strategy, save_strategy=strategy, eval_steps=args.eval_steps, save_steps=args.eval_steps,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        save_total_limit=2, logging_steps=args.logging_steps, report_to=report_to,
+        save_total_limit=2, logging_steps=args.logging_steps, report_to=setup_wandb(args, run_dir),
         label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
         bf16=args.bf16 or model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
         # Multi-process: the process group dist.init made (gloo/NCCL); every LoRA weight gets a
         # gradient each step, so DDP need not search the graph for unused parameters.
         ddp_backend=dist.backend(), ddp_find_unused_parameters=False)
-    trainer = CustomTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=valid_set,
-                            data_collator=collator, loss_config=loss_config,
-                            callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
-    # The manifest is written before training too: a killed run's flags are then on record, and a
-    # resume of it is checked against them (check_resume).
+    return CustomTrainer(model=model, args=training_args, train_dataset=encoded["train"],
+                         eval_dataset=encoded["valid"], data_collator=ScoringCollator(tokenizer.pad_token_id),
+                         loss_config=loss_config,
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
+
+
+def start_manifest(args: argparse.Namespace, run_dir: Path, device, model, info, splits, max_prompt_tokens: int,
+                   resume) -> dict:
+    """The run manifest, written before training too: a killed run's flags are then on record, and
+    a resume of it is checked against them (check_resume). A resumed run keeps its creation time
+    and adds an entry to ``resumes``."""
+    from modules import dist
+    from modules.jsonio import write_json_atomic
+
     manifest = {
         **provenance(), "config": run_config(args), "run_dir": str(run_dir), "seed": args.seed, "device": str(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -322,21 +389,29 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         "dtype": str(model.dtype), "rubrics": info.rubric_names, "max_prompt_tokens": max_prompt_tokens,
         "split_sizes": {k: len(v) for k, v in splits.items()},
     }
-    if resuming:
+    if resume is not None:
         checkpoint, before, forced = resume
         manifest["created"] = before.get("created", manifest["created"])
         manifest["resumes"] = [*before.get("resumes", []), resume_entry({"from": str(checkpoint), "forced": forced})]
     if dist.is_main():
         write_json_atomic(run_dir / MANIFEST, manifest)
-        if resuming:
+        if resume is not None:
             step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
             forced_note = f"; --force_resume over {', '.join('--' + k for k in forced)}" if forced else ""
             print(f"resuming from {checkpoint} (global step {step}){forced_note}")
+    return manifest
+
+
+def train_and_save(args: argparse.Namespace, trainer, tokenizer, run_dir: Path, manifest: dict, resume) -> None:
+    """Train (from the resumed checkpoint, if any), save the best adapter and the tokenizer, the log
+    history, and the training summary in the manifest."""
+    from modules import dist
+    from modules.jsonio import write_json_atomic
+
     started = time.time()
-    train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if resuming else None)
+    train_result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume is not None else None)
     train_seconds = time.time() - started
     trainer.save_model(str(run_dir))  # every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
-
     manifest["train"] = {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
                          "best_checkpoint": trainer.state.best_model_checkpoint,
                          "best_eval_loss": trainer.state.best_metric, **train_result.metrics}
@@ -344,25 +419,43 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         tokenizer.save_pretrained(str(run_dir))
         write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
         write_json_atomic(run_dir / MANIFEST, manifest)
-    if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
-                                   and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
-        # FSDP and ZeRO-3 leave each process a shard of the weights, but every process scores its own
-        # essays with the whole model: load the saved adapter again once rank 0 has written it.
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        del trainer, model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        unset_hf_deepspeed_config()  # or from_pretrained would partition the reloaded model again
-        dist.barrier()
-        model, _ = load_adapter(args.base_model_name, run_dir, device=device)
 
-    # Each rank scores every world_size-th test essay; rank 0 puts them back in test order.
-    test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
+def scoring_model(args: argparse.Namespace, trainer, model, run_dir: Path, device):
+    """The model that scores the test split: the trained one, or under FSDP and ZeRO-3 (which
+    leave each process a shard of the weights, while every process scores its own essays with the
+    whole model) the saved adapter loaded again once rank 0 has written it."""
+    if not (trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
+                                        and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)):
+        return model
+    import torch
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from modules import dist
+    from modules.models import load_adapter
+
+    del trainer, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    unset_hf_deepspeed_config()  # or from_pretrained would partition the reloaded model again
+    dist.barrier()
+    model, _ = load_adapter(args.base_model_name, run_dir, device=device)
+    return model
+
+
+def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path, manifest: dict,
+                     *, mtl: bool, prompt_format: str, max_prompt_tokens: int | None) -> int:
+    """Greedy and weighted scores of ``records``, prompted exactly as in training: each process
+    scores every world_size-th essay, rank 0 puts them back in file order and writes
+    predictions.jsonl, evaluation_results.json (QWK) and the manifest, and prints the table."""
+    from modules import dist
+    from modules.evaluation import evaluate_predictions, format_results_table, predict_split
+    from modules.jsonio import write_json_atomic, write_jsonl_atomic
+
     started = time.time()
     predictions = dist.gather(predict_split(
-        model, tokenizer, dist.shard(test_records), info, mtl=args.mtl, prompt_format=args.prompt_format,
+        model, tokenizer, dist.shard(records), info, mtl=mtl, prompt_format=prompt_format,
         max_prompt_tokens=max_prompt_tokens, batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
         generate_feedback=args.generate_feedback, constrained=args.constrained))
     if dist.is_main():

@@ -22,6 +22,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Only torch-free modules at the top: analyze runs where torch and transformers are not installed.
@@ -90,6 +91,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sampling = _sampling_flags(samplers)
+    sub.add_parser("run", parents=[sampling], help="sample, then analyze")
+    sub.add_parser("sample", parents=[sampling], help="write the sample bank only")
+    analyze = sub.add_parser("analyze", help="recompute curves, best scores and figures from a bank")
+    analyze.add_argument("--bank_path", required=True)
+    analyze.add_argument("--test_path", required=True)
+    analyze.add_argument("--output_dir", default=None, help="where to write (default: the bank's folder)")
+    _add_analysis_flags(analyze, from_config=True)
+    args = parser.parse_args(argv)
+
+    sampling_checks = [("max_m", 1), ("chunk_m", 1), ("top_k", 1), ("max_new_tokens", 1), ("essay_batch", 1)]
+    checks = [("limit", 1), ("bootstrap", 0)] + (sampling_checks if args.command != "analyze" else [])
+    for key, low in checks:
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            parser.error(f"--{key} must be >= {low}, got {getattr(args, key)}")
+    if args.command != "analyze":
+        if args.temperature <= 0:
+            parser.error(f"--temperature must be > 0, got {args.temperature}")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def _sampling_flags(samplers: list[str]) -> argparse.ArgumentParser:
+    """The flags of ``run`` and ``sample`` (a parent parser): adapter, test file, sampling settings,
+    run folder, prompt settings and the analysis flags."""
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--adapter_dir", required=True, help="trained LoRA adapter folder (runs/<name>)")
     sampling.add_argument("--base_model_name", required=True, help="the adapter's base: hub id, local dir or built-in")
@@ -122,26 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--prompt_format", choices=("chat", "plain"), default=None,
                           help="prompt rendering used in training (default: the adapter's run_manifest.json, else chat)")
     _add_analysis_flags(sampling, from_config=False)
-    sub.add_parser("run", parents=[sampling], help="sample, then analyze")
-    sub.add_parser("sample", parents=[sampling], help="write the sample bank only")
-    analyze = sub.add_parser("analyze", help="recompute curves, best scores and figures from a bank")
-    analyze.add_argument("--bank_path", required=True)
-    analyze.add_argument("--test_path", required=True)
-    analyze.add_argument("--output_dir", default=None, help="where to write (default: the bank's folder)")
-    _add_analysis_flags(analyze, from_config=True)
-    args = parser.parse_args(argv)
-
-    sampling_checks = [("max_m", 1), ("chunk_m", 1), ("top_k", 1), ("max_new_tokens", 1), ("essay_batch", 1)]
-    checks = [("limit", 1), ("bootstrap", 0)] + (sampling_checks if args.command != "analyze" else [])
-    for key, low in checks:
-        if getattr(args, key) is not None and getattr(args, key) < low:
-            parser.error(f"--{key} must be >= {low}, got {getattr(args, key)}")
-    if args.command != "analyze":
-        if args.temperature <= 0:
-            parser.error(f"--temperature must be > 0, got {args.temperature}")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    return args
+    return sampling
 
 
 # --------------------------------------------------------------------------- settings
@@ -215,11 +223,18 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
                  n_bootstrap: int, seed: int, baselines: dict | None, config_args: dict) -> tuple[dict, dict]:
     """Votes, curves, bootstrap bands, best scores and figures of a bank; writes them into out_dir.
 
+    Also the confidence of the majority vote over all samples (modules.confidence): per essay in
+    ``confidence.jsonl``, the risk-coverage tables with AURC and AUROC of the self-consistency signals
+    (agreement share, sample std) against essay length and random order in ``confidence.json``, and
+    ``risk_coverage.png``.
+
     Essays are taken in test-file order, so the result does not depend on the bank's line order.
     """
     import numpy as np
 
-    from modules.plots import plot_average, plot_overall, plot_per_rubric
+    from modules.confidence import sample_bank_report, with_confidence
+    from modules.jsonio import write_jsonl_atomic
+    from modules.plots import plot_average, plot_overall, plot_per_rubric, plot_risk_coverage
     from modules.curves import bootstrap_curves, qwk_curves
     from modules.voting import INVALID, best_scores
 
@@ -264,6 +279,13 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
     plot_overall(curves, baselines, out_dir / "overall_qwk_vs_m.png", title)
     plot_average(curves, baselines, out_dir / "average_qwk_vs_m.png", title)
     plot_per_rubric(curves, baselines, out_dir / "per_rubric_qwk_vs_m.png", title)
+
+    report, signals, measures = sample_bank_report(samples, gold, info.ranges, fallback,
+                                                   essays=[r.essay for r in records], seed=seed)
+    write_json_atomic(out_dir / "confidence.json", report)
+    write_jsonl_atomic(out_dir / "confidence.jsonl",
+                       with_confidence([{"id": r.id} for r in records], info.rubric_names, signals, measures))
+    plot_risk_coverage(report["signals"], out_dir / "risk_coverage.png", title)
     return curves, best
 
 
@@ -277,6 +299,10 @@ def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> Non
     print(f"invalid samples: {curves['invalid_samples']} ({100 * curves['invalid_rate']:.1f}%), "
           f"{curves.get('truncated_samples', 0)} of them cut by the token budget")
     print(f"decoding: {decoding}")
+    if (out_dir / "confidence.json").is_file():
+        from modules.confidence import format_confidence_report
+
+        print(format_confidence_report(read_json(out_dir / "confidence.json")))
     print(f"outputs: {out_dir}")
 
 
@@ -330,12 +356,30 @@ def run_prefix(args: argparse.Namespace) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", args.tag or Path(args.adapter_dir).resolve().name)
 
 
+@dataclass
+class SamplingPlan:
+    """What a sampling run has checked before it loads the model: the essays, the prompt settings
+    as in training, the fallback votes, the run folder and, when resuming, what is already drawn."""
+    info: object
+    records: list
+    fallback: list[int]
+    mtl: bool
+    prompt_format: str
+    max_prompt_tokens: int | None
+    prompt_source: str
+    baselines_path: str | None
+    out_dir: Path | None
+    resolved: dict  # the flags as run_config.json records them
+    own_bank: str
+    saved: dict | None = None  # the run_config.json of the run being resumed
+    done: set = field(default_factory=set)  # ids already in this process's bank
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    """``sample`` and ``run``, stage by stage: check every input -> load the adapter -> (dry run:
+    print one prompt, exit) -> create the run folder and its config -> draw the samples into the
+    bank -> merge the processes' banks -> (``run``) analyze and print."""
     from modules import dist
-    from modules.data import build_prompt
-    from modules.runs import provenance, resume_entry
-    from modules.sampling import SAMPLERS
-    from modules.score_lines import decoding_mode
     from modules.scoring import score_line_budget
 
     # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
@@ -345,30 +389,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     error = None
     try:
         # Everything that can be wrong with the input fails here, before minutes of model loading.
-        info, records = load_records(args.test_path, args.limit)
-        fallback = resolve_fallback(args.fallback_score, info)
-        mtl, prompt_format, max_prompt_tokens, prompt_source = prompt_settings(args)
-        if args.baselines_json is not None and not Path(args.baselines_json).is_file():
-            raise CliError(f"{args.baselines_json}: baselines file not found")
-        default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
-        baselines_path = args.baselines_json or (str(default_baselines.resolve()) if default_baselines.is_file() else None)
-        out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
-        resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
-                    "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
-                    "max_prompt_tokens": max_prompt_tokens,
-                    "fallback_score": fallback, "baselines_json": baselines_path}
-        own_bank = own_bank_name(dist.rank(), dist.world_size())
-        saved, done = None, set()
-        if args.resume:
-            saved = read_json(out_dir / CONFIG)
-            before = saved.get("args", {})
-            used = {k: before.get(k, LATER_SAMPLING_DEFAULTS.get(k)) for k in SAMPLING_KEYS}
-            diffs = [k for k in SAMPLING_KEYS if used[k] != resolved[k]]
-            if diffs:
-                raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
-                    f"{k} {resolved[k]!r} (run used {used[k]!r})" for k in diffs))
-            done = sampled_ids(out_dir, records, info, own_bank)
-
+        plan = plan_sampling(args)
         if device is None and args.device_id is not None:
             device = dist.device(args.device_id)
         from modules.models import load_adapter  # transformers and peft: seconds, so after the checks
@@ -381,80 +402,142 @@ def cmd_sample(args: argparse.Namespace) -> int:
     error = dist.first_error(error)
     if error:
         return stop(error)
-    if prompt_source.endswith("defaults") and dist.is_main():
-        # Only now: a run that stops on an input error prints that error line alone.
-        logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if they "
-                       "differed)", Path(args.adapter_dir) / "run_manifest.json", mtl, prompt_format)
-    elif max_prompt_tokens is None and dist.is_main():
-        logger.info("%s records no max_prompt_tokens (a run from before prompts were shortened alike); "
-                    "prompting with whole essays", Path(args.adapter_dir) / "run_manifest.json")
-    param = next(model.parameters())
-    token_budget = args.max_new_tokens or score_line_budget(tokenizer, info.ranges, args.constrained)
-
+    if dist.is_main():  # only now: a run that stops on an input error prints that error line alone
+        log_prompt_source(args, plan)
+    token_budget = args.max_new_tokens or score_line_budget(tokenizer, plan.info.ranges, args.constrained)
     if args.dry_run:
-        if not dist.is_main():
-            return 0
-        prompt = build_prompt(records[0], info, tokenizer, mtl, prompt_format, max_prompt_tokens)
-        n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        print(f"dry run: {len(records)} essays, {len(info.rubrics)} rubrics, mtl={mtl}, prompt_format={prompt_format} "
-              f"({prompt_source}), sampler={args.sampler}, {decoding_mode(args.constrained)} decoding, "
-              f"token budget {token_budget}, {param.device}, {param.dtype}")
-        print(f"--- prompt of essay {records[0].id} ({n_tokens} tokens) ---")
-        lines = prompt.splitlines()
-        print("\n".join(lines[:DRY_RUN_LINES]))
-        if len(lines) > DRY_RUN_LINES:
-            print(f"... ({len(lines) - DRY_RUN_LINES} more lines)")
-        return 0
+        return print_dry_run(args, plan, model, tokenizer, token_budget) if dist.is_main() else 0
+    error = open_run_dir(args, plan, model, token_budget)
+    if error:
+        return stop(error)
+    draw_samples(args, plan, model, tokenizer, token_budget)
+    dist.barrier()  # every process has written its share
+    return finish_sampling(args, plan) if dist.is_main() else 0
 
-    # Every process has checked the folder (first_error above waits for all); only now may rank 0
-    # create it or rewrite its config.
+
+def plan_sampling(args: argparse.Namespace) -> SamplingPlan:
+    """Every check of a sampling run's input (test file, fallback, prompt settings, baselines, run
+    folder, a resume's settings and finished essays); DataError or CliError as one line."""
+    from modules import dist
+
+    info, records = load_records(args.test_path, args.limit)
+    fallback = resolve_fallback(args.fallback_score, info)
+    mtl, prompt_format, max_prompt_tokens, prompt_source = prompt_settings(args)
+    if args.baselines_json is not None and not Path(args.baselines_json).is_file():
+        raise CliError(f"{args.baselines_json}: baselines file not found")
+    default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
+    baselines_path = args.baselines_json or (str(default_baselines.resolve()) if default_baselines.is_file() else None)
+    out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
+    resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
+                "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
+                "max_prompt_tokens": max_prompt_tokens, "fallback_score": fallback, "baselines_json": baselines_path}
+    plan = SamplingPlan(info, records, fallback, mtl, prompt_format, max_prompt_tokens, prompt_source,
+                        baselines_path, out_dir, resolved, own_bank_name(dist.rank(), dist.world_size()))
+    if args.resume:
+        plan.saved = read_json(out_dir / CONFIG)
+        before = plan.saved.get("args", {})
+        used = {k: before.get(k, LATER_SAMPLING_DEFAULTS.get(k)) for k in SAMPLING_KEYS}
+        diffs = [k for k in SAMPLING_KEYS if used[k] != resolved[k]]
+        if diffs:
+            raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
+                f"{k} {resolved[k]!r} (run used {used[k]!r})" for k in diffs))
+        plan.done = sampled_ids(out_dir, records, info, plan.own_bank)
+    return plan
+
+
+def log_prompt_source(args: argparse.Namespace, plan: SamplingPlan) -> None:
+    """Warn when the prompt settings are defaults (no run manifest), note a run without a budget."""
+    manifest = Path(args.adapter_dir) / "run_manifest.json"
+    if plan.prompt_source.endswith("defaults"):
+        logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if they "
+                       "differed)", manifest, plan.mtl, plan.prompt_format)
+    elif plan.max_prompt_tokens is None:
+        logger.info("%s records no max_prompt_tokens (a run from before prompts were shortened alike); "
+                    "prompting with whole essays", manifest)
+
+
+def print_dry_run(args: argparse.Namespace, plan: SamplingPlan, model, tokenizer, token_budget: int) -> int:
+    """The settings a run would sample with, and the first essay's prompt as the model sees it."""
+    from modules.data import build_prompt
+    from modules.score_lines import decoding_mode
+
+    param = next(model.parameters())
+    record = plan.records[0]
+    prompt = build_prompt(record, plan.info, tokenizer, plan.mtl, plan.prompt_format, plan.max_prompt_tokens)
+    n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    print(f"dry run: {len(plan.records)} essays, {len(plan.info.rubrics)} rubrics, mtl={plan.mtl}, "
+          f"prompt_format={plan.prompt_format} ({plan.prompt_source}), sampler={args.sampler}, "
+          f"{decoding_mode(args.constrained)} decoding, token budget {token_budget}, {param.device}, {param.dtype}")
+    print(f"--- prompt of essay {record.id} ({n_tokens} tokens) ---")
+    lines = prompt.splitlines()
+    print("\n".join(lines[:DRY_RUN_LINES]))
+    if len(lines) > DRY_RUN_LINES:
+        print(f"... ({len(lines) - DRY_RUN_LINES} more lines)")
+    return 0
+
+
+def open_run_dir(args: argparse.Namespace, plan: SamplingPlan, model, token_budget: int) -> str | None:
+    """Create the run folder (rank 0 names it by its clock and tells the others) and write its
+    run_config.json, new or with one more resume; the error that stops every process, else None.
+
+    Every process has checked the folder (first_error in cmd_sample waits for all); only now may
+    rank 0 create it or rewrite its config."""
+    from modules import dist
+    from modules.runs import provenance, resume_entry
+
     error = None
     if dist.is_main():
         try:
-            out_dir = create_run_dir(out_dir, Path(args.output_root), run_prefix(args))
+            plan.out_dir = create_run_dir(plan.out_dir, Path(args.output_root), run_prefix(args))
         except RunDirError as err:
             error = str(err)
-    out_dir, error = dist.broadcast((out_dir, error))  # one folder for all, named by rank 0's clock
+    plan.out_dir, error = dist.broadcast((plan.out_dir, error))  # one folder for all, named by rank 0's clock
     if error:
-        return stop(error)
-    resolved["output_dir"] = str(out_dir.resolve())
+        return error
+    plan.resolved["output_dir"] = str(plan.out_dir.resolve())
     if dist.is_main():
-        if saved is None:
-            config = {**provenance(), "args": resolved, "prompt_settings_from": prompt_source,
-                      "device": str(param.device), "dtype": str(param.dtype), "rubrics": info.rubric_names,
+        param = next(model.parameters())
+        if plan.saved is None:
+            config = {**provenance(), "args": plan.resolved, "prompt_settings_from": plan.prompt_source,
+                      "device": str(param.device), "dtype": str(param.dtype), "rubrics": plan.info.rubric_names,
                       "world_size": dist.world_size(), "token_budget": token_budget}
         else:
-            config = {**saved, "args": resolved}
+            config = {**plan.saved, "args": plan.resolved}
             config.setdefault("resumes", []).append(resume_entry({"world_size": dist.world_size()}))
-        config["n_essays"] = len(records)
-        write_json_atomic(out_dir / CONFIG, config)
-        if done:
-            print(f"resuming {out_dir}: {len(done)} of {len(records)} essays already sampled")
+        config["n_essays"] = len(plan.records)
+        write_json_atomic(plan.out_dir / CONFIG, config)
+        if plan.done:
+            print(f"resuming {plan.out_dir}: {len(plan.done)} of {len(plan.records)} essays already sampled")
+    return None
 
-    bank = out_dir / own_bank
-    # The essays still to draw, shared out over the processes (all of them to a single process).
-    todo = dist.shard([(i, r) for i, r in enumerate(records) if r.id not in done])
+
+def draw_samples(args: argparse.Namespace, plan: SamplingPlan, model, tokenizer, token_budget: int) -> None:
+    """Draw --max_m samples of every essay not yet in this process's bank (its share of them under
+    a launcher), appending each essay's line as soon as its batch ends."""
+    from tqdm.auto import tqdm
+
+    from modules import dist
+    from modules.data import build_prompt
+    from modules.sampling import SAMPLERS
+
+    todo = dist.shard([(i, r) for i, r in enumerate(plan.records) if r.id not in plan.done])
     sampler = SAMPLERS[args.sampler]
     sample_args = dict(max_m=args.max_m, chunk_m=args.chunk_m, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, max_new_tokens=token_budget, constrained=args.constrained)
-
-    from tqdm.auto import tqdm
-
     started, drawn, invalid = time.perf_counter(), 0, 0
     label = "sampling" if dist.world_size() == 1 else f"sampling (rank 0 of {dist.world_size()})"
-    with bank.open("a", encoding="utf-8") as handle, \
-            tqdm(total=len(done) + len(todo), initial=len(done), desc=label, unit="essay",
+    # The generate sampler runs essay by essay as the original did; the trie sampler batches essays.
+    batch_size = args.essay_batch if args.sampler == "trie" else 1
+    with (plan.out_dir / plan.own_bank).open("a", encoding="utf-8") as handle, \
+            tqdm(total=len(plan.done) + len(todo), initial=len(plan.done), desc=label, unit="essay",
                  disable=None if dist.is_main() else True) as bar:
-        # The generate sampler runs essay by essay as the original did; the trie sampler batches
-        # essays, and each batch's essays are appended as soon as the batch ends.
-        batch_size = args.essay_batch if args.sampler == "trie" else 1
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            prompts = [build_prompt(record, info, tokenizer, mtl, prompt_format, max_prompt_tokens)
-                       for _, record in batch]
+            prompts = [build_prompt(record, plan.info, tokenizer, plan.mtl, plan.prompt_format,
+                                    plan.max_prompt_tokens) for _, record in batch]
             # Essay i is seeded with seed + i (its position in the test file), so a resumed, sharded or
             # --limit'ed run draws exactly the samples a full uninterrupted run would.
-            drawn_samples = sampler(model, tokenizer, prompts, info.ranges,
+            drawn_samples = sampler(model, tokenizer, prompts, plan.info.ranges,
                                     generator_seeds=[args.seed + index for index, _ in batch], **sample_args)
             for (_, record), samples in zip(batch, drawn_samples):
                 row = bank_line(record.id, record.scores, samples)
@@ -464,17 +547,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
                             invalid=f"{invalid}/{drawn}")
             bar.update(len(batch))
 
-    dist.barrier()  # every process has written its share
-    if not dist.is_main():
-        return 0
+
+def finish_sampling(args: argparse.Namespace, plan: SamplingPlan) -> int:
+    """Rank 0, once every process has drawn: merge the per-process banks into samples.jsonl, then
+    (``run``) analyze the bank and print the summary."""
+    from modules.score_lines import decoding_mode
+
+    out_dir = plan.out_dir
+    bank = out_dir / plan.own_bank
     if bank_files(out_dir) != [out_dir / BANK]:
-        bank = merge_banks(out_dir, records, info)
+        bank = merge_banks(out_dir, plan.records, plan.info)
     if args.command == "sample":
         print(f"sample bank: {bank}")
         return 0
-    curves, best = analyze_bank(bank, args.test_path, records, info, out_dir, fallback=fallback,
+    curves, best = analyze_bank(bank, args.test_path, plan.records, plan.info, out_dir, fallback=plan.fallback,
                                 n_bootstrap=args.bootstrap, seed=args.seed,
-                                baselines=load_baselines(baselines_path), config_args=resolved)
+                                baselines=load_baselines(plan.baselines_path), config_args=plan.resolved)
     print_summary(curves, best, out_dir, decoding_mode(args.constrained))
     return 0
 
