@@ -39,15 +39,32 @@ TRAIN_FLAGS = ["--base_model_name", "tiny-random-llama", "--mtl", "--per_device_
                "--max_seq_length", "384"]
 
 
+def dry_run_terms(stdout: str) -> dict[str, float]:
+    """The loss terms of the dry run's one line, ``dry run: batch (B, T) on cpu; name=value, ...``."""
+    [line] = [l for l in stdout.splitlines() if l.startswith("dry run:")]
+    terms = dict(item.split("=") for item in line.split("; ", 1)[1].split(", "))
+    return {name: float(value) for name, value in terms.items()}
+
+
 def test_dry_run_prints_every_loss_term(small_data):
+    import math
+
+    # Static weights (the defaults, NTL 2.0 and EMO 0.1): total = CE + 2 NTL + 0.1 EMO (SPEC §5).
     result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--dry_run", "--no_wandb")
     assert result.returncode == 0, result.stderr
-    line = [l for l in result.stdout.splitlines() if l.startswith("dry run:")][0]
-    for term in ("loss_ce", "loss_ntl", "loss_emo", "loss_total"):
-        assert term in line
+    terms = dry_run_terms(result.stdout)
+    assert list(terms) == ["loss_ce", "loss_ntl", "loss_emo", "loss_total"]
+    assert all(math.isfinite(v) and v > 0 for v in terms.values()), terms
+    assert terms["loss_total"] == pytest.approx(terms["loss_ce"] + 2.0 * terms["loss_ntl"] + 0.1 * terms["loss_emo"],
+                                                abs=2e-4)
+    # A negative weight: lambda = CE / (NTL + EMO), the enabled terms unweighted, and total = (CE + lambda aux) / 2 = CE.
     dynamic = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--dry_run", "--no_wandb", "--ntl_weights", "-1")
     assert dynamic.returncode == 0, dynamic.stderr
-    assert "dynamic_lambda" in dynamic.stdout
+    terms = dry_run_terms(dynamic.stdout)
+    assert list(terms) == ["loss_ce", "loss_ntl", "loss_emo", "dynamic_lambda", "loss_total"]
+    assert all(math.isfinite(v) and v > 0 for v in terms.values()), terms
+    assert terms["dynamic_lambda"] == pytest.approx(terms["loss_ce"] / (terms["loss_ntl"] + terms["loss_emo"]), rel=1e-3)
+    assert terms["loss_total"] == pytest.approx(terms["loss_ce"], abs=2e-4)
 
 
 def test_train_infer_evaluate_and_resume(small_data, tmp_path):
