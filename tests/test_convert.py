@@ -341,6 +341,8 @@ def test_ellipse_maps_halves_to_integers(tmp_path: Path) -> None:
         assert rb["scale"] == 2 and "divide by 2" in rb["description"] and "1-5 in steps of 0.5" in rb["description"]
     assert rec["essay"].endswith("\nA second line, with a comma.") and rec["feedback"] == ""
     assert sum(len(v) for v in splits.values()) == 19
+    assert info.prompts == {"ellipse": converters.ELLIPSE_PROMPT}  # the competition file names no prompt
+    assert meta["source"]["format"] == "ellipse-competition" and not report.notes
 
 
 @pytest.mark.parametrize("value, expected", [("2.3", "score 2.3 is not a multiple of 0.5"),
@@ -358,6 +360,73 @@ def test_ellipse_missing_trait_column(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         converters.convert_ellipse(write(tmp_path, "train.csv", text), tmp_path / "out")
     assert "missing column(s) 'phraseology'" in one_line_error(excinfo)
+
+
+RELEASE_HEADER = ["text_id_kaggle", "full_text", "Overall", "Cohesion", "Syntax", "Vocabulary", "Phraseology",
+                  "Grammar", "Conventions", "prompt", "gender", "grade", "race_ethnicity", "num_words"]
+RELEASE_PROMPTS = ("Distance learning", "Summer projects", "Cell phones at school")
+
+
+def ellipse_release_csv(n: int, tweak: dict[int, dict] | None = None) -> str:
+    """The ELLIPSE release layout: capitalised traits, Overall, prompt, demographics, text statistics."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(RELEASE_HEADER)
+    for i in range(n):
+        row = {"text_id_kaggle": f"K{i:04d}", "full_text": essay(i), "prompt": RELEASE_PROMPTS[i % 3],
+               "gender": "F" if i % 2 else "M", "grade": 8 + i % 5, "race_ethnicity": "Hispanic/Latino",
+               "num_words": len(essay(i).split()),
+               **{t: f"{1 + ((i + k) % 9) * 0.5:.1f}" for k, t in enumerate(RELEASE_HEADER[2:9])}}
+        row.update((tweak or {}).get(i, {}))
+        w.writerow([row[h] for h in RELEASE_HEADER])
+    return buf.getvalue()
+
+
+def test_ellipse_release_layout(tmp_path: Path) -> None:
+    src = write(tmp_path, "ellipse_release.csv", ellipse_release_csv(30))
+    report = converters.convert_ellipse(src, tmp_path / "out", seed=1)
+    info, splits = load_splits(tmp_path / "out")
+    assert info.rubric_names == [*converters.ELLIPSE_TRAITS, "overall"]
+    assert info.ranges == [(2, 10)] * 7
+    assert info.prompts == {p: f"{converters.ELLIPSE_PROMPT} Prompt: {p}." for p in RELEASE_PROMPTS}
+    raw = all_records(tmp_path / "out")
+    assert all(list(r) == ["id", "prompt_id", "essay", "scores", "feedback"] for r in raw)  # demographics ignored
+    rec = next(r for r in raw if r["id"] == "K0007")
+    # row 7: column k of Overall, Cohesion, ... holds 1 + ((7 + k) % 9) * 0.5, stored doubled
+    stored = {name: 2 + (7 + k) % 9 for k, name in enumerate(["overall", *converters.ELLIPSE_TRAITS])}
+    assert rec["scores"] == {name: stored[name] for name in info.rubric_names}
+    assert rec["prompt_id"] == "Summer projects" and rec["essay"] == essay(7)
+    assert {r.prompt_id for r in splits["test"]} == set(RELEASE_PROMPTS)  # split within each prompt
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["source"]["format"] == "ellipse-release" and all(rb["scale"] == 2 for rb in meta["rubrics"])
+    assert report.notes == ["ELLIPSE release layout: 4 other columns ignored"]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"Overall": "5.5"}, "row 3, column 'Overall': score 5.5 outside 1-5"),
+    ({"Grammar": "2.25"}, "row 3, column 'Grammar': score 2.25 is not a multiple of 0.5"),
+    ({"Cohesion": "good"}, "row 3, column 'Cohesion': score 'good' is not a number"),
+    ({"text_id_kaggle": "K0000"}, "row 3: duplicate id 'K0000' (first on line 2)"),
+])
+def test_ellipse_release_bad_rows_are_one_line_errors(tmp_path: Path, change: dict, expected: str) -> None:
+    src = write(tmp_path, "release.csv", ellipse_release_csv(10, {2: change}))
+    with pytest.raises(DataError) as excinfo:
+        converters.convert_ellipse(src, tmp_path / "out")
+    assert one_line_error(excinfo) == f"{src}:4: {expected}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_ellipse_release_empty_prompt_dropped_and_missing_columns(tmp_path: Path) -> None:
+    src = write(tmp_path, "release.csv", ellipse_release_csv(20, {4: {"prompt": " "}}))
+    report = converters.convert_ellipse(src, tmp_path / "out")
+    assert report.dropped == {"empty prompt": [6]} and report.kept == 19
+    text = ellipse_release_csv(5).replace(",prompt,", ",topic,", 1).replace("Overall", "overall_score", 1)
+    with pytest.raises(DataError) as excinfo:
+        converters.convert_ellipse(write(tmp_path, "cols.csv", text), tmp_path / "o2")
+    assert one_line_error(excinfo).startswith(f"{tmp_path / 'cols.csv'}: missing column(s) 'Overall', 'prompt'")
 
 
 # --------------------------------------------------------------------------- generic CSV
@@ -446,6 +515,13 @@ def test_cli_csv_and_ellipse(tmp_path: Path, capsys) -> None:
     el = _run_cli("ellipse", str(write(tmp_path, "e.csv", ellipse_csv(20))), "--out_dir", str(tmp_path / "el"))
     assert el.returncode == 0, el.stderr
     assert "score cohesion: observed 2-10 (range 2-10)" in el.stdout
+    release = _run_cli("ellipse", str(write(tmp_path, "r.csv", ellipse_release_csv(20))), "--out_dir", str(tmp_path / "rel"))
+    assert release.returncode == 0, release.stderr
+    assert "score overall: observed 2-10 (range 2-10)" in release.stdout
+    bad = _run_cli("ellipse", str(write(tmp_path, "b.csv", ellipse_release_csv(8, {1: {"Syntax": "7"}}))),
+                   "--out_dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1] == \
+        f"error: {tmp_path / 'b.csv'}:3: row 2, column 'Syntax': score 7 outside 1-5"
     parse = convert.build_parser()
     with pytest.raises(SystemExit) as exit_info:
         parse.parse_args(["csv", "f.csv", "--out_dir", "o", "--text_col", "t", "--score_cols", "a", "--ranges", "1..6"])

@@ -75,7 +75,8 @@ def _add_corpus_parsers(sub) -> None:
     _common(p)
     p.set_defaults(func=_cmd_asap)
 
-    p = sub.add_parser("ellipse", help="ELLIPSE / Feedback Prize - ELL CSV (six traits, 1.0-5.0 -> 2..10)")
+    p = sub.add_parser("ellipse", help="ELLIPSE CSV, the Feedback Prize - ELL layout (text_id, six traits) or the corpus's "
+                            "release layout (text_id_kaggle, traits + Overall, prompt); 1.0-5.0 -> 2..10")
     p.add_argument("input")
     _common(p)
     p.set_defaults(func=_cmd_ellipse)

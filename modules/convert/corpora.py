@@ -32,11 +32,19 @@ one-line error naming the sets. Each set becomes one prompt in ``dataset.json``,
 sentence written for this project (not the official prompt text). ASAP has no feedback: records
 carry ``"feedback": ""`` (train without ``--mtl``).
 
-ELLIPSE / Feedback Prize - English Language Learning (``text_id``, ``full_text`` and six traits
-``cohesion``, ``syntax``, ``vocabulary``, ``phraseology``, ``grammar``, ``conventions``, each
-1.0-5.0 in steps of 0.5): the rubrics need integers, so each score is stored as ``score * 2``,
-range 2-10; divide by 2 (``original_score``) to get back the ELLIPSE value. The factor is stored
-as ``"scale": 2`` on each rubric in ``dataset.json``.
+ELLIPSE, in either of its two layouts, told apart by the header:
+
+* the Feedback Prize - English Language Learning competition's (``text_id``, ``full_text`` and six
+  traits ``cohesion``, ``syntax``, ``vocabulary``, ``phraseology``, ``grammar``, ``conventions``):
+  one prompt for every essay (the file does not say which prompt an essay answers);
+* the corpus's own release (``text_id_kaggle``, ``full_text``, the traits capitalised
+  ``Cohesion`` .. ``Conventions``, ``Overall``, ``prompt``, and demographic and text-statistics
+  columns, which are ignored): a seventh rubric ``overall``, and ``prompt_id`` = the ``prompt``
+  cell, each distinct prompt one entry of ``dataset.json``'s prompts.
+
+Each score is 1.0-5.0 in steps of 0.5; the rubrics need integers, so each is stored as
+``score * 2``, range 2-10; divide by 2 (``original_score``) to get back the ELLIPSE value. The
+factor is stored as ``"scale": 2`` on each rubric in ``dataset.json``.
 
 Generic CSV: ``--text_col``, ``--score_cols A,B`` with ``--ranges 1-6,1-4`` (one range for all or
 one per column, in the file's units), ``--id_col`` (default ``row-N``, the data row number),
@@ -110,6 +118,7 @@ ELLIPSE_TRAITS = {
     "grammar": "grammatical accuracy",
     "conventions": "spelling, capitalisation and punctuation",
 }
+ELLIPSE_OVERALL = ("overall", "holistic proficiency of the essay as a whole")
 ELLIPSE_RANGE = (1.0, 5.0)
 ELLIPSE_SCALE = 2
 ELLIPSE_PROMPT = "An argumentative essay by an English-language learner in grades 6-12."
@@ -253,19 +262,49 @@ def convert_csv(path: str | Path, out_dir: str | Path, *, text_col: str, score_c
     return write_dataset(out_dir, meta, records, report, fractions=fractions, seed=seed, overwrite=overwrite)
 
 
+def ellipse_layout(table: Table) -> str:
+    """``"release"`` when the header has the ELLIPSE release's ``text_id_kaggle``, else
+    ``"competition"`` (whose columns are then required)."""
+    return "release" if "text_id_kaggle" in table.header else "competition"
+
+
+def ellipse_specs(layout: str) -> list[ScoreSpec]:
+    """The rubrics of an ELLIPSE file: the six traits (and ``overall`` in the release layout), each
+    1.0-5.0 in halves stored times ``ELLIPSE_SCALE``; the column is the trait's name in the layout."""
+    lo, hi = ELLIPSE_RANGE
+    traits = list(ELLIPSE_TRAITS.items()) + ([ELLIPSE_OVERALL] if layout == "release" else [])
+    return [ScoreSpec(name, (name.capitalize() if layout == "release" else name,), lo, hi, ELLIPSE_SCALE,
+                      f"{name.capitalize()}: {text}. ELLIPSE score {lo:g}-{hi:g} in steps of 0.5, stored as score * "
+                      f"{ELLIPSE_SCALE} ({round(lo * ELLIPSE_SCALE)}-{round(hi * ELLIPSE_SCALE)}); divide by "
+                      f"{ELLIPSE_SCALE} for the ELLIPSE value.")
+            for name, text in traits]
+
+
 def convert_ellipse(path: str | Path, out_dir: str | Path, *, seed: int = 0,
                     fractions: Sequence[float] = DEFAULT_SPLIT, name: str | None = None,
                     repair_mojibake: bool = True, overwrite: bool = False) -> ConversionReport:
-    """ELLIPSE / Feedback Prize - ELL: six traits 1.0-5.0 in halves, stored as score * 2 (2-10)."""
-    lo, hi = ELLIPSE_RANGE
-    descriptions = {t: f"{t.capitalize()}: {text}. ELLIPSE score {lo:g}-{hi:g} in steps of 0.5, stored as score * "
-                       f"{ELLIPSE_SCALE} ({round(lo * ELLIPSE_SCALE)}-{round(hi * ELLIPSE_SCALE)}); divide by "
-                       f"{ELLIPSE_SCALE} for the ELLIPSE value"
-                    for t, text in ELLIPSE_TRAITS.items()}
-    return convert_csv(path, out_dir, text_col="full_text", score_cols=list(ELLIPSE_TRAITS), ranges=[ELLIPSE_RANGE],
-                       id_col="text_id", scale=ELLIPSE_SCALE, delimiter=",", seed=seed, fractions=fractions,
-                       name=name or "ellipse", prompt_text=ELLIPSE_PROMPT, descriptions=descriptions,
-                       source_format="ellipse", repair_mojibake=repair_mojibake, overwrite=overwrite)
+    """ELLIPSE, competition or release layout (module docstring): traits 1.0-5.0 in halves, stored
+    as score * 2 (2-10)."""
+    table = read_table(path, ",")
+    layout = ellipse_layout(table)
+    specs = ellipse_specs(layout)
+    id_col, prompt_col = ("text_id_kaggle", "prompt") if layout == "release" else ("text_id", None)
+    require_columns(table, [id_col, "full_text", *(sp.columns[0] for sp in specs)] + ([prompt_col] if prompt_col else []))
+    report = _new_report(table)
+    if layout == "release":
+        used = {id_col, "full_text", prompt_col, *(sp.columns[0] for sp in specs)}
+        report.notes.append(f"ELLIPSE release layout: {len(table.header) - len(used)} other columns ignored")
+    single = name or "ellipse"
+    records = build_records(table, table.rows, specs, text_col="full_text", report=report,
+                            repair_mojibake=repair_mojibake, id_of=lambda row, cells: cells[id_col],
+                            prompt_of=(lambda cells: cells[prompt_col]) if prompt_col else (lambda cells: single))
+    prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in records))
+    prompts = ([{"id": p, "title": p, "text": f"{ELLIPSE_PROMPT} Prompt: {p}."} for p in prompt_ids]
+               if prompt_col else [{"id": single, "title": single, "text": ELLIPSE_PROMPT}])
+    meta = {"name": single, "language": "en",
+            "source": {"corpus": "ELLIPSE (Crossley et al.)", "file": table.path.name, "format": f"ellipse-{layout}"},
+            "prompts": prompts, "rubrics": [sp.rubric() for sp in specs]}
+    return write_dataset(out_dir, meta, records, report, fractions=fractions, seed=seed, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- helpers for callers
