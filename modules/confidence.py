@@ -239,10 +239,13 @@ def attach_confidence(rows: Sequence[dict], names: Sequence[str], ranges, **sign
     {rubric: {measure: float}}}`` (essay signals: higher = more confident; per-rubric measures raw:
     p_pred, std, entropy, sc_agreement, sc_std, sc_vote). Works without gold; options as
     :func:`essay_signals`."""
-    return _with_confidence(rows, names, *essay_signals(rows, names, ranges, **signal_options))
+    return with_confidence(rows, names, *essay_signals(rows, names, ranges, **signal_options))
 
 
-def _with_confidence(rows: Sequence[dict], names: Sequence[str], signals: dict, measures: dict) -> list[dict]:
+def with_confidence(rows: Sequence[dict], names: Sequence[str], signals: dict[str, np.ndarray],
+                    measures: dict[str, np.ndarray]) -> list[dict]:
+    """Copies of the rows with ``row["confidence"]`` built from computed signals [N] and measures
+    [N, K] (the layout of :func:`attach_confidence`)."""
     out = []
     for i, row in enumerate(rows):
         per_rubric = {name: {m: _plain(v[i, k]) for m, v in measures.items()} for k, name in enumerate(names)}
@@ -557,7 +560,7 @@ def apply_calibration(rows: Sequence[dict], calibration: dict, *, essays: Sequen
     probs = rows_probabilities(rows, names, ranges)
     conformal = calibration.get("conformal")
     sets = rows_score_sets(probs, conformal["quantiles"], ranges, names) if conformal and probs else None
-    out = _with_confidence(rows, names, signals, measures)
+    out = with_confidence(rows, names, signals, measures)
     for i, row in enumerate(out):
         row["score_sets"] = {n: sets[n][i] for n in names} if sets else None
         row["review"] = bool(flags[i])
@@ -565,10 +568,10 @@ def apply_calibration(rows: Sequence[dict], calibration: dict, *, essays: Sequen
 
 
 def sample_bank_report(samples: np.ndarray, gold: np.ndarray, ranges, fallback, *,
-                       essays: Sequence[str] | None = None, seed: int = 0) -> tuple[dict, dict]:
-    """(report, measures) of a sample bank judged on its own majority vote: risk-coverage tables,
-    AURC and AUROC for sc_agreement, neg_sc_std, length (with ``essays``) and random; measures
-    holds the per-rubric ``sc_vote``, ``sc_agreement``, ``sc_std`` and the essay ``signals``."""
+                       essays: Sequence[str] | None = None, seed: int = 0) -> tuple[dict, dict, dict]:
+    """(report, signals, measures) of a sample bank judged on its own majority vote: risk-coverage
+    tables, AURC and AUROC for sc_agreement, neg_sc_std, length (with ``essays``) and random;
+    signals {name: [N]}, measures the per-rubric ``sc_vote``, ``sc_agreement`` and ``sc_std`` [N, K]."""
     measures = sample_measures(samples, ranges, fallback)
     signals = signals_from_measures(measures, ranges)
     if essays is not None:
@@ -579,7 +582,7 @@ def sample_bank_report(samples: np.ndarray, gold: np.ndarray, ranges, fallback, 
     report = {"prediction": "majority vote of all samples", "n_essays": int(gold.shape[0]),
               "large_error_rule": LARGE_ERROR_RULE, "large_errors": int(large_errors(gold, pred, ranges).sum()),
               "signals": signal_summaries(signals, gold, pred, ranges)}
-    return report, {**measures, "signals": signals}
+    return report, signals, measures
 
 
 # ----------------------------------------------------------------------------- printed tables

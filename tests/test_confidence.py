@@ -265,13 +265,13 @@ def test_sample_bank_report_judges_the_majority_vote():
     rng = np.random.default_rng(3)
     gold = np.stack([rng.integers(lo, hi + 1, 30) for lo, hi in RANGES], axis=1)
     samples = np.clip(gold[:, None, :] + rng.integers(-2, 3, size=(30, 5, 2)), [1, 0], [6, 3])
-    report, measures = C.sample_bank_report(samples, gold, RANGES, [3, 1], essays=["a b"] * 30, seed=0)
+    report, signals, measures = C.sample_bank_report(samples, gold, RANGES, [3, 1], essays=["a b"] * 30, seed=0)
     assert set(report["signals"]) == {"sc_agreement", "neg_sc_std", "length", "random"}
     vote = measures["sc_vote"]
     assert report["signals"]["random"]["mae"][0] == pytest.approx(np.abs(vote - gold).mean())
     errors = C.large_errors(gold, vote, RANGES)
     assert report["signals"]["sc_agreement"]["auroc"] == pytest.approx(
-        roc_auc_score(errors, -measures["signals"]["sc_agreement"]))
+        roc_auc_score(errors, -signals["sc_agreement"]))
 
 
 # ----------------------------------------------------------------------------- figures

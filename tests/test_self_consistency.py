@@ -249,6 +249,17 @@ def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     assert curves["invalid_rate"] == 6 / 20 and curves["fallback"] == [4] * k
     assert json.loads((tmp_path / "best_qwk_scores.json").read_text()) == json.loads(json.dumps(best_scores(expected)))
     assert len(set(curves["overall_avg"])) > 1  # real variation, not a constant fallback curve
+    # confidence of the majority vote: the self-consistency signals as modules.confidence computes them
+    from modules.confidence import sample_bank_report
+
+    report, signals, _ = sample_bank_report(samples, gold, [(1, 9)] * k, 4, seed=7)
+    saved = json.loads((tmp_path / "confidence.json").read_text())
+    for name in ("sc_agreement", "neg_sc_std"):
+        assert saved["signals"][name] == json.loads(json.dumps(report["signals"][name])), name
+    per_essay = [json.loads(line) for line in (tmp_path / "confidence.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in per_essay] == setup.ids
+    assert [row["confidence"]["essay"]["sc_agreement"] for row in per_essay] == signals["sc_agreement"].tolist()
+    assert (tmp_path / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # reading never changes the file; repair=True cuts the torn line off
     assert bank.read_bytes().endswith(b'"torn')
     assert len(read_checked(bank, [(1, 9)] * k, repair=True)) == n
@@ -284,7 +295,9 @@ def test_analyze_runs_without_torch_and_transformers(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "overall QWK (4 essays, m = 1..3)" in result.stdout and "decoding: constrained" in result.stdout
-    assert all((run / name).is_file() for name in ("curves.json", "best_qwk_scores.json", *PNGS))
+    assert all((run / name).is_file() for name in ("curves.json", "best_qwk_scores.json", *PNGS, "confidence.json",
+                                                   "confidence.jsonl", "risk_coverage.png"))
+    assert "sc_agreement: AURC" in result.stdout
     curves = json.loads((run / "curves.json").read_text())
     assert curves["ms"] == [1, 2, 3] and curves["bootstrap"]["n_orderings"] == 5
 
