@@ -426,7 +426,7 @@ def review_flags(confidence: np.ndarray, threshold: float | None) -> np.ndarray:
 def review_outcome(flags: np.ndarray, gold: np.ndarray, pred: np.ndarray, ranges) -> dict:
     """Share sent to review and the average QWK of the auto-scored rest (None when nothing is kept)."""
     kept = ~np.asarray(flags, dtype=bool)
-    return {"review_share": float(1.0 - kept.mean()), "n_auto": int(kept.sum()),
+    return {"review_share": float((~kept).mean()), "n_auto": int(kept.sum()),
             "qwk_auto": agreement_metrics(gold[kept], pred[kept], ranges)["qwk"] if kept.any() else None}
 
 

@@ -293,3 +293,26 @@ def test_confidence_figures_are_real_pngs(tmp_path):
     risk_fig = plot_risk_coverage(report["signals"], tmp_path / "again.png", "synthetic")
     labels = risk_fig.axes[0].get_legend_handles_labels()[1]
     assert len(labels) == len(report["signals"]) and any(l.startswith("random") for l in labels)
+
+
+def test_evaluate_confidence_writes_the_calibration_and_figures(tmp_path):
+    import json
+
+    from modules.data import DatasetInfo, Rubric
+    from modules.evaluation import evaluate_confidence
+
+    info = DatasetInfo(rubrics=tuple(Rubric(n, lo, hi) for n, (lo, hi) in zip(NAMES, RANGES)))
+    valid, test = synthetic_rows(40, seed=13), synthetic_rows(30, seed=14)
+    essays = [" ".join(["w"] * (i % 7 + 1)) for i in range(40)]
+    rows, report, calibration = evaluate_confidence(valid, test, info, tmp_path / "run", valid_essays=essays,
+                                                    test_essays=essays[:30], title="synthetic", review_fraction=0.25)
+    saved = json.loads((tmp_path / "run" / "confidence_calibration.json").read_text())
+    assert saved == json.loads(json.dumps(calibration)) and saved["review"]["review_fraction"] == 0.25
+    for name in ("risk_coverage.png", "reliability_diagram.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # the stored rows are what applying the saved calibration to the test essays gives, gold unused
+    no_gold = [{**r, "gold": None} for r in test]
+    again = C.apply_calibration(no_gold, saved, essays=essays[:30])
+    assert [r["review"] for r in rows] == [r["review"] for r in again]
+    assert [r["score_sets"] for r in rows] == [r["score_sets"] for r in again]
+    assert sum(r["review"] for r in rows) / 30 == report["review"]["test"]["review_share"]
