@@ -7,6 +7,7 @@ against the gold scores, and formats the results table.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -117,3 +118,38 @@ def format_results_table(results: dict, info: DatasetInfo, constrained: bool = F
     lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
     lines.append(f"decoding: {decoding_mode(constrained)}")
     return "\n".join(lines)
+
+
+CONFIDENCE_CALIBRATION = "confidence_calibration.json"
+RISK_COVERAGE_PNG = "risk_coverage.png"
+RELIABILITY_PNG = "reliability_diagram.png"
+
+
+def evaluate_confidence(valid_predictions: list[dict], test_predictions: list[dict], info: DatasetInfo,
+                        out_dir: Path, *, valid_essays: Sequence[str], test_essays: Sequence[str], title: str,
+                        test_samples=None, target_coverage: float = 0.9, review_fraction: float | None = None,
+                        min_qwk: float | None = None, seed: int = 0) -> tuple[list[dict], dict, dict]:
+    """Which test predictions to trust (issue 20), with everything chosen on the validation rows.
+
+    Returns (the test rows with ``confidence``, conformal ``score_sets`` and ``review`` flag, as
+    predictions.jsonl stores them; the report for ``evaluation_results.json["confidence"]``; the
+    calibration). Writes the calibration to ``out_dir/confidence_calibration.json``, to be applied to
+    new essays with :func:`modules.confidence.apply_calibration`, and the figures
+    ``risk_coverage.png`` and (with weighted distributions) ``reliability_diagram.png``.
+    ``test_samples``: an optional sample bank [N, m, K] in test-row order for the SC signals.
+    """
+    from modules.confidence import apply_calibration, confidence_report
+    from modules.jsonio import write_json_atomic
+    from modules.plots import plot_reliability, plot_risk_coverage
+
+    report, calibration = confidence_report(
+        valid_predictions, test_predictions, info.rubric_names, info.ranges, valid_essays=valid_essays,
+        test_essays=test_essays, test_samples=test_samples, target_coverage=target_coverage,
+        review_fraction=review_fraction, min_qwk=min_qwk, seed=seed)
+    rows = apply_calibration(test_predictions, calibration, essays=test_essays, samples=test_samples)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / CONFIDENCE_CALIBRATION, calibration)
+    plot_risk_coverage(report["signals"], out_dir / RISK_COVERAGE_PNG, title)
+    if report["calibration"]:
+        plot_reliability(report["calibration"], out_dir / RELIABILITY_PNG, title)
+    return rows, report, calibration
