@@ -1,80 +1,153 @@
-"""Real-essay benchmark: LoRA-fine-tune smollm2-135m on ASAP essay set 7 with the CPU recipe and
-compare its QWK (greedy, weighted, self-consistency votes; unconstrained and ``--constrained``)
-with three baselines fit on the same essays, with paired bootstrap intervals.
+"""Real-essay benchmark: LoRA-fine-tune smollm2-135m on a real corpus with the CPU recipe and compare
+its QWK (greedy, weighted, self-consistency votes; unconstrained and ``--constrained``) with four
+baselines fit on the same essays, recording every per-essay prediction in a tracked result file.
 
-    python benchmarks/bench_asap.py              # LoRA CE+NTL and the baselines
-    python benchmarks/bench_asap.py --ablation   # LoRA CE only, same split and seed; adds its rows
+    python benchmarks/bench_real_essays.py --corpus asap          # ASAP set 7, holistic 0-30
+    python benchmarks/bench_real_essays.py --corpus asap-traits   # ASAP set 7, holistic + 4 traits
+    python benchmarks/bench_real_essays.py --corpus ell           # ELL, six traits 1.0-5.0
+    python benchmarks/bench_real_essays.py --corpus asap --ablation          # LoRA CE only
+    python benchmarks/bench_real_essays.py --corpus asap --seed 1 --replicate  # greedy + weighted only
+    python benchmarks/real_essay_tables.py                         # the README's tables from every result
+
+Corpora (``--input`` takes any file in the corpus's layout; ``--essay_set N`` any ASAP set, its
+rubrics and ranges from ``modules.convert.corpora``):
+
+* ``asap``: ``../shared/data/asap/asap_set7.tsv`` (ASAP ``training_set_rel3.tsv`` layout), the
+  holistic score only;
+* ``asap-traits``: ``../shared/data/asap/asap_set7_traits.tsv``, the holistic score and the set's
+  traits in one score line (set 7: five rubrics);
+* ``ell``: ``../shared/data/ell/ell_train.csv`` (or the ELLIPSE release layout), six traits
+  1.0-5.0 stored doubled (2-10, ``"scale": 2``); its table adds MCRMSE in 1.0-5.0 units (the
+  weighted row with its unrounded expected scores).
 
 Stages, each timed (wall seconds):
 
-1. convert ``../shared/data/asap/asap_set7.tsv`` with ``modules.convert.corpora.convert_asap`` (seeded
-   70/15/15 split; 1,569 essays, holistic score 0-30) and take a seeded sample of
-   ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` (>= 150 for a real run), written as
-   one dataset folder that both commands and every method share (its dataset.json sets the short
+1. convert + subset: the corpus's converter (seeded 70/15/15 split, ``--data_seed``), then a seeded
+   sample of ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` written as one dataset
+   folder that every command on this corpus and data seed shares (its dataset.json sets the short
    ``SYSTEM_PROMPT``). When the file is absent the script says so and exits 0: the shared data is
    not part of a fresh clone.
 2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
    ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
-   layer; no ``--mtl``: ASAP has no feedback), loss CE + 0.2 NTL (``--ablation``: CE only); greedy
-   and weighted predictions from its run folder. ``--no-group_by_length`` trains on random batches.
-3. constrained greedy: the saved adapter rescored with ``--constrained`` decoding.
-4. self-consistency: ``self_consistency.py run`` with ``--max_m m``, once unconstrained and once
-   ``--constrained``; majority and average votes over all m samples of each essay.
-5. baselines: TF-IDF (1-2 grams) ridge fit on the same training essays and, for reference, on all
-   essays of the converted train split; a ridge on the essay's length alone (words, log words).
-6. paired bootstrap: for the best LoRA row (over both commands' rows so far) against each
-   baseline, the 95% interval of the QWK difference over ``--bootstrap`` resamples of the test
-   essays (the same resample for both methods).
+   layer; no ``--mtl``: these corpora have no feedback), loss CE + 0.2 NTL (``--ablation``: CE
+   only), training seed ``--seed``; greedy and weighted test predictions from its run folder.
+3. validation scoring: main_pipeline.py scores only the test split, so the saved adapter scores the
+   validation essays (greedy and weighted, the training prompts: same ``max_prompt_tokens``); the
+   best row is chosen on them, never on the test essays. Without ``--replicate`` the same model load
+   also rescores test and validation with ``--constrained`` greedy decoding.
+4. self-consistency (skipped with ``--replicate``): ``self_consistency.py run`` with ``--max_m m`` on
+   the test and the validation essays, once unconstrained and once ``--constrained``; majority and
+   average votes over all m samples of each essay.
+5. baselines, on test and validation: TF-IDF (1-2 grams) ridge per rubric fit on the same training
+   essays and on all essays of the converted train split; a ridge on the essay's length alone
+   (words, log words); the training mean (per rubric, rounded).
 
-Each command writes ``results_<variant>.json`` (every method's per-essay predictions included) in
-the output folder (default ``runs/bench_asap``) and prints the table of every row there so far,
-the bootstrap intervals and its stage times; it ends with ``best_lora_qwk=<x>``. QWK is the mean
-over rubrics (here the one holistic rubric) on its full 0-30 range. Run it alone: the stage
-times are part of the result (the README's budget is 60 minutes a command on two cores).
+Each command writes one result file into ``--results_dir`` (default the tracked
+``benchmarks/results/<corpus>/``; a smoke run with fewer test essays than the corpus's minimum
+writes under ``<out_dir>/results`` instead): corpus, variant, seed, the rows it has, per-essay
+predictions of every row on test and validation (ids, gold, scores, the weighted row's unrounded
+``weighted_expected``), invalid and truncated line counts, stage times, CPU model, torch version,
+git commit and config. Then it prints the tables of every result of the same corpus and data
+(``real_essay_tables.py``) and ends with ``best_lora_qwk=<x>``: the test average QWK of the LoRA
+row that is best on the validation essays, mean over seeds.
+
+Default sizes, chosen so each corpus's default command fits 60 minutes alone on the 2-core CPU.
+The ASAP holistic command (800 training essays, 2.5 epochs, 150 test) took 47 min on the AMD EPYC
+(training 35.6 min for 2,000 essay passes of about 324 tokens: about 300 tokens/s; test scoring
+4.1 min, constrained greedy 2.4 min, each self-consistency run 2.5 min, i.e. scoring about
+1.6 + 1.0 + 2 x 1.0 s per essay at 322 prompt tokens); validation scoring adds 30 essays to every
+scoring stage (about 2.5 min). Prompt + target tokens per example with SmolLM2's tokenizer and the
+short system message (mean over 300 training essays): ASAP holistic 322 + 2, ASAP traits 343 + 10
+(longer rubric text, a five-number line), ELL 579 + 11 (essays of 478 tokens on average, p90 746).
+Hence:
+
+* asap: unchanged (800 essays, 2.5 epochs), for comparability with the earlier result;
+* asap-traits: 800 essays, 2 epochs (1,600 passes x 353 tokens: about 31 min) so that the longer
+  lines' scoring (greedy and sampled lines of 10 tokens, five weighted rubrics) fits;
+* ell: 320 essays, 2 epochs (640 passes x 590 tokens: about 21 min) and 200 test essays: scoring
+  cost grows with the prompt (about 1.8x ASAP's per essay), so the 230 scored essays take about
+  30 min of the hour. ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays
+  (prompt budget = 1024 minus the longest training target); a smaller budget cuts the essays'
+  ends, which the traits (conventions, cohesion) are scored on.
+
+These are estimates from the one measured run, scaled by tokens; the recorded stage times are
+the measurement. Run it alone: the stage times are part of the result.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import random
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from modules.convert.baseline import length_predictions, ridge_predictions  # noqa: E402
-from modules.convert.corpora import convert_asap  # noqa: E402
+import real_essay_tables as tables  # noqa: E402
+
+from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions  # noqa: E402
+from modules.convert.corpora import convert_asap, convert_ellipse  # noqa: E402
 from modules.data import SPLITS  # noqa: E402
-from modules.jsonio import DataError, iter_jsonl, read_json, write_json_atomic, write_jsonl_atomic  # noqa: E402
+from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,  # noqa: E402
+                           write_jsonl_atomic)
 
-ASAP7 = ROOT.parent / "shared" / "data" / "asap" / "asap_set7.tsv"
-MIN_TEST = 150
+SHARED = ROOT.parent / "shared" / "data"
+ASAP7 = SHARED / "asap" / "asap_set7.tsv"
 # dataset.json's system_prompt for the subset: a short system message in place of SmolLM2's default
 # (18 tokens naming the assistant), which every training step would pay for.
 SYSTEM_PROMPT = "You score essays."
 # NTL weight of each command's LoRA: 0.2, the quickstart's scale; at the original tool's 2.0, NTL's
 # gradients dwarf CE's and the hour's training learned far less (README).
 VARIANTS = {"ce+ntl": 0.2, "ce": 0.0}
-LORA_ROWS = ("greedy", "greedy, constrained", "weighted", "SC majority", "SC average",
-             "SC majority, constrained", "SC average, constrained")
+SCORED_SPLITS = ("test", "valid")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus's default file and the sizes that fit its default command in the hour (module docstring)."""
+
+    default_input: Path
+    train_essays: int
+    epochs: float
+    test_essays: int  # also the minimum for a result to report
+
+
+CORPORA = {
+    "asap": Corpus(ASAP7, 800, 2.5, 150),
+    "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", 800, 2.0, 150),
+    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 320, 2.0, 200),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", default=str(ASAP7), help="ASAP set-7 file (training_set_rel3.tsv layout)")
-    p.add_argument("--out_dir", default=str(ROOT / "runs" / "bench_asap"),
-                   help="output folder, shared by the default command and --ablation")
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="asap")
+    p.add_argument("--input", default=None, help="corpus file in the corpus's layout (default: its file in ../shared/data)")
+    p.add_argument("--essay_set", type=int, default=7, help="ASAP essay set (asap, asap-traits)")
+    p.add_argument("--out_dir", default=None,
+                   help="work folder shared by every command on this corpus (default runs/real_essays/<corpus>)")
+    p.add_argument("--results_dir", default=None,
+                   help="where the result file goes (default benchmarks/results; smoke runs: <out_dir>/results)")
     p.add_argument("--ablation", action="store_true", help="train and score LoRA with CE only (--ntl_weights 0)")
+    p.add_argument("--replicate", action="store_true",
+                   help="a replicate seed: skip the constrained and self-consistency stages (greedy + weighted rows)")
     p.add_argument("--base_model", default="smollm2-135m")
-    p.add_argument("--seed", type=int, default=0, help="split, subset, training, sampling and bootstrap seed")
-    p.add_argument("--train_essays", type=int, default=800, help="sized for the 60-minute budget (README)")
+    p.add_argument("--seed", type=int, default=0, help="training, sampling and bootstrap seed")
+    p.add_argument("--data_seed", type=int, default=0, help="conversion split and subset seed (same essays across seeds)")
+    p.add_argument("--train_essays", type=int, default=None, help="default: the corpus's (module docstring)")
     p.add_argument("--valid_essays", type=int, default=30)
-    p.add_argument("--test_essays", type=int, default=MIN_TEST)
-    p.add_argument("--epochs", type=float, default=2.5, help="sized for the 60-minute budget (README)")
+    p.add_argument("--test_essays", type=int, default=None, help="default: the corpus's minimum (150; ELL 200)")
+    p.add_argument("--epochs", type=float, default=None, help="default: the corpus's (module docstring)")
     p.add_argument("--max_steps", type=int, default=-1, help="overrides --epochs when > 0")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--grad_accum", type=int, default=1)
@@ -82,23 +155,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
-    p.add_argument("--max_seq_length", type=int, default=1024)
+    p.add_argument("--max_seq_length", type=int, default=1024, help="prompt + target tokens (the essay budget)")
     p.add_argument("--m", type=int, default=10, help="self-consistency samples per essay")
     p.add_argument("--sampler", default=None, help="self_consistency.py --sampler (default: its own default)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
+    p.add_argument("--bootstrap", type=int, default=2000, help="hierarchical bootstrap resamples of the printed tables")
     args = p.parse_args(argv)
+    corpus = CORPORA[args.corpus]
+    args.input = args.input or str(corpus.default_input)
+    args.train_essays = args.train_essays or corpus.train_essays
+    args.test_essays = args.test_essays or corpus.test_essays
+    args.epochs = args.epochs or corpus.epochs
     for key in ("train_essays", "valid_essays", "test_essays", "m", "batch_size", "grad_accum", "bootstrap"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be >= 1")
     return args
 
 
+def corpus_key(args: argparse.Namespace) -> str:
+    """The results folder's name: ``asap-set7``, ``asap-set7-traits``, ``ell``."""
+    if args.corpus == "ell":
+        return "ell"
+    return f"asap-set{args.essay_set}" + ("-traits" if args.corpus == "asap-traits" else "")
+
+
 def shared_file_missing(source: Path) -> bool:
-    """Say so when the ASAP file is absent: it is shared data, not part of a fresh clone."""
+    """Say so when the corpus file is absent: it is shared data, not part of a fresh clone."""
     if source.is_file():
         return False
-    print(f"{source} not found: the ASAP set-7 file is shared data outside the repository "
-          "(../shared/data/asap/); nothing to benchmark.")
+    print(f"{source} not found: the corpus file is shared data outside the repository "
+          "(../shared/data/); nothing to benchmark.")
     return True
 
 
@@ -108,7 +193,7 @@ class StageFailed(RuntimeError):
 
 @contextmanager
 def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Print the stage's name, run it, and record its wall seconds (the table reports them)."""
+    """Print the stage's name, run it, and record its wall seconds (the result file keeps them)."""
     print(f"== {name}", flush=True)
     started = time.perf_counter()
     yield
@@ -132,9 +217,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
 
 
+def convert(args: argparse.Namespace, out: Path) -> None:
+    """The corpus's converter into ``out`` (seeded split); prints its report."""
+    if args.corpus == "ell":
+        report = convert_ellipse(args.input, out, seed=args.data_seed)
+    else:
+        report = convert_asap(args.input, out, essay_sets=[args.essay_set], seed=args.data_seed,
+                              traits=args.corpus == "asap-traits")
+        if args.corpus == "asap-traits" and len(report.ranges) < 2:
+            raise DataError(f"{args.input}: no trait columns for essay set {args.essay_set} (ASAP publishes traits "
+                            "for sets 7 and 8); use --corpus asap")
+    print("   " + report.format().replace("\n", "\n   "))
+
+
 def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], seed: int) -> None:
     """A seeded sample of each split (file order kept), written as one dataset folder; an existing
-    folder (the other command's) is reused when it was made with the same seed and sizes."""
+    folder (another command's) is reused when it was made with the same seed and sizes."""
     if (data_dir / "dataset.json").is_file():
         meta = read_json(data_dir / "dataset.json")
         made = meta.get("subset", {})
@@ -160,8 +258,19 @@ def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], seed: int
     write_json_atomic(data_dir / "dataset.json", meta)
 
 
+def line_counts(predictions: list[dict]) -> dict[str, int]:
+    """Invalid and truncated generated lines among ``predictions`` (predict_split's dicts)."""
+    return {"lines": len(predictions), "invalid": sum(not p["valid"] for p in predictions),
+            "truncated": sum(bool(p["truncated"]) for p in predictions)}
+
+
+def expected_scores(predictions: list[dict]) -> list[list[float]]:
+    """The weighted row's unrounded expected scores, rounded to 4 decimals to keep the file small."""
+    return [[round(float(e), 4) for e in p["weighted_expected"]] for p in predictions]
+
+
 def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: float, log: Path) -> dict:
-    """main_pipeline.py in a subprocess (as a user runs it); its per-essay greedy and weighted scores."""
+    """main_pipeline.py in a subprocess (as a user runs it); its per-essay greedy and weighted test scores."""
     cmd = [sys.executable, str(ROOT / "main_pipeline.py"), "--base_model_name", args.base_model,
            "--data_dir", str(data_dir), "--output_dir", str(run_dir), "--no_wandb", "--seed", str(args.seed),
            "--num_train_epochs", str(args.epochs), "--max_steps", str(args.max_steps),
@@ -173,123 +282,128 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
     run_logged(cmd, log)
     predictions = read_jsonl(run_dir / "predictions.jsonl")
     manifest = read_json(run_dir / "run_manifest.json")
-    return {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
-            "greedy": [p["greedy"] for p in predictions], "weighted": [p["weighted"] for p in predictions],
-            "greedy_invalid": sum(not p["valid"] for p in predictions),
-            "train_seconds": manifest.get("train", {}).get("seconds"),
-            "global_step": manifest.get("train", {}).get("global_step"),
-            "inference_seconds": manifest.get("inference_seconds"), "max_prompt_tokens": manifest["max_prompt_tokens"]}
+    history = json.loads(read_text_utf8(run_dir / "log_history.json"))  # a list: the Trainer's log entries
+    train = manifest.get("train", {})
+    return {"test": {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
+                     "rows": {"greedy": [p["greedy"] for p in predictions],
+                              "weighted": [p["weighted"] for p in predictions]},
+                     "weighted_expected": expected_scores(predictions),
+                     "line_counts": {"greedy": line_counts(predictions)}},
+            "training": {"seconds": train.get("seconds"), "global_step": train.get("global_step"),
+                         "best_checkpoint": Path(train["best_checkpoint"]).name if train.get("best_checkpoint") else None,
+                         "best_eval_loss": train.get("best_eval_loss"),
+                         "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h],
+                         "inference_seconds": manifest.get("inference_seconds")},
+            "max_prompt_tokens": manifest["max_prompt_tokens"]}
 
 
-def constrained_greedy(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int) -> dict:
-    """The adapter's greedy scores with --constrained decoding, on the prompts it was trained with."""
+def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, run: dict,
+            timings: dict[str, float]) -> None:
+    """One load of the saved adapter: greedy + weighted on the validation essays, and (unless
+    ``--replicate``) constrained greedy on test and validation; all on the training prompts."""
     from modules.data import load_splits
-    from modules.models import load_adapter
     from modules.evaluation import predict_split
+    from modules.models import load_adapter
 
     info, splits = load_splits(data_dir)
     model, tokenizer = load_adapter(args.base_model, run_dir)
-    predictions = predict_split(model, tokenizer, splits["test"], info, mtl=False, max_prompt_tokens=max_prompt_tokens,
-                                weighted=False, constrained=True)
-    return {"greedy, constrained": [p["greedy"] for p in predictions],
-            "constrained_invalid": sum(not p["valid"] for p in predictions)}
+
+    def predict(split: str, constrained: bool) -> list[dict]:
+        return predict_split(model, tokenizer, splits[split], info, mtl=False, max_prompt_tokens=max_prompt_tokens,
+                             weighted=not constrained, constrained=constrained)
+
+    with stage("validation scoring", timings):
+        valid = predict("valid", constrained=False)
+    run["valid"] = {"ids": [p["id"] for p in valid], "gold": [p["gold"] for p in valid],
+                    "rows": {"greedy": [p["greedy"] for p in valid], "weighted": [p["weighted"] for p in valid]},
+                    "weighted_expected": expected_scores(valid), "line_counts": {"greedy": line_counts(valid)}}
+    if args.replicate:
+        return
+    with stage("greedy, constrained", timings):
+        for split in SCORED_SPLITS:
+            predictions = predict(split, constrained=True)
+            run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in predictions]
+            run[split]["line_counts"]["greedy, constrained"] = line_counts(predictions)
 
 
-def self_consistency(args: argparse.Namespace, run_dir: Path, test_path: Path, out_dir: Path, log: Path,
-                     constrained: bool, ranges: list[tuple[int, int]]) -> dict:
-    """self_consistency.py run on the adapter; per-essay majority and average votes over all m samples."""
+def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, out_dir: Path, log: Path,
+                     constrained: bool, ranges: list[tuple[int, int]]) -> tuple[dict, dict, str]:
+    """self_consistency.py run on the adapter; per-essay majority and average votes over all m
+    samples, the invalid/truncated sample counts and the sampler's name."""
     import numpy as np
 
     from modules.bank import read_bank
     from modules.voting import INVALID, average_vote, default_fallback, majority_vote
 
     cmd = [sys.executable, str(ROOT / "self_consistency.py"), "run", "--adapter_dir", str(run_dir),
-           "--base_model_name", args.base_model, "--test_path", str(test_path), "--max_m", str(args.m),
+           "--base_model_name", args.base_model, "--test_path", str(split_path), "--max_m", str(args.m),
            "--chunk_m", str(args.m), "--seed", str(args.seed), "--output_dir", str(out_dir), "--bootstrap", "0"]
     cmd += ["--sampler", args.sampler] if args.sampler else []
     cmd += ["--constrained"] if constrained else []
     run_logged(cmd, log)
     rows = {row["id"]: row for row in read_bank(out_dir / "samples.jsonl", ranges)}
-    ids = [r["id"] for r in read_jsonl(test_path)]
+    ids = [r["id"] for r in read_jsonl(split_path)]
     samples = np.full((len(ids), args.m, len(ranges)), INVALID, dtype=np.int64)
+    truncated = 0
     for e, essay_id in enumerate(ids):
         for j, sample in enumerate(rows[essay_id]["samples"][: args.m]):
+            truncated += bool(sample.get("truncated"))
             if sample["scores"] is not None:
                 samples[e, j] = sample["scores"]
     fallback = default_fallback(ranges)  # self_consistency.py's default: the rubric midpoints
     suffix = ", constrained" if constrained else ""
-    return {f"SC majority{suffix}": majority_vote(samples, fallback).tolist(),
-            f"SC average{suffix}": average_vote(samples, fallback).tolist(),
-            f"sc_invalid_rate{suffix}": float((samples == INVALID).all(axis=2).mean()),
-            "sampler": read_json(out_dir / "run_config.json")["args"]["sampler"]}
+    votes = {f"SC majority{suffix}": majority_vote(samples, fallback).tolist(),
+             f"SC average{suffix}": average_vote(samples, fallback).tolist()}
+    counts = {"lines": int(samples.shape[0] * samples.shape[1]), "invalid": int((samples == INVALID).all(axis=2).sum()),
+              "truncated": truncated}
+    return votes, counts, read_json(out_dir / "run_config.json")["args"]["sampler"]
 
 
-def baselines(data_dir: Path, full_train: list[dict]) -> dict[str, list[list[int]]]:
-    """Per-essay predictions ([N][K]) of the three baselines on the test subset."""
+def baselines(data_dir: Path, full_train: list[dict], split: str) -> dict[str, list[list[int]]]:
+    """Per-essay predictions ([N][K]) of the four baselines on ``split`` of the subset."""
     rubrics = read_json(data_dir / "dataset.json")["rubrics"]
-    train, test = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "test.jsonl")
+    train, scored = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / f"{split}.jsonl")
 
     def rows(per_rubric: dict[str, list[int]]) -> list[list[int]]:
         return [list(scores) for scores in zip(*(per_rubric[r["name"]] for r in rubrics))]
 
-    return {f"TF-IDF ridge, same {len(train)} essays": rows(ridge_predictions(train, test, rubrics)),
-            f"TF-IDF ridge, all {len(full_train)} train essays": rows(ridge_predictions(full_train, test, rubrics)),
-            f"essay-length ridge, same {len(train)} essays": rows(length_predictions(train, test, rubrics))}
+    return {"TF-IDF ridge, same essays": rows(ridge_predictions(train, scored, rubrics)),
+            "TF-IDF ridge, all train essays": rows(ridge_predictions(full_train, scored, rubrics)),
+            "essay-length ridge": rows(length_predictions(train, scored, rubrics)),
+            "training mean": rows(mean_predictions(train, scored, rubrics))}
 
 
-def mean_qwk(gold, pred, ranges: list[tuple[int, int]]) -> float:
-    """QWK averaged over rubrics (the README's "average")."""
-    import numpy as np
+def git_state() -> dict:
+    """The commit the benchmark ran at, and whether tracked files differed from it."""
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
 
-    from modules.voting import qwk
-
-    gold, pred = np.asarray(gold), np.asarray(pred)
-    return float(np.mean([qwk(gold[:, k], pred[:, k], lo, hi) for k, (lo, hi) in enumerate(ranges)]))
-
-
-def paired_bootstrap(gold, best, other, ranges: list[tuple[int, int]], n: int, seed: int) -> tuple[float, float, float]:
-    """QWK(best) - QWK(other) and its 95% percentile interval over ``n`` resamples of the essays,
-    each resample scoring both methods on the same essays."""
-    import numpy as np
-
-    gold, best, other = np.asarray(gold), np.asarray(best), np.asarray(other)
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n)
-    for i in range(n):
-        idx = rng.integers(0, len(gold), len(gold))
-        diffs[i] = mean_qwk(gold[idx], best[idx], ranges) - mean_qwk(gold[idx], other[idx], ranges)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return mean_qwk(gold, best, ranges) - mean_qwk(gold, other, ranges), float(lo), float(hi)
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def report(out: Path, ranges: list[tuple[int, int]], args: argparse.Namespace) -> float:
-    """Print every row of every command run so far in ``out``, and the bootstrap intervals of the
-    best LoRA row against each baseline; returns the best LoRA QWK."""
-    results = {v: read_json(out / f"results_{v}.json") for v in VARIANTS if (out / f"results_{v}.json").is_file()}
-    first = next(iter(results.values()))
-    gold, n_train = first["gold"], first["sizes"]["train"]
-    lora = {f"LoRA {'CE+NTL' if v == 'ce+ntl' else 'CE only'}, {row}": r["predictions"][row]
-            for v, r in results.items() for row in LORA_ROWS}
-    base = first["baselines"]
-    qwks = {name: mean_qwk(gold, pred, ranges) for name, pred in {**lora, **base}.items()}
-    print(f"\nASAP set 7, holistic 0-30: {n_train} training essays, {len(gold)} test essays, seed {args.seed}, "
-          f"SC m={args.m}\n")
-    print("| method | QWK |\n|---|---|")
-    for name, value in qwks.items():
-        print(f"| {name} | {value:.3f} |")
-    best = max(lora, key=qwks.get)
-    print(f"\nbest LoRA row: {best}; paired bootstrap ({args.bootstrap} resamples of the test essays):\n")
-    print("| best LoRA row minus | QWK difference | 95% interval |\n|---|---|---|")
-    for name, pred in base.items():
-        diff, lo, hi = paired_bootstrap(gold, lora[best], pred, ranges, args.bootstrap, args.seed)
-        print(f"| {name} | {diff:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
-    for v, r in results.items():
-        counts = r["invalid"]
-        print(f"\n{v}: invalid greedy lines {counts['greedy']} (constrained {counts['greedy, constrained']}) of "
-              f"{len(gold)}; invalid samples {100 * counts['SC']:.1f}% (constrained {100 * counts['SC, constrained']:.1f}%), "
-              f"{r['sampler']} sampler; {r['global_step']} training steps")
-        print("| stage | seconds |\n|---|---|\n" + "\n".join(f"| {k} | {s:.1f} |" for k, s in r["timings"].items()))
-    return qwks[best]
+def cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo (the CPU's arithmetic is part of what a run measures)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def rows_present(split: dict) -> list[str]:
+    """The LoRA rows a command produced, in table order."""
+    return [row for row in tables.LORA_ROWS if row in split["rows"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,49 +412,74 @@ def main(argv: list[str] | None = None) -> int:
     if shared_file_missing(source):
         return 0
     variant = "ce" if args.ablation else "ce+ntl"
-    out = Path(args.out_dir)
-    result_path = out / f"results_{variant}.json"
-    if result_path.exists():
-        print(f"error: {result_path} exists; pass another --out_dir for a new benchmark", file=sys.stderr)
+    key = corpus_key(args)
+    out = Path(args.out_dir or ROOT / "runs" / "real_essays" / key)
+    smoke = args.test_essays < CORPORA[args.corpus].test_essays
+    results_dir = Path(args.results_dir or (out / "results" if smoke else tables.RESULTS))
+    run_dir = out / f"run_{variant}_seed{args.seed}"
+    if run_dir.exists():
+        print(f"error: {run_dir} exists; pass another --out_dir or --seed for a new benchmark", file=sys.stderr)
         return 2
-    if args.test_essays < MIN_TEST:
-        print(f"note: --test_essays {args.test_essays} < {MIN_TEST}: a smoke run, not a result to report")
+    if smoke:
+        print(f"note: --test_essays {args.test_essays} < {CORPORA[args.corpus].test_essays}: a smoke run, not a "
+              f"result to report (recorded under {results_dir})")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    sampler = None
     try:
         with stage("convert + subset", timings):
-            if not (out / "asap7_full" / "dataset.json").is_file():  # the other command's conversion is reused
-                print("   " + convert_asap(source, out / "asap7_full", seed=args.seed).format().replace("\n", "\n   "))
+            full = out / f"full_seed{args.data_seed}"
+            if not (full / "dataset.json").is_file():  # another command's conversion is reused
+                convert(args, full)
             sizes = {"train": args.train_essays, "valid": args.valid_essays, "test": args.test_essays}
-            make_subset(out / "asap7_full", out / "data", sizes, args.seed)
-        data, run_dir = out / "data", out / f"run_{variant}"
-        ranges = [(r["min"], r["max"]) for r in read_json(data / "dataset.json")["rubrics"]]
+            data = out / f"data_seed{args.data_seed}"
+            make_subset(full, data, sizes, args.data_seed)
+        meta = read_json(data / "dataset.json")
+        ranges = [(r["min"], r["max"]) for r in meta["rubrics"]]
         with stage("train + score", timings):
-            run = train_and_score(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}.log")
-        with stage("greedy, constrained", timings):
-            run.update(constrained_greedy(args, data, run_dir, run["max_prompt_tokens"]))
-        for constrained in (False, True):
+            run = train_and_score(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
+        rescore(args, data, run_dir, run["max_prompt_tokens"], run, timings)
+        for constrained in () if args.replicate else (False, True):
             name = "self-consistency" + (", constrained" if constrained else "")
             with stage(name, timings):
-                folder = f"sc_{variant}" + ("_constrained" if constrained else "")
-                run.update(self_consistency(args, run_dir, data / "test.jsonl", out / folder,
-                                            out / "logs" / f"{folder}.log", constrained, ranges))
+                for split in SCORED_SPLITS:
+                    folder = f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else "")
+                    votes, counts, sampler = self_consistency(args, run_dir, data / f"{split}.jsonl", out / folder,
+                                                              out / "logs" / f"{folder}.log", constrained, ranges)
+                    run[split]["rows"].update(votes)
+                    run[split]["line_counts"]["SC samples" + (", constrained" if constrained else "")] = counts
         with stage("baselines", timings):
-            base = baselines(data, read_jsonl(out / "asap7_full" / "train.jsonl"))
+            full_train = read_jsonl(full / "train.jsonl")
+            for split in SCORED_SPLITS:
+                run[split]["rows"].update(baselines(data, full_train, split))
     except (DataError, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     timings["total"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(result_path, {
-        "config": vars(args), "sizes": sizes, "ids": run["ids"], "gold": run["gold"], "timings": timings,
-        "predictions": {row: run[row] for row in LORA_ROWS}, "baselines": base, "sampler": run["sampler"],
-        "invalid": {"greedy": run["greedy_invalid"], "greedy, constrained": run["constrained_invalid"],
-                    "SC": run["sc_invalid_rate"], "SC, constrained": run["sc_invalid_rate, constrained"]},
-        "global_step": run["global_step"], "train_seconds": run["train_seconds"]})
-    best = report(out, ranges, args)
-    print(f"results: {result_path}")
-    print(f"best_lora_qwk={best:.3f}")
+    state = git_state()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    conversion = meta.get("conversion", {})
+    result = {
+        "corpus": key, "variant": variant, "seed": args.seed, "replicate": args.replicate,
+        "rows": rows_present(run["test"]),
+        "rubrics": [{k: r[k] for k in ("name", "min", "max", "scale") if k in r} for r in meta["rubrics"]],
+        "data": {"input": source.name, "sha256": conversion.get("sha256"), "essay_set": None if key == "ell" else args.essay_set,
+                 "data_seed": args.data_seed, "sizes": sizes, "max_prompt_tokens": run["max_prompt_tokens"]},
+        "splits": {split: run[split] for split in SCORED_SPLITS},
+        "training": run["training"], "timings": timings, "sampler": sampler, "machine": machine(), "git": state,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "config": vars(args)}
+    path = tables.write_result(tables.result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
+    print(f"results: {path}")
+    members = [r for r in tables.read_results(results_dir) if tables.group_key(r) == tables.group_key(result)]
+    group = tables.Group(members)
+    print("\n" + tables.group_report(group, args.bootstrap, args.seed))
+    best = group.best_on_validation()
+    if best:
+        per_seed = group.lora(best[0], best[1], "test")
+        score = sum(tables.mean_qwk(group.gold["test"], p, group.ranges) for p in per_seed.values()) / len(per_seed)
+        print(f"best_lora_qwk={score:.3f}")
     return 0
 
 

@@ -14,7 +14,7 @@ width, so its padding is the epoch's (each line prints both). Throughput is essa
 
 - ``default``: what ``main_pipeline.py`` does without the recipe flags: LoRA on q/v of every
   layer, random batches padded to their longest essay, float32.
-- ``recipe``: the flags ``bench_asap.py`` trains with (``CPU_RECIPE`` below).
+- ``recipe``: the flags ``bench_real_essays.py`` trains with (``CPU_RECIPE`` below).
 - ``--levers``: also each lever (or the ones named) alone on top of ``default``.
 
 Prints one line per setting (essays/s, padded tokens per essay, final loss) and ends with
@@ -32,10 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_asap import ASAP7, SYSTEM_PROMPT, shared_file_missing  # noqa: E402
+from bench_real_essays import ASAP7, SYSTEM_PROMPT, shared_file_missing  # noqa: E402
 
 # The CPU recipe of "Results on real essays" (README): bf16 autocast, length-bucketed batches in
-# random order (--bf16 --group_by_length) and bench_asap.py's short system message. LoRA stays on
+# random order (--bf16 --group_by_length) and bench_real_essays.py's short system message. LoRA stays on
 # q/v of every layer: fewer adapted layers trained faster but learned the score line far more
 # slowly (see the README).
 CPU_RECIPE = {"bf16": True, "group_by_length": True, "system_prompt": SYSTEM_PROMPT}

@@ -5,5 +5,5 @@
   records -> split -> written, reloaded folder), which decodes and repairs text with ``text.py``.
 * The synthetic sample dataset: ``synthetic.py`` (generator) with ``lexicon.py`` (word lists,
   rubric table), ``feedback.py`` (feedback templates), ``card.py`` (its README) and
-  ``baseline.py`` (TF-IDF + ridge QWK, also used by ``benchmarks/bench_asap.py``).
+  ``baseline.py`` (TF-IDF + ridge QWK, also used by ``benchmarks/bench_real_essays.py``).
 """

@@ -1,8 +1,8 @@
-"""Non-neural baselines: TF-IDF (1-2 grams) + ridge regression per rubric, and a ridge on the
-essay's length alone.
+"""Non-neural baselines: TF-IDF (1-2 grams) + ridge regression per rubric, a ridge on the
+essay's length alone, and the training mean.
 
 The synthetic dataset's card reports the TF-IDF ridge as a learnability check, and
-``benchmarks/bench_asap.py`` reports both as the rows a fine-tuned LLM has to beat.
+``benchmarks/bench_real_essays.py`` reports both (and the training mean) as the rows a fine-tuned LLM has to beat.
 """
 from __future__ import annotations
 
@@ -37,6 +37,18 @@ def length_predictions(train: list[dict], test: list[dict], rubrics: list[dict])
         return np.stack([words, np.log1p(words)], axis=1)
 
     return _ridge_scores(features(train), features(test), train, rubrics)
+
+
+def mean_predictions(train: list[dict], test: list[dict], rubrics: list[dict]) -> dict[str, list[int]]:
+    """Per rubric the mean training score, rounded half up (floor(mean + 0.5)) and clipped to the
+    rubric's range, for every test essay: what a scorer that ignores the essay gets."""
+    import math
+
+    out = {}
+    for rb in rubrics:
+        mean = sum(r["scores"][rb["name"]] for r in train) / len(train)
+        out[rb["name"]] = [min(max(math.floor(mean + 0.5), rb["min"]), rb["max"])] * len(test)
+    return out
 
 
 def ridge_baseline(train: list[dict], test: list[dict], rubrics: list[dict]) -> dict[str, float]:

@@ -1,0 +1,330 @@
+"""The README's real-essay tables, printed from the result files that
+``benchmarks/bench_real_essays.py`` records (one small JSON file per command, in the tracked
+``benchmarks/results/<corpus>/`` folder, so runs from different days and machines accumulate).
+
+    python benchmarks/real_essay_tables.py [--results benchmarks/results] [--bootstrap 2000]
+
+Per corpus (and per data split: results are pooled only when their test essays are the same),
+per row: the test metric's mean, sd (n - 1) and min-max over seeds with the per-seed values, per
+rubric and averaged over rubrics (QWK; for rescaled corpora such as ELL also MCRMSE in the
+corpus's own units). The best LoRA row is the one with the highest mean *validation* average
+QWK over its seeds (never chosen on the test essays). Differences (CE+NTL minus CE only, seed by
+seed; each LoRA row minus each baseline) carry a hierarchical bootstrap interval:
+
+    for b in 1..B:  draw S seeds with replacement from the S seeds both rows have,
+                    draw N test essays with replacement (one draw, shared by every drawn seed:
+                    all seeds score the same essays, so essay effects are crossed with seeds),
+                    d_b = mean over the drawn seeds of  metric(A_s on the drawn essays) - metric(B_s on them)
+    interval = 2.5th and 97.5th percentiles of d_1..d_B;  point = mean over seeds of the full-sample difference.
+
+With one seed the seed draw is always that seed, so the interval covers the choice of test
+essays only (the output says so).
+
+This module also holds what the benchmark writes with (``write_result``), and the metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modules.jsonio import DataError, read_json, write_text_atomic  # noqa: E402
+from modules.voting import qwk  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SCHEMA = 1
+VARIANT_NAMES = {"ce+ntl": "LoRA CE+NTL", "ce": "LoRA CE only"}
+LORA_ROWS = ("greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
+             "SC majority, constrained", "SC average, constrained")
+REPLICATE_ROWS = ("greedy", "weighted")
+BASELINE_ROWS = ("TF-IDF ridge, same essays", "TF-IDF ridge, all train essays", "essay-length ridge", "training mean")
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+# --------------------------------------------------------------------------- metrics
+
+def rubric_qwks(gold, pred, ranges: Sequence[tuple[int, int]]) -> list[float]:
+    """QWK of each rubric k on its full range: ``qwk(gold[:, k], pred[:, k], lo_k, hi_k)``."""
+    gold, pred = np.asarray(gold), np.rint(np.asarray(pred)).astype(np.int64)
+    return [qwk(gold[:, k], pred[:, k], lo, hi) for k, (lo, hi) in enumerate(ranges)]
+
+
+def mean_qwk(gold, pred, ranges: Sequence[tuple[int, int]]) -> float:
+    """The README's "average": the mean over rubrics of :func:`rubric_qwks`."""
+    return float(np.mean(rubric_qwks(gold, pred, ranges)))
+
+
+def mcrmse(gold, pred, scales: Sequence[float]) -> float:
+    """Mean columnwise RMSE in the corpus's units: mean_k sqrt(mean_i ((pred_ik - gold_ik) / scale_k)^2).
+
+    Scores are stored as value * scale (ELL: 1.0-5.0 in halves stored 2-10, scale 2), so dividing
+    by the scale gives the competition's units; ``pred`` may be continuous (weighted expected scores).
+    """
+    diff = (np.asarray(pred, dtype=np.float64) - np.asarray(gold, dtype=np.float64)) / np.asarray(scales, dtype=np.float64)
+    return float(np.mean(np.sqrt(np.mean(diff ** 2, axis=0))))
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample sd (n - 1; nan for one value), min and max of per-seed values."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else math.nan,
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def hierarchical_bootstrap(gold, a: Sequence, b: Sequence, metric: Metric, n: int,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """Paired difference metric(A) - metric(B) over seeds and essays (module docstring).
+
+    ``gold``: [N, K], the test essays every seed scored; ``a``, ``b``: per seed [N, K] predictions
+    of the two rows (seed s of A paired with seed s of B). Returns (point, lo, hi).
+    """
+    gold = np.asarray(gold)
+    a = [np.asarray(x) for x in a]
+    b = [np.asarray(x) for x in b]
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same, non-zero number of seeds on both sides, got {len(a)} and {len(b)}")
+    point = float(np.mean([metric(gold, x) - metric(gold, y) for x, y in zip(a, b)]))
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n)
+    for i in range(n):
+        seeds = rng.integers(0, len(a), len(a))
+        idx = rng.integers(0, len(gold), len(gold))
+        diffs[i] = np.mean([metric(gold[idx], a[s][idx]) - metric(gold[idx], b[s][idx]) for s in seeds])
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- result files
+
+def result_path(results_dir: Path, corpus: str, variant: str, seed: int, commit: str, stamp: str) -> Path:
+    """``<results>/<corpus>/<variant>_seed<k>_<commit>_<stamp>.json`` (no two commands share one)."""
+    safe_variant = variant.replace("+", "-")
+    return Path(results_dir) / corpus / f"{safe_variant}_seed{seed}_{commit}_{stamp}.json"
+
+
+def write_result(path: Path, result: dict) -> Path:
+    """Write one command's result as compact JSON (refusing to overwrite an existing file, so
+    results only accumulate); compact because it is tracked and holds every per-essay prediction."""
+    if path.exists():
+        raise DataError(f"{path} exists; results are never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"schema": SCHEMA, **result}, separators=(",", ":"), ensure_ascii=False) + "\n")
+    return path
+
+
+def read_results(results_dir: Path) -> list[dict]:
+    """Every result file under ``results_dir`` (recursively), with its path under ``_path``."""
+    out = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        result = read_json(path)
+        if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+            raise DataError(f"{path}: not a real-essay result file (schema {SCHEMA})")
+        for key in ("corpus", "variant", "seed", "rubrics", "data", "splits"):
+            if key not in result:
+                raise DataError(f"{path}: field {key!r} missing")
+        out.append({**result, "_path": str(path)})
+    return out
+
+
+def group_key(result: dict) -> tuple:
+    """Results are pooled when they scored the same essays: corpus, data file and split, subset sizes."""
+    data = result["data"]
+    return (result["corpus"], data.get("sha256"), data.get("data_seed"), json.dumps(data.get("sizes"), sort_keys=True))
+
+
+def row_predictions(result: dict, split: str, row: str, continuous: bool = False) -> np.ndarray | None:
+    """[N, K] predictions of ``row`` on ``split`` (None when that result lacks it); with
+    ``continuous`` the weighted row is its unrounded expected score."""
+    part = result["splits"].get(split)
+    if part is None or row not in part["rows"]:
+        return None
+    if continuous and row == "weighted" and part.get("weighted_expected") is not None:
+        return np.asarray(part["weighted_expected"], dtype=np.float64)
+    return np.asarray(part["rows"][row])
+
+
+# --------------------------------------------------------------------------- tables
+
+class Group:
+    """The results of one corpus and data split: their rows per seed, aligned on the test essays."""
+
+    def __init__(self, results: list[dict]) -> None:
+        first = results[0]
+        self.corpus = first["corpus"]
+        self.rubrics = first["rubrics"]
+        self.ranges = [(r["min"], r["max"]) for r in self.rubrics]
+        self.scales = [r.get("scale", 1) for r in self.rubrics]
+        self.rescaled = any(s != 1 for s in self.scales)
+        self.gold = {split: np.asarray(first["splits"][split]["gold"]) for split in first["splits"]}
+        ids = first["splits"]["test"]["ids"]
+        for r in results[1:]:
+            if r["splits"]["test"]["ids"] != ids:
+                raise DataError(f"{r['_path']}: test essays differ from {first['_path']}'s although the data key matches")
+        self.results = results
+
+    def lora(self, variant: str, row: str, split: str, continuous: bool = False) -> dict[int, np.ndarray]:
+        """seed -> predictions of the LoRA ``row`` of ``variant`` (only the seeds that have it)."""
+        out = {}
+        for r in self.results:
+            pred = row_predictions(r, split, row, continuous) if r["variant"] == variant else None
+            if pred is not None:
+                out[r["seed"]] = pred
+        return out
+
+    def baseline(self, row: str, split: str = "test") -> np.ndarray | None:
+        """A baseline's predictions (the same in every result of the group: it depends on the data only)."""
+        for r in self.results:
+            pred = row_predictions(r, split, row)
+            if pred is not None:
+                return pred
+        return None
+
+    def lora_rows(self) -> list[tuple[str, str]]:
+        """(variant, row) pairs that at least one seed has, in table order."""
+        present = {(r["variant"], row) for r in self.results for row in r["splits"]["test"]["rows"]}
+        return [(v, row) for v in VARIANT_NAMES for row in LORA_ROWS if (v, row) in present]
+
+    def best_on_validation(self) -> tuple[str, str, float] | None:
+        """The LoRA row with the highest mean validation average QWK over its seeds (ties: table order)."""
+        best = None
+        for variant, row in self.lora_rows():
+            per_seed = self.lora(variant, row, "valid")
+            if not per_seed or "valid" not in self.gold:
+                continue
+            value = float(np.mean([mean_qwk(self.gold["valid"], p, self.ranges) for p in per_seed.values()]))
+            if best is None or value > best[2]:
+                best = (variant, row, value)
+        return best
+
+
+def row_name(variant: str | None, row: str) -> str:
+    return f"{VARIANT_NAMES[variant]}, {row}" if variant else row
+
+
+def format_spread(values: dict[int, float]) -> str:
+    """``mean (sd, min-max) [seed: value, ...]`` of per-seed values."""
+    s = spread(list(values.values()))
+    per_seed = ", ".join(f"s{k}: {v:.3f}" for k, v in sorted(values.items()))
+    if len(values) == 1:
+        return f"{s['mean']:.3f} (1 seed) [{per_seed}]"
+    return f"{s['mean']:.3f} (sd {s['sd']:.3f}, {s['min']:.3f}-{s['max']:.3f}) [{per_seed}]"
+
+
+def metric_table(group: Group) -> list[str]:
+    """Markdown lines: one row per method, columns per rubric QWK, average QWK (and MCRMSE)."""
+    names = [r["name"] for r in group.rubrics]
+    head = names + ["average QWK"] + (["MCRMSE"] if group.rescaled else [])
+    lines = ["| method | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    gold = group.gold["test"]
+    rows = [(v, row, group.lora(v, row, "test"), group.lora(v, row, "test", continuous=True))
+            for v, row in group.lora_rows()]
+    for row in BASELINE_ROWS:
+        pred = group.baseline(row)
+        if pred is not None:
+            rows.append((None, row, {0: pred}, {0: pred}))
+    for variant, row, per_seed, continuous in rows:
+        qwks = {s: rubric_qwks(gold, p, group.ranges) for s, p in per_seed.items()}
+        cells = [format_spread({s: q[k] for s, q in qwks.items()}) for k in range(len(names))]
+        cells.append(format_spread({s: float(np.mean(q)) for s, q in qwks.items()}))
+        if group.rescaled:
+            cells.append(format_spread({s: mcrmse(gold, p, group.scales) for s, p in continuous.items()}))
+        seeds = ",".join(map(str, sorted(per_seed))) if variant else "-"
+        lines.append(f"| {row_name(variant, row)} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def difference_lines(group: Group, n: int, seed: int) -> list[str]:
+    """Hierarchical-bootstrap intervals of average-QWK differences: CE+NTL minus CE only per row,
+    and each LoRA row minus each baseline."""
+    gold = group.gold["test"]
+
+    def metric(g, p):
+        return mean_qwk(g, p, group.ranges)
+
+    lines = ["| difference (average QWK) | seeds | point | 95% interval | covers |", "|---|---|---|---|---|"]
+
+    def add(name: str, a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> None:
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            return
+        point, lo, hi = hierarchical_bootstrap(gold, [a[s] for s in seeds], [b[s] for s in seeds], metric, n, seed)
+        covers = "seeds and essays" if len(seeds) > 1 else "essays only (one seed)"
+        lines.append(f"| {name} | {','.join(map(str, seeds))} | {point:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {covers} |")
+
+    for row in LORA_ROWS:
+        add(f"CE+NTL minus CE only, {row}", group.lora("ce+ntl", row, "test"), group.lora("ce", row, "test"))
+    for variant, row in group.lora_rows():
+        per_seed = group.lora(variant, row, "test")
+        for base in BASELINE_ROWS:
+            pred = group.baseline(base)
+            if pred is not None:
+                add(f"{row_name(variant, row)} minus {base}", per_seed, {s: pred for s in per_seed})
+    return lines
+
+
+def group_report(group: Group, n: int, seed: int) -> str:
+    """Everything the README shows for one corpus: sizes, the metric table, the best row, the differences."""
+    first = group.results[0]
+    sizes = first["data"].get("sizes", {})
+    seeds = defaultdict(list)
+    for r in group.results:
+        seeds[r["variant"]].append(r["seed"])
+    out = [f"## {group.corpus}: {sizes.get('train')} training, {sizes.get('valid')} validation, "
+           f"{sizes.get('test')} test essays; rubrics "
+           + ", ".join(f"{r['name']} {r['min']}-{r['max']}" for r in group.rubrics)
+           + "; seeds " + "; ".join(f"{VARIANT_NAMES.get(v, v)}: {sorted(s)}" for v, s in seeds.items()), ""]
+    out += metric_table(group)
+    best = group.best_on_validation()
+    if best:
+        variant, row, value = best
+        out += ["", f"best LoRA row on the validation essays: {row_name(variant, row)} "
+                    f"(mean validation average QWK {value:.3f})"]
+    out += ["", f"hierarchical bootstrap ({n} resamples of seeds, then test essays; with one seed it covers "
+                "the test essays only):", ""]
+    out += difference_lines(group, n, seed)
+    invalid = [f"{row_name(r['variant'], row)} seed {r['seed']}: {count['invalid']} invalid, "
+               f"{count['truncated']} truncated of {count['lines']}"
+               for r in group.results for row, count in r["splits"]["test"].get("line_counts", {}).items()
+               if count["invalid"]]
+    out += ["", "invalid lines (test): " + ("; ".join(invalid) if invalid else "none")]
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(RESULTS), help="folder of result files (searched recursively)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="hierarchical bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = read_results(Path(args.results))
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in results:
+            groups[group_key(r)].append(r)
+        if not groups:
+            print(f"no result files under {args.results}")
+            return 0
+        for members in groups.values():
+            print(group_report(Group(members), args.bootstrap, args.seed) + "\n")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The real-essay benchmark's recording and aggregation (benchmarks/real_essay_tables.py,
+benchmarks/bench_real_essays.py) on hand-made result files: no training here."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score, mean_squared_error
+
+from benchmarks import bench_real_essays as bench
+from benchmarks import real_essay_tables as tables
+from modules.convert.baseline import mean_predictions
+from modules.jsonio import DataError
+
+RANGES = [(0, 4), (0, 4)]
+RUBRICS = [{"name": "ideas", "min": 0, "max": 4}, {"name": "style", "min": 0, "max": 4}]
+GOLD_TEST = [[0, 1], [1, 1], [2, 2], [3, 3], [4, 4], [2, 3], [1, 0], [3, 4]]
+GOLD_VALID = [[0, 0], [1, 2], [2, 2], [3, 3], [4, 3], [2, 1]]
+
+
+def result(variant: str, seed: int, test_rows: dict, valid_rows: dict, *, sizes: dict | None = None,
+           gold_test=GOLD_TEST, gold_valid=GOLD_VALID, rubrics=RUBRICS) -> dict:
+    """A result file's content as the benchmark writes it, with the given rows' predictions."""
+    def split(gold, rows):
+        return {"ids": [f"e{i}" for i in range(len(gold))], "gold": gold, "rows": rows, "weighted_expected": None,
+                "line_counts": {"greedy": {"lines": len(gold), "invalid": 1, "truncated": 1}}}
+
+    return {"corpus": "toy", "variant": variant, "seed": seed, "replicate": False, "rows": list(test_rows),
+            "rubrics": rubrics, "data": {"sha256": "abc", "data_seed": 0, "sizes": sizes or {"train": 9, "valid": 6, "test": 8}},
+            "splits": {"test": split(gold_test, test_rows), "valid": split(gold_valid, valid_rows)}}
+
+
+def shifted(gold, k: int, step: int = 1, lo: int = 0, hi: int = 4) -> list[list[int]]:
+    """gold with every `step`-th essay's first rubric moved by k (clipped): a controlled error."""
+    return [[min(max(g[0] + (k if i % step == 0 else 0), lo), hi), g[1]] for i, g in enumerate(gold)]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_rubric_qwks_match_sklearn() -> None:
+    pred = shifted(GOLD_TEST, 1, step=2)
+    expected = [cohen_kappa_score(np.array(GOLD_TEST)[:, k], np.array(pred)[:, k], weights="quadratic",
+                                  labels=list(range(0, 5))) for k in range(2)]
+    assert tables.rubric_qwks(GOLD_TEST, pred, RANGES) == pytest.approx(expected)
+    assert tables.mean_qwk(GOLD_TEST, pred, RANGES) == pytest.approx(np.mean(expected))
+
+
+def test_mcrmse_by_hand_and_sklearn() -> None:
+    gold = [[2, 4], [6, 10]]           # stored doubled: 1.0 2.0 / 3.0 5.0
+    pred = [[3.0, 4.0], [6.0, 7.0]]    # 1.5 2.0 / 3.0 3.5
+    # column 0: errors 0.5, 0 -> sqrt(0.125); column 1: 0, -1.5 -> sqrt(1.125)
+    by_hand = (math.sqrt(0.125) + math.sqrt(1.125)) / 2
+    assert tables.mcrmse(gold, pred, [2, 2]) == pytest.approx(by_hand)
+    oracle = np.mean([math.sqrt(mean_squared_error(np.array(gold)[:, k] / 2, np.array(pred)[:, k] / 2)) for k in range(2)])
+    assert tables.mcrmse(gold, pred, [2, 2]) == pytest.approx(oracle)
+    assert tables.mcrmse(gold, pred, [1, 1]) == pytest.approx(2 * by_hand)  # scale 1: stored units
+
+
+def test_training_mean_baseline_rounds_half_up_and_clips() -> None:
+    def recs(rows):
+        return [{"essay": "x", "scores": dict(zip("abc", r))} for r in rows]
+
+    rubrics = [{"name": n, "min": 0, "max": 5} for n in "abc"]
+    train = recs([[2, 1, 0], [3, 2, 1], [3, 4, 0]])  # means 2.667, 2.333, 0.333
+    assert mean_predictions(train, recs([[0, 0, 0]] * 2), rubrics) == {"a": [3, 3], "b": [2, 2], "c": [0, 0]}
+    # mean 2.5 rounds up to 3 (Python's round would give 2); a mean below the range is clipped to it
+    rubrics = [{"name": "a", "min": 0, "max": 5}, {"name": "b", "min": 2, "max": 6}]
+    assert mean_predictions(recs([[2, 0], [3, 1]]), recs([[0, 0]]), rubrics) == {"a": [3], "b": [2]}
+
+
+def test_spread() -> None:
+    s = tables.spread([0.70, 0.72, 0.74])
+    assert s["mean"] == pytest.approx(0.72) and s["sd"] == pytest.approx(0.02)
+    assert (s["min"], s["max"]) == (0.70, 0.74)
+    one = tables.spread([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["sd"])
+
+
+# --------------------------------------------------------------------------- hierarchical bootstrap
+
+
+def mean_pred(gold, pred) -> float:
+    return float(np.mean(pred))
+
+
+def test_bootstrap_identical_methods_give_zero() -> None:
+    preds = [shifted(GOLD_TEST, 1, step=2), shifted(GOLD_TEST, -1, step=3)]
+
+    def metric(g, p):
+        return tables.mean_qwk(g, p, RANGES)
+
+    assert tables.hierarchical_bootstrap(GOLD_TEST, preds, preds, metric, 200) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_constant_offset_gives_it_with_zero_width() -> None:
+    b = [np.array(GOLD_TEST, dtype=float), np.array(GOLD_TEST, dtype=float) + 1.0]
+    a = [x + 0.25 for x in b]
+    point, lo, hi = tables.hierarchical_bootstrap(GOLD_TEST, a, b, mean_pred, 300)
+    assert point == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+
+
+def test_bootstrap_interval_covers_the_seeds() -> None:
+    # Two seeds whose differences are constant over essays, 0.2 and 0.6: the seed draw gives
+    # 0.2 (p 1/4), 0.4 (1/2) or 0.6 (1/4), so the 95% interval is [0.2, 0.6] around the mean 0.4.
+    b = [np.zeros((8, 2)), np.zeros((8, 2))]
+    a = [np.full((8, 2), 0.2), np.full((8, 2), 0.6)]
+    point, lo, hi = tables.hierarchical_bootstrap(GOLD_TEST, a, b, mean_pred, 2000, seed=1)
+    assert point == pytest.approx(0.4) and lo == pytest.approx(0.2) and hi == pytest.approx(0.6)
+
+
+def test_bootstrap_one_seed_covers_essays() -> None:
+    b = [np.zeros((8, 1))]
+    a = [np.arange(8, dtype=float).reshape(8, 1)]  # per-essay differences 0..7, mean 3.5
+    point, lo, hi = tables.hierarchical_bootstrap(GOLD_TEST, a, b, mean_pred, 2000)
+    assert point == pytest.approx(3.5) and 0 <= lo < 3.5 < hi <= 7 and hi - lo > 1
+    with pytest.raises(ValueError, match="same, non-zero number of seeds"):
+        tables.hierarchical_bootstrap(GOLD_TEST, a, [], mean_pred, 10)
+
+
+# --------------------------------------------------------------------------- result files and tables
+
+
+def test_result_file_round_trip_and_no_overwrite(tmp_path: Path) -> None:
+    content = result("ce+ntl", 2, {"greedy": GOLD_TEST}, {"greedy": GOLD_VALID})
+    path = tables.result_path(tmp_path, "toy", "ce+ntl", 2, "abc1234", "20261201T000000Z")
+    assert path == tmp_path / "toy" / "ce-ntl_seed2_abc1234_20261201T000000Z.json"
+    tables.write_result(path, content)
+    [back] = tables.read_results(tmp_path)
+    assert back["_path"] == str(path) and back["schema"] == tables.SCHEMA
+    assert {k: v for k, v in back.items() if k not in ("_path", "schema")} == content
+    with pytest.raises(DataError, match="never overwritten"):
+        tables.write_result(path, content)
+    (tmp_path / "toy" / "other.json").write_text(json.dumps({"corpus": "toy"}))
+    with pytest.raises(DataError, match="other.json: not a real-essay result file"):
+        tables.read_results(tmp_path)
+
+
+def test_best_row_is_chosen_on_validation_not_test() -> None:
+    # On test, greedy is exact and weighted is off; on validation it is the other way round.
+    test_rows = {"greedy": GOLD_TEST, "weighted": shifted(GOLD_TEST, 2)}
+    valid_rows = {"greedy": shifted(GOLD_VALID, 2), "weighted": GOLD_VALID}
+    group = tables.Group([{**result("ce+ntl", 0, test_rows, valid_rows), "_path": "a"}])
+    assert tables.mean_qwk(GOLD_TEST, test_rows["greedy"], RANGES) > tables.mean_qwk(GOLD_TEST, test_rows["weighted"], RANGES)
+    variant, row, value = group.best_on_validation()
+    assert (variant, row) == ("ce+ntl", "weighted") and value == pytest.approx(1.0)
+
+
+def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
+    full = {"greedy": shifted(GOLD_TEST, 1, step=2), "weighted": GOLD_TEST, "SC average": shifted(GOLD_TEST, 1, step=4),
+            "training mean": [[2, 2]] * 8, "essay-length ridge": shifted(GOLD_TEST, -1, step=2)}
+    valid = {"greedy": GOLD_VALID, "weighted": GOLD_VALID, "SC average": GOLD_VALID, "training mean": [[2, 2]] * 6}
+    replicate = {"greedy": shifted(GOLD_TEST, 1, step=3), "weighted": shifted(GOLD_TEST, -1, step=4)}
+    ce = {"greedy": shifted(GOLD_TEST, 2, step=2), "weighted": shifted(GOLD_TEST, 1, step=2)}
+    for i, content in enumerate([result("ce+ntl", 0, full, valid), result("ce+ntl", 1, replicate, valid),
+                                 result("ce", 0, ce, valid),
+                                 result("ce+ntl", 0, full, valid, sizes={"train": 5, "valid": 6, "test": 8})]):
+        tables.write_result(tmp_path / "toy" / f"r{i}.json", content)
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("## toy:") == 2  # the other subset size is another group, never pooled
+    first = out.split("## toy:")[1]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in first.splitlines() if line.startswith("| ")}
+    assert rows["LoRA CE+NTL, greedy"].split(" | ")[1] == "0,1"
+    assert rows["LoRA CE+NTL, SC average"].split(" | ")[1] == "0"  # only seed 0 ran self-consistency
+    assert "LoRA CE+NTL, SC majority" not in rows and "TF-IDF ridge, same essays" not in rows
+    g0 = tables.mean_qwk(GOLD_TEST, full["greedy"], RANGES)
+    g1 = tables.mean_qwk(GOLD_TEST, replicate["greedy"], RANGES)
+    s = tables.spread([g0, g1])
+    assert f"{s['mean']:.3f} (sd {s['sd']:.3f}, {s['min']:.3f}-{s['max']:.3f}) [s0: {g0:.3f}, s1: {g1:.3f}]" \
+        in rows["LoRA CE+NTL, greedy"]
+    assert "MCRMSE" not in first  # scale 1: QWK only
+    # CE+NTL minus CE only pairs seed 0 with seed 0 only, and says it covers the essays only
+    ntl = rows["CE+NTL minus CE only, greedy"]
+    assert " | 0 | " in ntl and "essays only (one seed)" in ntl
+    diff = g0 - tables.mean_qwk(GOLD_TEST, ce["greedy"], RANGES)
+    assert f"| {diff:+.3f} |" in ntl
+    assert "seeds and essays" in rows["LoRA CE+NTL, greedy minus training mean"]
+    assert "best LoRA row on the validation essays: LoRA CE+NTL, greedy" in first  # ties: table order
+    assert "LoRA CE+NTL, greedy seed 0: 1 invalid, 1 truncated of 8" in first
+
+
+def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> None:
+    rubrics = [{"name": "cohesion", "min": 2, "max": 10, "scale": 2}]
+    gold = [[2], [4], [6], [8], [10], [6]]
+    content = result("ce+ntl", 0, {"weighted": [[3], [4], [6], [8], [9], [6]]}, {"weighted": [[2]] * 6},
+                     gold_test=gold, gold_valid=[[4]] * 6, rubrics=rubrics)
+    content["splits"]["test"]["weighted_expected"] = [[2.5], [4.0], [6.0], [8.0], [9.5], [6.0]]
+    tables.write_result(tmp_path / "ell" / "r.json", content)
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("| LoRA CE+NTL, weighted"))
+    expected = tables.mcrmse(gold, content["splits"]["test"]["weighted_expected"], [2])  # unrounded, not [[3], ...]
+    assert expected == pytest.approx(math.sqrt((0.25 ** 2 * 2) / 6))
+    assert line.rstrip(" |").endswith(f"{expected:.3f} (1 seed) [s0: {expected:.3f}]")
+
+
+# --------------------------------------------------------------------------- the benchmark's own helpers
+
+
+def test_benchmark_defaults_per_corpus() -> None:
+    args = bench.parse_args(["--corpus", "ell"])
+    assert (args.train_essays, args.epochs, args.test_essays) == (320, 2.0, 200)
+    assert args.input.endswith("ell/ell_train.csv") and bench.corpus_key(args) == "ell"
+    args = bench.parse_args(["--corpus", "asap-traits", "--essay_set", "8", "--train_essays", "10"])
+    assert args.train_essays == 10 and args.test_essays == 150 and bench.corpus_key(args) == "asap-set8-traits"
+    assert bench.corpus_key(bench.parse_args([])) == "asap-set7"
+
+
+def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
+    def records(n: int, offset: int) -> list[dict]:
+        return [{"id": f"x{offset + i}", "essay": " ".join(["word"] * (5 + 3 * i)), "scores": {"ideas": min(i, 4), "style": 2}}
+                for i in range(n)]
+
+    for split, recs in {"train": records(6, 0), "valid": records(3, 100), "test": records(4, 200)}.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "dataset.json").write_text(json.dumps({"rubrics": RUBRICS}))
+    out = bench.baselines(tmp_path, records(6, 0) + records(2, 50), "test")
+    assert list(out) == list(tables.BASELINE_ROWS)
+    assert out["training mean"] == [[2, 2]] * 4  # ideas 0+1+2+3+4+4 = 14/6 -> 2, style 2
+    assert all(len(rows) == 4 and all(len(r) == 2 for r in rows) for rows in out.values())
+    assert all(lo <= v <= hi for rows in out.values() for r in rows for v, (lo, hi) in zip(r, RANGES))
+
+
+def test_benchmark_line_counts_and_missing_file(tmp_path: Path, capsys) -> None:
+    preds = [{"valid": True, "truncated": False}, {"valid": False, "truncated": True}, {"valid": False, "truncated": False}]
+    assert bench.line_counts(preds) == {"lines": 3, "invalid": 2, "truncated": 1}
+    assert bench.main(["--corpus", "ell", "--input", str(tmp_path / "absent.csv")]) == 0
+    assert "not found" in capsys.readouterr().out
