@@ -158,6 +158,7 @@ def test_conformal_quantile_and_sets_by_hand():
     probs = np.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]])
     assert C.score_sets(probs, 0.75, 1) == [[1, 2], [4]]
     assert C.score_sets(probs, 0.1, 1) == [[1], [4]]  # nothing reaches p >= 0.9: the argmax alone
+    assert C.score_sets(np.array([[0.25, 0.75]]), 0.75, 0) == [[0, 1]]  # 1 - p = quantile is inside
     assert C.set_coverage([[1, 2], [4]], np.array([2, 3])) == (0.5, 1.5)
 
 
