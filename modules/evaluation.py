@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from modules.data import DatasetInfo, EssayRecord, build_prompt
 from modules.score_lines import decoding_mode
-from modules.scoring import greedy_predict, weighted_predict
+from modules.scoring import greedy_predict, greedy_with_prompt_states, weighted_predict
 from modules.voting import qwk
 
 logger = logging.getLogger(__name__)
@@ -38,21 +38,27 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
     distribution (usually none). Without ``weighted`` the weighted keys hold None. ``constrained``:
     greedy decoding restricted to valid score lines (``--constrained``); the weighted prediction is
     unchanged (it already only weighs valid values).
+
+    With ``weighted``, each prompt runs through the model once: greedy decoding and the weighted
+    scorer both continue from its forward (:func:`~modules.scoring.greedy_with_prompt_states`).
     """
     ranges = info.ranges
     prompts = [build_prompt(r, info, tokenizer, mtl, prompt_format, max_prompt_tokens) for r in records]
-    answers = greedy_predict(model, tokenizer, prompts, ranges, batch_size=batch_size,
-                             generate_feedback=generate_feedback, constrained=constrained)
+    greedy = {"batch_size": batch_size, "generate_feedback": generate_feedback, "constrained": constrained}
+    if weighted:
+        scored = tqdm(greedy_with_prompt_states(model, tokenizer, prompts, ranges, **greedy), total=len(prompts),
+                      desc="scoring", unit="essay", disable=None)
+    else:
+        scored = ((answer, None) for answer in greedy_predict(model, tokenizer, prompts, ranges, **greedy))
     fallback = [r.midpoint for r in info.rubrics]
     predictions = []
-    for record, prompt, answer in tqdm(list(zip(records, prompts, answers)), desc="weighted", unit="essay",
-                                       disable=None if weighted else True):
+    for record, (answer, state) in zip(records, scored):
         parsed = answer["scores"]
         pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
                 "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
                 "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
         if weighted:
-            expected, probs, underflow = weighted_predict(model, tokenizer, prompt, ranges, prefix_scores=parsed)
+            expected, probs, underflow = weighted_predict(model, tokenizer, state, ranges, prefix_scores=parsed)
             pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
             pred["weighted_expected"] = expected
             pred["probabilities"] = dict(zip(info.rubric_names, probs))

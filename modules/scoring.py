@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
 from modules.score_lines import line_sample, score_line
@@ -117,6 +117,59 @@ def score_line_budget(tokenizer, ranges: Sequence[tuple[int, int]], constrained:
     return max(budget, max_line_tokens(ranges)) if constrained else budget
 
 
+class _GreedyDecoding(NamedTuple):
+    """What every greedy ``generate`` call of one scoring run shares."""
+    ranges: Sequence[tuple[int, int]]
+    max_new_tokens: int
+    stop: list[int]
+    pad_id: int
+    constraint: ScoreLineConstraint | None
+    generate_feedback: bool
+
+
+def _greedy_decoding(model, tokenizer, ranges: Sequence[tuple[int, int]], max_new_tokens: int | None,
+                     generate_feedback: bool, constrained: bool) -> _GreedyDecoding:
+    if max_new_tokens is None:
+        max_new_tokens = score_line_budget(tokenizer, ranges, constrained) + (128 if generate_feedback else 0)
+    stop = eos_token_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    constraint = line_constraint(tokenizer, ranges, model) if constrained else None
+    return _GreedyDecoding(ranges, max_new_tokens, stop, pad_id, constraint, generate_feedback)
+
+
+def _greedy_batch(model, tokenizer, rows: Sequence[Sequence[int]], decoding: _GreedyDecoding,
+                  cache=None) -> list[dict]:
+    """One batched greedy ``generate`` over tokenised prompts, left-padded to the longest.
+
+    ``cache``: the batch's KV cache of every prompt token but the last, laid out as the padded ids
+    are (:func:`_left_padded_cache`); ``generate`` then runs only the last column. None: it runs
+    the whole padded batch.
+    """
+    device = input_device(model)
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), decoding.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[r, width - len(row):] = 1
+    # A processor per batch: it tracks the rows' states from this batch's prompt width on.
+    processors = LogitsProcessorList(
+        [ScoreLineLogitsProcessor(decoding.constraint, width)] if decoding.constraint else [])
+    out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), cache=cache, do_sample=False,
+                         max_new_tokens=decoding.max_new_tokens, eos_token_id=decoding.stop,
+                         pad_token_id=decoding.pad_id, temperature=None, top_p=None, top_k=None,
+                         logits_processor=processors)
+    new = out[:, width:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    answers = []
+    for ended, text in zip(ended_rows(new, decoding.stop), texts):
+        answer = line_sample(text, decoding.ranges, truncated=not (ended or "\n" in text))
+        if decoding.generate_feedback:
+            answer["text"] = text
+        answers.append(answer)
+    return answers
+
+
 def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
                    batch_size: int = 8, max_new_tokens: int | None = None,
                    generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
@@ -131,38 +184,75 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
     ``constrained``: every step is restricted to tokens that keep the answer a prefix of a valid
     score line (:mod:`modules.constrained`), so the argmax is over those; the feedback after the
     line is free.
+
+    Each batch is one padded ``generate`` from the prompts on: the greedy-only path
+    (``--no_weighted``). With weighted scoring, :func:`greedy_with_prompt_states` gives the same
+    answers and keeps each prompt's forward for the weighted scorer.
     """
-    if max_new_tokens is None:
-        max_new_tokens = score_line_budget(tokenizer, ranges, constrained) + (128 if generate_feedback else 0)
-    constraint = line_constraint(tokenizer, ranges, model) if constrained else None
-    stop = eos_token_ids(tokenizer, model) if generate_feedback else stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = input_device(model)
+    decoding = _greedy_decoding(model, tokenizer, ranges, max_new_tokens, generate_feedback, constrained)
     answers: list[dict] = []
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with eval_mode(model), torch.inference_mode():
-            for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", disable=None):
-                batch = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
-                                  return_tensors="pt").to(device)
-                # A processor per batch: it tracks the rows' states from this batch's prompt width on.
-                processors = LogitsProcessorList(
-                    [ScoreLineLogitsProcessor(constraint, batch["input_ids"].shape[1])] if constraint else [])
-                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                     pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
-                                     logits_processor=processors)
-                new = out[:, batch["input_ids"].shape[1]:]
-                texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                for row, text in zip(ended_rows(new, stop), texts):
-                    answer = line_sample(text, ranges, truncated=not (row or "\n" in text))
-                    if generate_feedback:
-                        answer["text"] = text
-                    answers.append(answer)
-    finally:
-        tokenizer.padding_side = saved_side
+    with eval_mode(model), torch.inference_mode():
+        for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", disable=None):
+            rows = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts[start:start + batch_size]]
+            answers += _greedy_batch(model, tokenizer, rows, decoding)
     return answers
+
+
+class PromptState(NamedTuple):
+    """A prompt run through the model once: its token ids, its KV cache, and the float32 logits of
+    its last position (the first answer token's distribution)."""
+    ids: list[int]
+    cache: object
+    logits: torch.Tensor
+
+
+def prefill(model, tokenizer, prompt: str) -> PromptState:
+    """Run ``prompt`` alone (no padding, no special tokens added) through the model once, keeping
+    its cache and the last position's logits only. Call under ``torch.inference_mode()``."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("scoring needs a non-empty prompt")
+    out = _forward(model, torch.tensor([ids], device=input_device(model)), last_only=True)
+    return PromptState(ids, out.cache, out.logits[0, -1].float())
+
+
+def _left_padded_cache(model, states: Sequence[PromptState]):
+    """One batch cache of the prompts' keys and values but each one's last token's, right-aligned in
+    ``max(len(ids)) - 1`` slots as the left-padded ids are; padding slots hold zeros, which the
+    attention mask hides. The prompts' own caches are copied, not changed."""
+    width = max(len(state.ids) for state in states) - 1
+    layers = []
+    for k in range(len(states[0].cache.layers)):
+        layers.append(tuple(
+            torch.cat([torch.nn.functional.pad(getattr(s.cache.layers[k], name)[..., :len(s.ids) - 1, :],
+                                               (0, 0, width - len(s.ids) + 1, 0)) for s in states])
+            for name in ("keys", "values")))
+    return DynamicCache(layers, config=model.config)
+
+
+def greedy_with_prompt_states(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
+                              batch_size: int = 8, max_new_tokens: int | None = None,
+                              generate_feedback: bool = False,
+                              constrained: bool = False) -> Iterator[tuple[dict, PromptState]]:
+    """:func:`greedy_predict`'s answers, in order, each with its prompt's :class:`PromptState`, so
+    that the weighted scorer continues from the prompt's forward instead of running it again.
+
+    Per batch, each prompt runs alone (unpadded: the state is exactly what
+    :func:`weighted_predict` would compute itself); the batch then decodes together in one
+    ``generate`` from a left-padded copy of those caches (:func:`_left_padded_cache`), which
+    re-runs only each prompt's last token. The batch's states live until its answers are consumed.
+    The prompts' caches must be exactly cuttable back, as the weighted scorer needs (full
+    attention, or a sliding window longer than the prompt): else ``ValueError``.
+    """
+    decoding = _greedy_decoding(model, tokenizer, ranges, max_new_tokens, generate_feedback, constrained)
+    for start in range(0, len(prompts), batch_size):
+        with eval_mode(model), torch.inference_mode():
+            states = [prefill(model, tokenizer, prompt) for prompt in prompts[start:start + batch_size]]
+            for state in states:
+                _check_tree_cache(state.cache, len(state.ids))
+            answers = _greedy_batch(model, tokenizer, [s.ids for s in states], decoding,
+                                    cache=_left_padded_cache(model, states))
+        yield from zip(answers, states)
 
 
 def ended_rows(new_tokens: torch.Tensor, stop: Sequence[int]) -> list[bool]:
@@ -309,7 +399,7 @@ class WeightedPrediction(NamedTuple):
     underflow: list[int]
 
 
-def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, int]],
+def weighted_predict(model, tokenizer, prompt: str | PromptState, ranges: Sequence[tuple[int, int]],
                      prefix_scores: Sequence[int] | None = None) -> WeightedPrediction:
     """Expected score per rubric under the model, the probabilities over lo..hi, and the rubrics
     that underflowed.
@@ -324,16 +414,15 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     The end term is what makes multi-token numbers exact: without it "1" would also collect
     the mass of "12", "13", ... With a tokenizer that has a "12" token, P("1") alone likewise
     includes continuations like "1" + "2". ``line + str(v)`` is tokenised as one text, as in
-    training. The prompt is run once; the candidates go through the model as a token trie over the
+    training. The prompt is run once, here, or not at all when ``prompt`` is its :class:`PromptState`
+    (from :func:`greedy_with_prompt_states`: the cache greedy decoding started from, which comes back
+    unchanged); the candidates go through the model as a token trie over the
     prompt's cache (see ``_candidate_log_scores``; it needs sdpa or eager attention): all rubrics'
     in one forward when ``prefix_scores`` gives every line, else one forward per rubric, each
     after the previous rubric's argmax.
     When the scores underflow (no finite mass), the rubric falls back to the uniform distribution
     and its index is listed in ``underflow``.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
-        raise ValueError("weighted_predict needs a non-empty prompt")
     if prefix_scores is not None and len(prefix_scores) < len(ranges) - 1:
         raise ValueError(f"prefix_scores needs {len(ranges) - 1} values, got {len(prefix_scores)}")
     require_tree_attention(model, "weighted_predict", "load the model with sdpa or eager attention, or use --no_weighted")
@@ -342,8 +431,7 @@ def weighted_predict(model, tokenizer, prompt: str, ranges: Sequence[tuple[int, 
     underflow: list[int] = []
     chosen: list[int] = []
     with eval_mode(model), torch.inference_mode():
-        out = _forward(model, torch.tensor([prompt_ids], device=input_device(model)), last_only=True)
-        prompt_cache, prompt_logits = out.cache, out.logits[0, -1].float()
+        _, prompt_cache, prompt_logits = prefill(model, tokenizer, prompt) if isinstance(prompt, str) else prompt
         if prefix_scores is not None:  # every line is known: one trie for all rubrics
             lines = [score_line(prefix_scores[:k]) + " " if k else "" for k in range(len(ranges))]
             known = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits,

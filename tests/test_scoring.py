@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from sklearn.metrics import cohen_kappa_score
 
 import modules.evaluation as evaluation
 import modules.scoring as scoring
+from benchmarks.reference_scoring import two_pass_scoring
 from benchmarks.reference_weighted import reference_candidate_log_scores, reference_scorer
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
 from modules.evaluation import evaluate_predictions, format_results_table, predict_split
@@ -349,6 +351,81 @@ def test_underflow_is_reported_in_the_row_the_results_and_the_table(tiny):
     assert rows["invalid"][1] == "-"
 
 
+# --------------------------------------------------------------------------- one prompt forward for both
+
+def prompt_runs(model, tok, prompts: list[str], call):
+    """``call()``'s result and, per prompt, how many forwards ran it whole: rows of the embedding
+    layer's input that end with the prompt's ids (left padding in front of them or not)."""
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    runs = [0] * len(prompts)
+
+    def count(module, args):
+        for row in args[0].tolist():
+            for i, prompt_ids in enumerate(ids):
+                runs[i] += row[-len(prompt_ids):] == prompt_ids
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(count)
+    try:
+        return call(), runs
+    finally:
+        handle.remove()
+
+
+def varied_essays() -> list[EssayRecord]:
+    """Four essays of different lengths: batches of 3 are left-padded, and the last one is partial."""
+    return [essay(0), dataclasses.replace(essay(1), essay="Short."), dataclasses.replace(essay(2, scores=(30, 9, 0)), essay="The bus came late."),
+            dataclasses.replace(essay(3), essay="I waited. " * 6)]
+
+
+@pytest.mark.parametrize("name, constrained, feedback",
+                         [(m, c, f) for m in ("tiny", "tiny_lora", "llama3_tiny") for c in (False, True) for f in (False, True)]
+                         + [("smollm2", False, False), ("smollm2", True, False)])
+def test_predict_split_runs_each_prompt_once_and_matches_the_two_pass_path(name, constrained, feedback, request):
+    """The shared path (each prompt prefilled once, greedy and weighted continuing from its cache)
+    against the path before it (benchmarks/reference_scoring.py: greedy over padded batches, then
+    the weighted scorer running the prompt again): the same greedy answers exactly, the same
+    weighted expectations and probabilities to 1e-5. Constrained, the lines are valid and the
+    weighted scorer conditions on them; unconstrained, the random models' lines are invalid and
+    it conditions on its own argmax."""
+    model, tok = request.getfixturevalue(name)
+    records = varied_essays()
+    prompts = [build_prompt(r, INFO, tok, mtl=feedback) for r in records]
+
+    def score():
+        return predict_split(model, tok, records, INFO, mtl=feedback, batch_size=3, constrained=constrained,
+                             generate_feedback=feedback)
+
+    shared, shared_runs = prompt_runs(model, tok, prompts, score)
+    with two_pass_scoring():
+        two_pass, two_pass_runs = prompt_runs(model, tok, prompts, score)
+    assert shared_runs == [1, 1, 1, 1] and two_pass_runs == [2, 2, 2, 2]
+    assert len({len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts[:3]}) == 3  # real padding
+    if constrained:
+        assert all(p["valid"] for p in shared)
+    for got, want in zip(shared, two_pass):
+        assert {k: got[k] for k in ("id", "text", "greedy", "valid", "truncated", "weighted", "weighted_underflow")} \
+            == {k: want[k] for k in ("id", "text", "greedy", "valid", "truncated", "weighted", "weighted_underflow")}
+        np.testing.assert_allclose(got["weighted_expected"], want["weighted_expected"], rtol=0, atol=1e-5)
+        for rubric in INFO.rubric_names:
+            np.testing.assert_allclose(got["probabilities"][rubric], want["probabilities"][rubric], rtol=0, atol=1e-5)
+            assert np.ptp(want["probabilities"][rubric]) > 1e-3  # not uniform: candidates are told apart
+
+
+def test_prompt_states_come_back_unchanged_and_without_weighted_the_prompt_runs_once(tiny):
+    model, tok = tiny
+    prompts = [build_prompt(r, INFO, tok) for r in varied_essays()]
+    pairs = list(scoring.greedy_with_prompt_states(model, tok, prompts, RANGES, batch_size=3))
+    assert [answer for answer, _ in pairs] == greedy_predict(model, tok, prompts, RANGES, batch_size=3)
+    for prompt, (_, state) in zip(prompts, pairs):
+        alone = prompt_state(model, tok, prompt)
+        assert state.ids == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert_cache_is(state.cache, cache_snapshot(alone[0]))  # greedy decoded from a copy
+        assert torch.equal(state.logits, alone[1])
+    _, runs = prompt_runs(model, tok, prompts, lambda: predict_split(model, tok, varied_essays(), INFO, mtl=False,
+                                                                    batch_size=3, weighted=False))
+    assert runs == [1, 1, 1, 1]
+
+
 # --------------------------------------------------------------------------- splits and evaluation
 
 KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "weighted_underflow", "text", "valid",
@@ -380,14 +457,16 @@ def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
     seen = []
     answers = [{"text": "5 1", "scores": [5, 1]}, {"text": "7 1", "scores": None},
                {"text": "2 4\nNice.", "scores": [2, 4]}]
-    monkeypatch.setattr(evaluation, "greedy_predict", lambda *a, **k: answers)
+    states = ["state0", "state1", "state2"]  # stand-ins for the PromptStates the weighted scorer continues from
+    monkeypatch.setattr(evaluation, "greedy_with_prompt_states", lambda *a, **k: iter(zip(answers, states)))
     monkeypatch.setattr(evaluation, "weighted_predict",
-                        lambda m, t, prompt, ranges, prefix_scores=None: (
-                            seen.append(prefix_scores) or WeightedPrediction([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4], [])))
+                        lambda m, t, state, ranges, prefix_scores=None: (
+                            seen.append((state, prefix_scores))
+                            or WeightedPrediction([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4], [])))
     preds = predict_split(model, tok, records, info, mtl=True)
     assert [p["valid"] for p in preds] == [True, False, True]
     assert [p["greedy"] for p in preds] == [[5, 1], [3, 2], [2, 4]]
-    assert seen == [[5, 1], None, [2, 4]]
+    assert seen == [("state0", [5, 1]), ("state1", None), ("state2", [2, 4])]
     assert preds[0]["weighted"] == [3, 3] and preds[0]["weighted_expected"] == [2.5, 3.49]
     assert preds[2]["text"] == "2 4\nNice."
 
