@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modules.jsonio import DataError, read_json, write_text_atomic  # noqa: E402
+from modules.curves import _kappa_from_moments  # noqa: E402
 from modules.voting import qwk  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,7 +49,7 @@ LORA_ROWS = ("greedy", "weighted", "greedy, constrained", "SC majority", "SC ave
 REPLICATE_ROWS = ("greedy", "weighted")
 BASELINE_ROWS = ("TF-IDF ridge, same essays", "TF-IDF ridge, all train essays", "essay-length ridge", "training mean")
 
-Metric = Callable[[np.ndarray, np.ndarray], float]
+BatchedMetric = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -81,25 +82,40 @@ def spread(values: Sequence[float]) -> dict[str, float]:
             "min": float(arr.min()), "max": float(arr.max())}
 
 
-def hierarchical_bootstrap(gold, a: Sequence, b: Sequence, metric: Metric, n: int,
+def batched_mean_qwk(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Average-over-rubrics QWK of each of B resamples: ``gold``, ``pred`` [B, N, K] -> [B].
+
+    From the moments per rubric (``modules.curves._kappa_from_moments``):
+    kappa = 1 - N (sum g^2 - 2 sum g p + sum p^2) / (N sum g^2 + N sum p^2 - 2 sum g sum p),
+    0 where the denominator is 0 (as ``modules.voting.qwk``); the same value as ``mean_qwk``,
+    thousands of resamples at once.
+    """
+    g, p = np.asarray(gold, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    kappa = _kappa_from_moments(g.shape[1], g.sum(1), (g * g).sum(1), p.sum(1), (p * p).sum(1), (g * p).sum(1))
+    return kappa.mean(axis=1)
+
+
+def hierarchical_bootstrap(gold, a: Sequence, b: Sequence, metric: BatchedMetric, n: int,
                            seed: int = 0) -> tuple[float, float, float]:
     """Paired difference metric(A) - metric(B) over seeds and essays (module docstring).
 
     ``gold``: [N, K], the test essays every seed scored; ``a``, ``b``: per seed [N, K] predictions
-    of the two rows (seed s of A paired with seed s of B). Returns (point, lo, hi).
+    of the two rows (seed s of A paired with seed s of B); ``metric`` maps gold and predictions
+    [B, N, K] to [B] (e.g. :func:`batched_mean_qwk`). Returns (point, lo, hi).
     """
-    gold = np.asarray(gold)
-    a = [np.asarray(x) for x in a]
-    b = [np.asarray(x) for x in b]
-    if len(a) != len(b) or not a:
+    if len(a) != len(b) or not len(a):
         raise ValueError(f"need the same, non-zero number of seeds on both sides, got {len(a)} and {len(b)}")
-    point = float(np.mean([metric(gold, x) - metric(gold, y) for x, y in zip(a, b)]))
+    gold = np.asarray(gold)
+    a, b = np.stack([np.asarray(x) for x in a]), np.stack([np.asarray(x) for x in b])  # [S, N, K]
+    seeds, essays = a.shape[:2]
+    golds = np.broadcast_to(gold, a.shape)
+    point = float(np.mean(metric(golds, a) - metric(golds, b)))
     rng = np.random.default_rng(seed)
-    diffs = np.empty(n)
-    for i in range(n):
-        seeds = rng.integers(0, len(a), len(a))
-        idx = rng.integers(0, len(gold), len(gold))
-        diffs[i] = np.mean([metric(gold[idx], a[s][idx]) - metric(gold[idx], b[s][idx]) for s in seeds])
+    seed_draws = rng.integers(0, seeds, (n, seeds))
+    idx = rng.integers(0, essays, (n, essays))
+    # per_seed[s, i]: seed s's difference on the i-th essay resample; resample i averages its drawn seeds
+    per_seed = np.stack([metric(gold[idx], a[s][idx]) - metric(gold[idx], b[s][idx]) for s in range(seeds)])
+    diffs = per_seed[seed_draws, np.arange(n)[:, None]].mean(axis=1)
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return point, float(lo), float(hi)
 
@@ -247,17 +263,14 @@ def difference_lines(group: Group, n: int, seed: int) -> list[str]:
     """Hierarchical-bootstrap intervals of average-QWK differences: CE+NTL minus CE only per row,
     and each LoRA row minus each baseline."""
     gold = group.gold["test"]
-
-    def metric(g, p):
-        return mean_qwk(g, p, group.ranges)
-
     lines = ["| difference (average QWK) | seeds | point | 95% interval | covers |", "|---|---|---|---|---|"]
 
     def add(name: str, a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> None:
         seeds = sorted(set(a) & set(b))
         if not seeds:
             return
-        point, lo, hi = hierarchical_bootstrap(gold, [a[s] for s in seeds], [b[s] for s in seeds], metric, n, seed)
+        point, lo, hi = hierarchical_bootstrap(gold, [a[s] for s in seeds], [b[s] for s in seeds], batched_mean_qwk,
+                                               n, seed)
         covers = "seeds and essays" if len(seeds) > 1 else "essays only (one seed)"
         lines.append(f"| {name} | {','.join(map(str, seeds))} | {point:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {covers} |")
 

@@ -49,6 +49,17 @@ def test_rubric_qwks_match_sklearn() -> None:
     assert tables.mean_qwk(GOLD_TEST, pred, RANGES) == pytest.approx(np.mean(expected))
 
 
+def test_batched_qwk_matches_qwk_on_resamples() -> None:
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 5, (40, 2))
+    pred = np.clip(gold + rng.integers(-1, 2, (40, 2)), 0, 4)
+    idx = rng.integers(0, 40, (25, 40))
+    batched = tables.batched_mean_qwk(gold[idx], pred[idx])
+    assert batched == pytest.approx([tables.mean_qwk(gold[i], pred[i], RANGES) for i in idx])
+    constant = np.full((1, 5, 1), 2)  # kappa undefined: 0, as modules.voting.qwk
+    assert tables.batched_mean_qwk(constant, constant).tolist() == [0.0]
+
+
 def test_mcrmse_by_hand_and_sklearn() -> None:
     gold = [[2, 4], [6, 10]]           # stored doubled: 1.0 2.0 / 3.0 5.0
     pred = [[3.0, 4.0], [6.0, 7.0]]    # 1.5 2.0 / 3.0 3.5
@@ -83,17 +94,15 @@ def test_spread() -> None:
 # --------------------------------------------------------------------------- hierarchical bootstrap
 
 
-def mean_pred(gold, pred) -> float:
-    return float(np.mean(pred))
+def mean_pred(gold, pred) -> np.ndarray:
+    """A batched metric whose differences are known by hand: the mean prediction of each resample."""
+    return np.asarray(pred, dtype=np.float64).mean(axis=(1, 2))
 
 
 def test_bootstrap_identical_methods_give_zero() -> None:
     preds = [shifted(GOLD_TEST, 1, step=2), shifted(GOLD_TEST, -1, step=3)]
 
-    def metric(g, p):
-        return tables.mean_qwk(g, p, RANGES)
-
-    assert tables.hierarchical_bootstrap(GOLD_TEST, preds, preds, metric, 200) == (0.0, 0.0, 0.0)
+    assert tables.hierarchical_bootstrap(GOLD_TEST, preds, preds, tables.batched_mean_qwk, 200) == (0.0, 0.0, 0.0)
 
 
 def test_bootstrap_constant_offset_gives_it_with_zero_width() -> None:
@@ -115,7 +124,7 @@ def test_bootstrap_interval_covers_the_seeds() -> None:
 def test_bootstrap_one_seed_covers_essays() -> None:
     b = [np.zeros((8, 1))]
     a = [np.arange(8, dtype=float).reshape(8, 1)]  # per-essay differences 0..7, mean 3.5
-    point, lo, hi = tables.hierarchical_bootstrap(GOLD_TEST, a, b, mean_pred, 2000)
+    point, lo, hi = tables.hierarchical_bootstrap(np.zeros((8, 1)), a, b, mean_pred, 2000)
     assert point == pytest.approx(3.5) and 0 <= lo < 3.5 < hi <= 7 and hi - lo > 1
     with pytest.raises(ValueError, match="same, non-zero number of seeds"):
         tables.hierarchical_bootstrap(GOLD_TEST, a, [], mean_pred, 10)
