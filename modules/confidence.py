@@ -510,10 +510,11 @@ def confidence_report(valid_rows: Sequence[dict], test_rows: Sequence[dict], nam
     k = len(names)
     gold_v, pred_v = rows_scores(valid_rows, "gold", k), rows_scores(valid_rows, key, k)
     gold_t, pred_t = rows_scores(test_rows, "gold", k), rows_scores(test_rows, key, k)
+    # Test rows get the calibration's seed: apply_calibration then stores the same random order.
     sig_v, _ = essay_signals(valid_rows, names, ranges, prediction=key, essays=valid_essays,
-                             samples=valid_samples, seed=seed)
+                             samples=valid_samples, seed=seed + 1)
     sig_t, meas_t = essay_signals(test_rows, names, ranges, prediction=key, essays=test_essays,
-                                  samples=test_samples, seed=seed + 1)
+                                  samples=test_samples, seed=seed)
     signal = choose_signal(sig_v, gold_v, pred_v, allowed=list(sig_t))
     threshold = (threshold_for_min_qwk(sig_v[signal], gold_v, pred_v, ranges, target["min_qwk"])
                  if "min_qwk" in target else threshold_for_review_fraction(sig_v[signal], target["review_fraction"]))
@@ -554,8 +555,9 @@ def apply_calibration(rows: Sequence[dict], calibration: dict, *, essays: Sequen
     signals, measures = essay_signals(rows, names, ranges, **options)
     signal = calibration["signal"]
     if signal not in signals:
-        raise ValueError(f"the calibration's review signal {signal!r} needs "
-                         f"{'the essay texts' if signal == 'length' else 'a sample bank'} for these essays")
+        needs = ("the essay texts" if signal == "length" else "a sample bank" if signal in SAMPLE_SIGNALS
+                 else "weighted distributions (probabilities)")
+        raise ValueError(f"the calibration's review signal {signal!r} needs {needs} for these essays")
     flags = review_flags(signals[signal], calibration["review"]["threshold"])
     probs = rows_probabilities(rows, names, ranges)
     conformal = calibration.get("conformal")

@@ -260,6 +260,8 @@ def test_report_refuses_rows_without_gold_and_apply_needs_its_signal_inputs():
     calibration = C.confidence_report(valid, synthetic_rows(10, seed=3), NAMES, RANGES)[1]
     with pytest.raises(ValueError, match="sample bank"):
         C.apply_calibration(test, {**calibration, "signal": "sc_agreement"})
+    with pytest.raises(ValueError, match="weighted distributions"):
+        C.apply_calibration([{**r, "probabilities": None} for r in test], {**calibration, "signal": "neg_std"})
 
 
 def test_sample_bank_report_judges_the_majority_vote():
@@ -317,3 +319,7 @@ def test_evaluate_confidence_writes_the_calibration_and_figures(tmp_path):
     assert [r["review"] for r in rows] == [r["review"] for r in again]
     assert [r["score_sets"] for r in rows] == [r["score_sets"] for r in again]
     assert sum(r["review"] for r in rows) / 30 == report["review"]["test"]["review_share"]
+    # the stored random order is the one the report measured
+    random_auroc = C.auroc(np.array([r["confidence"]["essay"]["random"] for r in rows]),
+                           C.large_errors(C.rows_scores(test, "gold", 2), C.rows_scores(test, "weighted", 2), RANGES))
+    assert random_auroc == report["signals"]["random"]["auroc"]
