@@ -609,8 +609,9 @@ def format_signal_tables(signals: dict) -> str:
 def format_confidence_report(report: dict) -> str:
     """The printed confidence section: signal tables, ECE, conformal coverage and set size, and the
     review rule's outcome on test."""
-    lines = [f"confidence of the {report['prediction']} prediction on {report.get('n_test', report.get('n_essays'))} "
-             f"essays; large error: {report['large_error_rule']} ({report['large_errors']} essays)",
+    n = report.get("n_test", report.get("n_essays"))
+    lines = [f"confidence ({n} essays; prediction judged: {report['prediction']}; higher = more confident)",
+             f"large error: {report['large_error_rule']}: {report['large_errors']} of {n} essays",
              format_signal_tables(report["signals"])]
     if report.get("calibration"):
         lines.append(f"ECE of p(predicted score), 10 bins: {report['calibration']['ece']:.4f}")

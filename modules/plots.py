@@ -206,7 +206,7 @@ def plot_reliability(calibration: dict, path: str | Path, title: str) -> Figure:
             label="at the bin's mean probability")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.03)  # a bin at accuracy 1 keeps its dot inside the frame
     ax.set_ylabel("share of exact predictions")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
