@@ -96,7 +96,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import real_essay_tables as tables  # noqa: E402
 
 from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions  # noqa: E402
-from modules.convert.corpora import convert_asap, convert_ellipse  # noqa: E402
+from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse  # noqa: E402
+from modules.convert.pipeline import read_table  # noqa: E402
 from modules.data import SPLITS  # noqa: E402
 from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,  # noqa: E402
                            write_jsonl_atomic)
@@ -219,14 +220,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def convert(args: argparse.Namespace, out: Path) -> None:
     """The corpus's converter into ``out`` (seeded split); prints its report."""
+    if args.corpus == "asap-traits" and (args.essay_set not in ASAP_TRAITS
+                                         or len(asap_specs(args.essay_set, read_table(args.input, "\t").header)) < 2):
+        # checked before anything is written: a holistic-only folder would be reused as the traits' data
+        raise DataError(f"{args.input}: no trait columns for essay set {args.essay_set} (ASAP publishes traits "
+                        "for sets 7 and 8); use --corpus asap")
     if args.corpus == "ell":
         report = convert_ellipse(args.input, out, seed=args.data_seed)
     else:
         report = convert_asap(args.input, out, essay_sets=[args.essay_set], seed=args.data_seed,
                               traits=args.corpus == "asap-traits")
-        if args.corpus == "asap-traits" and len(report.ranges) < 2:
-            raise DataError(f"{args.input}: no trait columns for essay set {args.essay_set} (ASAP publishes traits "
-                            "for sets 7 and 8); use --corpus asap")
     print("   " + report.format().replace("\n", "\n   "))
 
 

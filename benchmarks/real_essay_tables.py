@@ -249,11 +249,13 @@ def metric_table(group: Group) -> list[str]:
         if pred is not None:
             rows.append((None, row, {0: pred}, {0: pred}))
     for variant, row, per_seed, continuous in rows:
+        # a baseline depends on the data only: one value, no spread over seeds
+        cell = format_spread if variant else (lambda values: f"{values[0]:.3f}")
         qwks = {s: rubric_qwks(gold, p, group.ranges) for s, p in per_seed.items()}
-        cells = [format_spread({s: q[k] for s, q in qwks.items()}) for k in range(len(names))]
-        cells.append(format_spread({s: float(np.mean(q)) for s, q in qwks.items()}))
+        cells = [cell({s: q[k] for s, q in qwks.items()}) for k in range(len(names))]
+        cells.append(cell({s: float(np.mean(q)) for s, q in qwks.items()}))
         if group.rescaled:
-            cells.append(format_spread({s: mcrmse(gold, p, group.scales) for s, p in continuous.items()}))
+            cells.append(cell({s: mcrmse(gold, p, group.scales) for s, p in continuous.items()}))
         seeds = ",".join(map(str, sorted(per_seed))) if variant else "-"
         lines.append(f"| {row_name(variant, row)} | {seeds} | " + " | ".join(cells) + " |")
     return lines

@@ -182,6 +182,8 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     assert f"{s['mean']:.3f} (sd {s['sd']:.3f}, {s['min']:.3f}-{s['max']:.3f}) [s0: {g0:.3f}, s1: {g1:.3f}]" \
         in rows["LoRA CE+NTL, greedy"]
     assert "MCRMSE" not in first  # scale 1: QWK only
+    mean_row = rows["training mean"].split(" | ")
+    assert mean_row[1:3] == ["-", f"{tables.rubric_qwks(GOLD_TEST, [[2, 2]] * 8, RANGES)[0]:.3f}"]
     # CE+NTL minus CE only pairs seed 0 with seed 0 only, and says it covers the essays only
     ntl = rows["CE+NTL minus CE only, greedy"]
     assert " | 0 | " in ntl and "essays only (one seed)" in ntl
@@ -232,6 +234,22 @@ def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
     assert out["training mean"] == [[2, 2]] * 4  # ideas 0+1+2+3+4+4 = 14/6 -> 2, style 2
     assert all(len(rows) == 4 and all(len(r) == 2 for r in rows) for rows in out.values())
     assert all(lo <= v <= hi for rows in out.values() for r in rows for v, (lo, hi) in zip(r, RANGES))
+
+
+def test_benchmark_traits_need_trait_columns(tmp_path: Path) -> None:
+    header = "essay_id\tessay_set\tessay\tdomain1_score\n"
+    src = tmp_path / "set7.tsv"
+    src.write_text(header + "".join(f"{i}\t7\tEssay {i} about waiting.\t{i % 20}\n" for i in range(20)))
+    args = bench.parse_args(["--corpus", "asap-traits", "--input", str(src)])
+    with pytest.raises(DataError) as excinfo:
+        bench.convert(args, tmp_path / "out")
+    assert str(excinfo.value) == f"{src}: no trait columns for essay set 7 (ASAP publishes traits for sets 7 and 8); " \
+                                 "use --corpus asap"
+    assert not (tmp_path / "out").exists()  # nothing a later command could reuse as the traits' data
+    with pytest.raises(DataError, match="no trait columns for essay set 3"):
+        bench.convert(bench.parse_args(["--corpus", "asap-traits", "--input", str(src), "--essay_set", "3"]), tmp_path / "o3")
+    bench.convert(bench.parse_args(["--corpus", "asap", "--input", str(src)]), tmp_path / "holistic")
+    assert json.loads((tmp_path / "holistic" / "dataset.json").read_text())["rubrics"][0]["name"] == "holistic"
 
 
 def test_benchmark_line_counts_and_missing_file(tmp_path: Path, capsys) -> None:
