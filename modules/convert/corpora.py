@@ -220,8 +220,7 @@ def convert_csv(path: str | Path, out_dir: str | Path, *, text_col: str, score_c
                 ranges: Sequence[tuple[float, float]], id_col: str | None = None, prompt_col: str | None = None,
                 scale: float = 1, delimiter: str | None = None, seed: int = 0,
                 fractions: Sequence[float] = DEFAULT_SPLIT, name: str | None = None, language: str = "en",
-                prompt_text: str = "", descriptions: dict[str, str] | None = None, source_format: str = "csv",
-                repair_mojibake: bool = True, overwrite: bool = False) -> ConversionReport:
+                prompt_text: str = "", repair_mojibake: bool = True, overwrite: bool = False) -> ConversionReport:
     """Convert any table: one rubric per score column (see the module docstring)."""
     if len(ranges) == 1:
         ranges = list(ranges) * len(score_cols)
@@ -242,10 +241,9 @@ def convert_csv(path: str | Path, out_dir: str | Path, *, text_col: str, score_c
     table = read_table(path, delimiter)
     require_columns(table, [text_col, *score_cols] + [c for c in (id_col, prompt_col) if c])
     report = _new_report(table)
-    descriptions = descriptions or {}
     specs = []
     for col, (lo, hi) in zip(score_cols, ranges):
-        text = descriptions.get(col) or f"Column '{col}' of {table.path.name}, range {lo:g}-{hi:g}"
+        text = f"Column '{col}' of {table.path.name}, range {lo:g}-{hi:g}"
         if scale != 1:
             text += f"; stored as score * {scale:g} ({round(lo * scale)}-{round(hi * scale)}), divide by {scale:g} " \
                     "for the original value"
@@ -256,7 +254,7 @@ def convert_csv(path: str | Path, out_dir: str | Path, *, text_col: str, score_c
                             prompt_of=(lambda cells: cells[prompt_col]) if prompt_col else (lambda cells: single))
     prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in records))
     meta = {"name": single, "language": language,
-            "source": {"file": table.path.name, "format": source_format},
+            "source": {"file": table.path.name, "format": "csv"},
             "prompts": [{"id": p, "title": p, "text": "" if prompt_col else prompt_text} for p in prompt_ids],
             "rubrics": [sp.rubric() for sp in specs]}
     return write_dataset(out_dir, meta, records, report, fractions=fractions, seed=seed, overwrite=overwrite)
