@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from modules.runs import (RunDirError, create_run_dir, occupied_dir_error, provenance, resume_entry, setup_logging,
-                          stop, timestamp)
+from modules.runs import create_run_dir, occupied_dir_error, provenance, resume_entry, setup_logging, stop, timestamp
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("main_pipeline")
@@ -219,14 +218,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
-    """A training run, stage by stage: claim the run folder -> load the base model and encode the
-    examples -> create the folder -> LoRA -> (dry run: one forward pass, exit) -> train and save ->
+    """A training run, stage by stage: claim the run folder -> load the tokenizer and encode the
+    examples -> load the base model -> create the folder -> LoRA -> (dry run: one forward pass, exit) -> train and save ->
     score the test split -> write and print the results. Each stage that can fail on bad input
     fails on every process before anything is written."""
     from transformers import set_seed
 
     from modules import dist
     from modules.losses import number_token_values
+    from modules.models import load_base_model, load_tokenizer
 
     set_seed(args.seed)
     run_dir, error = claim_run_dir(args, resume)
@@ -234,9 +234,11 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         return stop(error)
     error = None
     try:
-        model, tokenizer = load_base(args, device)
+        # The tokenizer alone first: an essay that cannot be encoded fails before the model loads.
+        tokenizer = load_tokenizer(args.base_model_name)
         number_values = number_token_values(tokenizer)
         encoded, max_prompt_tokens = encode_splits(args, info, splits, tokenizer, number_values)
+        model, _ = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
         if creates_run_dir(args, resume) and dist.is_main():
             create_run_dir(run_dir)
     except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
@@ -250,7 +252,8 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         return stop(f"--lora_top_layers {args.lora_top_layers}: {err}")
     loss_config = loss_config_for(args, number_values)
     if args.dry_run:
-        return dry_run_forward(model, tokenizer, encoded["train"], loss_config, device)
+        return dry_run_forward(model, tokenizer, encoded["train"][: args.per_device_train_batch_size], loss_config,
+                               device)
     trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device)
     manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume)
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
@@ -270,35 +273,40 @@ def creates_run_dir(args: argparse.Namespace, resume) -> bool:
 def claim_run_dir(args: argparse.Namespace, resume) -> tuple[Path, str | None]:
     """The run folder (resumed, named, or runs/<auto-name>) and the error that refuses it, the same
     on every process. Rank 0 picks the name (it holds rank 0's clock) and checks that a new folder
-    is free; the folder is created only once the model has loaded, so a bad model name leaves no
-    folder behind."""
+    is free and could be made; the folder is created only once the model has loaded, so a bad
+    model name leaves no folder behind. A dry run checks the same and creates nothing."""
     from modules import dist
 
     run_dir = Path(args.resume_checkpoint or args.output_dir or ROOT / "runs" / run_name(args))
-    if not creates_run_dir(args, resume):
+    if resume is not None:
         return run_dir, None
-    error = occupied_dir_error(run_dir, "run folder", "use --resume_checkpoint to continue it") \
-        if dist.is_main() else None
+    error = (occupied_dir_error(run_dir, "run folder", "use --resume_checkpoint to continue it")
+             or uncreatable_dir_error(run_dir)) if dist.is_main() else None
     return dist.broadcast((run_dir, error))
 
 
-def load_base(args: argparse.Namespace, device):
-    """The base model and tokenizer the adapter is trained on."""
-    from modules.models import load_base_model
-
-    return load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
+def uncreatable_dir_error(path: Path) -> str | None:
+    """The error ``create_run_dir`` would give for ``path``, found without writing: its nearest
+    existing ancestor is not a folder, or one this user may not write into; else None."""
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if parent == path.absolute():
+        return None
+    problem = ("Not a directory" if not parent.is_dir()
+               else None if os.access(parent, os.W_OK | os.X_OK) else "Permission denied")
+    return f"{path}: cannot create the run folder ({problem})" if problem else None
 
 
 def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_values) -> tuple[dict[str, list], int]:
-    """Training examples of the train and valid splits (a dry run: the first batch of train), and
-    the prompt budget every essay is shortened to, in training and in scoring alike (SPEC §7).
+    """Training examples of the train and valid splits, and the prompt budget every essay is
+    shortened to, in training and in scoring alike (SPEC §7).
 
-    Every example is encoded before the run folder exists, so an essay that cannot fit is a
-    one-line error (ValueError) that leaves nothing behind."""
+    Every example is encoded before the run folder exists (on a dry run too), so an essay that
+    cannot fit is a one-line error (ValueError) that leaves nothing behind."""
     from modules.encoding import encode_example, prompt_token_budget
 
-    wanted = {"train": splits["train"][: args.per_device_train_batch_size]} if args.dry_run else \
-        {"train": splits["train"], "valid": splits["valid"]}
+    wanted = {"train": splits["train"], "valid": splits["valid"]}
     max_prompt_tokens = prompt_token_budget(splits["train"], tokenizer, args.mtl, args.max_seq_length)
     encoded = {name: [encode_example(r, info, tokenizer, mtl=args.mtl, prompt_format=args.prompt_format,
                                      max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
@@ -371,7 +379,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
     return CustomTrainer(model=model, args=training_args, train_dataset=encoded["train"],
                          eval_dataset=encoded["valid"], data_collator=ScoringCollator(tokenizer.pad_token_id),
                          loss_config=loss_config,
-                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience + 1)])
 
 
 def start_manifest(args: argparse.Namespace, run_dir: Path, device, model, info, splits, max_prompt_tokens: int,

@@ -388,6 +388,24 @@ CASES: list[Case] = [
          lambda fx: ["--force_resume goes with --resume_checkpoint"]),
     Case("main_no_base_model", "main", lambda fx: ["--mtl"],
          lambda fx: ["the following arguments are required: --base_model_name"]),
+    # ------------------------------------------------------------ main_pipeline.py --dry_run refuses what the run does
+    # (more: the --dry_run twins of the rows named in DRY_RUN_TWINS, added below the table)
+    Case("main_dry_run_output_dir_not_empty", "main",
+         lambda fx: [*TRAIN_FLAGS, "--data_dir", str(fx.data), "--dry_run",
+                     "--output_dir", str(fx.folder("dry_full", "notes.txt"))],
+         lambda fx: [f"{fx.path('dry_full')}: run folder exists and is not empty"], lambda fx: [fx.path("dry_full")]),
+    Case("main_output_dir_under_a_file", "main",
+         lambda fx: [*TRAIN_FLAGS, "--data_dir", str(fx.data), "--output_dir",
+                     str(fx.folder("file_parent", "f.txt") / "f.txt" / "run")],
+         lambda fx: [f"{fx.path('file_parent') / 'f.txt' / 'run'}: cannot create the run folder (Not a directory)"],
+         lambda fx: [fx.path("file_parent")]),
+    Case("main_dry_run_output_dir_under_a_file", "main",
+         lambda fx: [*TRAIN_FLAGS, "--data_dir", str(fx.data), "--dry_run", "--output_dir",
+                     str(fx.folder("dry_file_parent", "f.txt") / "f.txt" / "run")],
+         lambda fx: [f"{fx.path('dry_file_parent') / 'f.txt' / 'run'}: cannot create the run folder (Not a directory)"],
+         lambda fx: [fx.path("dry_file_parent")]),
+    main_err("main_valid_feedback_too_long", lambda fx: long_valid_feedback(fx),
+             lambda fx, d: f"{first_id(d, 'valid')}: the prompt without its essay takes more than"),
     # ------------------------------------------------------------ main_pipeline.py: unusual, valid
     Case("main_bom_and_crlf_accepted", "main",
          lambda fx: [*TRAIN_FLAGS, "--data_dir", str(fx.bom_crlf), "--dry_run", "--output_dir", str(fx.path("bom"))],
@@ -499,6 +517,32 @@ CASES: list[Case] = [
                      "--out_dir", str(fx.path("cv_cp")), "--text_col", "text", "--score_cols", "score", "--ranges", "1-6"],
          None, check=lambda fx, r: check_converted(fx.path("cv_cp"), "caf\u00e9\u2019s", "cp1252")(fx, r)),
 ]
+
+
+# Rows whose real run refuses an input before training; each gets a --dry_run twin that must refuse
+# it with the same line and write nothing (their command lines can be built twice).
+DRY_RUN_TWINS = ("main_unknown_base_model", "main_rubric_min_negative", "main_score_outside_rubric",
+                 "main_missing_data_dir", "main_device_id_of_absent_gpu", "main_load_in_4bit_on_cpu",
+                 "main_resume_of_missing_folder", "main_resume_with_other_learning_rate",
+                 "main_valid_feedback_too_long")
+
+
+def dry_run_twin(case: Case) -> Case:
+    return Case(f"{case.id}_dry_run", case.cli, lambda fx: [*case.argv(fx), "--dry_run"], case.error, case.watch,
+                env=case.env)
+
+
+CASES += [dry_run_twin(case) for case in CASES if case.id in DRY_RUN_TWINS]
+
+
+def long_valid_feedback(fx: Fixtures) -> Path:
+    """A validation essay whose feedback alone is longer than --max_seq_length (384 tokens)."""
+    return fx.variant("long_feedback", lambda d: fx.set_record(d, "valid", 0, lambda r: r.update(
+        feedback="The essay states its position and supports it with two examples. " * 60)))
+
+
+def first_id(folder: Path, split: str) -> str:
+    return json.loads((folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[0])["id"]
 
 
 def cut_off_run(fx: Fixtures) -> Path:
