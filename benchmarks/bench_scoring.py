@@ -15,6 +15,11 @@ whole test split of each (its first ``--limit`` essays when given):
   when the file is absent.
 * ``mtl``: the shipped ``aes_dataset_mtl`` test split (synthetic essays, 8 rubrics 1-9).
 
+The saving is one prompt forward per essay; what else an essay costs bounds the ratio. Without
+an adapter the instruct model's lines are rarely valid score lines, so the weighted scorer runs
+one candidate forward per rubric (8 on ``mtl``) instead of one for all: pass a trained adapter
+(``--adapter_dir runs/quickstart``) to measure what a trained run's scoring costs.
+
 Seconds: wall time of ``predict_split``, summed over chunks of ``--batch_size`` essays that the
 two sides score in turn (old first on even chunks, new first on odd ones), so drift in the
 machine's speed hits both alike; one untimed warm-up call per side first. The process's CPU

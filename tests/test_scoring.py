@@ -315,9 +315,15 @@ def test_sliding_window_model_is_scored_while_the_window_holds_prompt_and_candid
     with reference_scorer():
         want = weighted_predict(model, tok, short, [(0, 30)])
     np.testing.assert_allclose(got.probabilities[0], want.probabilities[0], atol=1e-5)
-    # Past the window the layer drops the prompt's first states: refused, not scored wrongly.
+    # Past the window the layer drops the prompt's first states: refused, not scored wrongly, also
+    # where greedy decoding would start from that cache; without the weighted scorer, scored.
     with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*--no_weighted"):
         weighted_predict(model, tok, short + "word " * 40, [(0, 30)])
+    info = DatasetInfo((Rubric("holistic", 0, 30),))
+    long_essay = [dataclasses.replace(essay(0, scores=(3,)), essay="word " * 40)]
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*--no_weighted"):
+        next(scoring.greedy_with_prompt_states(model, tok, [build_prompt(long_essay[0], info, tok)], info.ranges))
+    assert predict_split(model, tok, long_essay, info, mtl=False, weighted=False)[0]["weighted"] is None
 
 
 def test_underflow_is_reported_in_the_row_the_results_and_the_table(tiny):
