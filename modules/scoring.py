@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
 from modules.score_lines import line_sample, score_line
@@ -193,7 +193,8 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
     answers: list[dict] = []
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", disable=None):
-            rows = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts[start:start + batch_size]]
+            batch = prompts[start:start + batch_size]
+            rows = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in batch]
             answers += _greedy_batch(model, tokenizer, rows, decoding)
     return answers
 
@@ -202,7 +203,7 @@ class PromptState(NamedTuple):
     """A prompt run through the model once: its token ids, its KV cache, and the float32 logits of
     its last position (the first answer token's distribution)."""
     ids: list[int]
-    cache: object
+    cache: Cache
     logits: torch.Tensor
 
 
@@ -216,18 +217,19 @@ def prefill(model, tokenizer, prompt: str) -> PromptState:
     return PromptState(ids, out.cache, out.logits[0, -1].float())
 
 
-def _left_padded_cache(model, states: Sequence[PromptState]):
+def _left_padded_cache(model, states: Sequence[PromptState]) -> DynamicCache:
     """One batch cache of the prompts' keys and values but each one's last token's, right-aligned in
     ``max(len(ids)) - 1`` slots as the left-padded ids are; padding slots hold zeros, which the
     attention mask hides. The prompts' own caches are copied, not changed."""
     width = max(len(state.ids) for state in states) - 1
-    layers = []
-    for k in range(len(states[0].cache.layers)):
-        layers.append(tuple(
-            torch.cat([torch.nn.functional.pad(getattr(s.cache.layers[k], name)[..., :len(s.ids) - 1, :],
-                                               (0, 0, width - len(s.ids) + 1, 0)) for s in states])
-            for name in ("keys", "values")))
-    return DynamicCache(layers, config=model.config)
+
+    def stacked(layer: int, name: str) -> torch.Tensor:
+        # [batch, heads, width, head_dim]: each prompt's first len(ids) - 1 positions, zeros before them.
+        return torch.cat([torch.nn.functional.pad(getattr(s.cache.layers[layer], name)[..., :len(s.ids) - 1, :],
+                                                  (0, 0, width - (len(s.ids) - 1), 0)) for s in states])
+
+    layers = range(len(states[0].cache.layers))
+    return DynamicCache([(stacked(k, "keys"), stacked(k, "values")) for k in layers], config=model.config)
 
 
 def greedy_with_prompt_states(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,

@@ -379,12 +379,14 @@ def prompt_runs(model, tok, prompts: list[str], call):
 
 def varied_essays() -> list[EssayRecord]:
     """Four essays of different lengths: batches of 3 are left-padded, and the last one is partial."""
-    return [essay(0), dataclasses.replace(essay(1), essay="Short."), dataclasses.replace(essay(2, scores=(30, 9, 0)), essay="The bus came late."),
+    return [essay(0), dataclasses.replace(essay(1), essay="Short."),
+            dataclasses.replace(essay(2, scores=(30, 9, 0)), essay="The bus came late."),
             dataclasses.replace(essay(3), essay="I waited. " * 6)]
 
 
 @pytest.mark.parametrize("name, constrained, feedback",
-                         [(m, c, f) for m in ("tiny", "tiny_lora", "llama3_tiny") for c in (False, True) for f in (False, True)]
+                         [(m, c, f) for m in ("tiny", "tiny_lora", "llama3_tiny")
+                          for c in (False, True) for f in (False, True)]
                          + [("smollm2", False, False), ("smollm2", True, False)])
 def test_predict_split_runs_each_prompt_once_and_matches_the_two_pass_path(name, constrained, feedback, request):
     """The shared path (each prompt prefilled once, greedy and weighted continuing from its cache)
