@@ -67,28 +67,80 @@ def test_dry_run_prints_every_loss_term(small_data):
     assert terms["loss_total"] == pytest.approx(terms["loss_ce"], abs=2e-4)
 
 
+# An evaluation and a checkpoint after every step, at a learning rate high enough that the eval
+# loss goes up and down: the best checkpoint is not the last one, and early stopping ends the run.
+EARLY_STOP_FLAGS = ["--eval_steps", "1", "--early_stopping_patience", "2", "--learning_rate", "0.05",
+                    "--max_steps", "8"]
+
+
+def early_stop_step(evals: list[tuple[int, float]], patience: int, resumed_at: int = 0) -> int | None:
+    """The step whose evaluation is the ``patience``-th in a row without a lower eval loss than
+    the best so far (where early stopping ends the run); None if no such step. A resume at step
+    ``resumed_at`` keeps the best loss but counts afresh: the Trainer restores its state, not the
+    callback's counter (restore_callback_states_from_checkpoint is off)."""
+    best, worse = float("inf"), 0
+    for step, loss in evals:
+        better = loss < best
+        best = min(best, loss)
+        worse = 0 if better or step <= resumed_at else worse + 1
+        if worse == patience:
+            return step
+    return None
+
+
+def assert_adapter_is(run_dir: Path, checkpoint: str) -> None:
+    """The adapter saved in ``run_dir`` holds exactly the LoRA tensors of ``run_dir/checkpoint``."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(run_dir / "adapter_model.safetensors")
+    kept = load_file(run_dir / checkpoint / "adapter_model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved), checkpoint
+
+
+def check_training_record(run_dir: Path, max_steps: int, resumed_at: int = 0) -> dict:
+    """The run's manifest, once the run is checked: every logged training loss is the
+    composite total, the best checkpoint is the lowest eval loss's, early stopping ended the run
+    at the step it should, and the saved adapter is the best checkpoint's (not the last one's)."""
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    history = json.loads((run_dir / "log_history.json").read_text())
+    logged = [h for h in history if "loss" in h]
+    assert logged and all({"loss_ce", "loss_ntl", "loss_emo", "loss_total"} <= set(h) for h in logged)
+    assert all(h["loss_total"] == pytest.approx(h["loss"], abs=1e-5) for h in logged), logged
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    best_step = min(evals, key=lambda e: e[1])[0]
+    stop = early_stop_step(evals, patience=2, resumed_at=resumed_at)
+    assert stop is not None and stop < max_steps and best_step < stop, evals  # the case this test is about
+    assert manifest["train"]["global_step"] == stop and [step for step, _ in evals] == list(range(1, stop + 1))
+    assert manifest["train"]["best_checkpoint"] == str(run_dir / f"checkpoint-{best_step}")
+    assert manifest["train"]["best_eval_loss"] == min(loss for _, loss in evals)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == sorted({f"checkpoint-{best_step}",
+                                                                          f"checkpoint-{stop}"})
+    assert_adapter_is(run_dir, f"checkpoint-{best_step}")
+    return manifest
+
+
 def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     run_dir = tmp_path / "run"
     # The first run scores with --constrained, the resumed one without: both modes end to end.
-    result = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir), "--max_steps", "2",
-                     "--constrained", "--lora_top_layers", "1", "--group_by_length", "--bf16", env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    result = run_cli(*TRAIN_FLAGS, *EARLY_STOP_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir),
+                     "--constrained", "--lora_top_layers", "1", "--group_by_length", "--bf16",
+                     env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: offline mode" in result.stdout
     assert list((run_dir / "wandb").glob("offline-run-*")), "real wandb wrote no offline run"
     for name in ("adapter_config.json", "adapter_model.safetensors", "run_manifest.json", "predictions.jsonl",
-                 "evaluation_results.json", "tokenizer.json", "tokenizer_config.json", "checkpoint-2"):
+                 "evaluation_results.json", "tokenizer.json", "tokenizer_config.json"):
         assert (run_dir / name).exists(), name
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "tiny-random-llama"
     assert adapter_config["layers_to_transform"] == [1]  # the tiny model's top layer of 2
-    manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    assert manifest["seed"] == 42 and manifest["train"]["global_step"] == 2
+    manifest = check_training_record(run_dir, max_steps=8)
+    last = manifest["train"]["global_step"]
+    assert manifest["seed"] == 42
     assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
     assert manifest["config"]["mtl"] is True and manifest["config"]["constrained"] is True
     assert manifest["config"]["bf16"] is True and manifest["config"]["group_by_length"] is True
-    history = json.loads((run_dir / "log_history.json").read_text())
-    logged = [h for h in history if "loss_total" in h]
-    assert logged and all({"loss_ce", "loss_ntl", "loss_emo"} <= set(h) for h in logged)
 
     rubrics = [r["name"] for r in json.loads((small_data / "dataset.json").read_text())["rubrics"]]
     results = json.loads((run_dir / "evaluation_results.json").read_text())
@@ -122,26 +174,26 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
         assert "text" in row and row["valid"] is True  # constrained: always a valid score line
     assert "overall" in result.stdout and "average" in result.stdout and "decoding: constrained" in result.stdout
 
-    # Resume from checkpoint-2 to 4 steps: step count and optimizer state come back.
-    state_before = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state_before["global_step"] == 2
-    resumed = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--resume_checkpoint", str(run_dir),
-                      "--max_steps", "4", "--no_wandb", "--lora_top_layers", "1", "--group_by_length")
+    # Resume from the newest checkpoint (where early stopping ended the run) up to 8 steps: step
+    # count, log history, optimizer state and the best checkpoint so far come back, and the
+    # resumed run stops early again, its patience counted from the resume.
+    state_before = json.loads((run_dir / f"checkpoint-{last}" / "trainer_state.json").read_text())
+    assert state_before["global_step"] == last
+    resumed = run_cli(*TRAIN_FLAGS, *EARLY_STOP_FLAGS, "--data_dir", str(small_data), "--resume_checkpoint",
+                      str(run_dir), "--no_wandb", "--lora_top_layers", "1", "--group_by_length")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {run_dir / 'checkpoint-2'} (global step 2)" in resumed.stdout
-    state_after = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state_after["global_step"] == 4
-    steps = [h["step"] for h in state_after["log_history"] if "loss" in h]
-    assert steps == [1, 2, 3, 4]
-    # The first two steps' records come from the restored state, not from a new run.
-    first_two = [h for h in state_before["log_history"] if "loss" in h]
-    assert [h for h in state_after["log_history"] if "loss" in h][:2] == first_two
-    assert (run_dir / "checkpoint-4" / "optimizer.pt").exists()
-    resumed_manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    assert resumed_manifest["train"]["global_step"] == 4
+    assert f"resuming from {run_dir / f'checkpoint-{last}'} (global step {last})" in resumed.stdout
+    resumed_manifest = check_training_record(run_dir, max_steps=8, resumed_at=last)
+    now = resumed_manifest["train"]["global_step"]
+    assert now > last
+    state_after = json.loads((run_dir / f"checkpoint-{now}" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state_after["log_history"] if "loss" in h] == list(range(1, now + 1))
+    # The first run's records come from the restored state, not from a new run.
+    assert state_after["log_history"][:len(state_before["log_history"])] == state_before["log_history"]
+    assert (run_dir / f"checkpoint-{now}" / "optimizer.pt").exists()
     assert resumed_manifest["created"] == manifest["created"]
     [entry] = resumed_manifest["resumes"]
-    assert entry["from"] == str(run_dir / "checkpoint-2") and entry["forced"] == {}
+    assert entry["from"] == str(run_dir / f"checkpoint-{last}") and entry["forced"] == {}
     assert resumed_manifest["config"]["constrained"] is False and "decoding: unconstrained" in resumed.stdout
 
 
