@@ -379,7 +379,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
     return CustomTrainer(model=model, args=training_args, train_dataset=encoded["train"],
                          eval_dataset=encoded["valid"], data_collator=ScoringCollator(tokenizer.pad_token_id),
                          loss_config=loss_config,
-                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience + 1)])
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
 
 
 def start_manifest(args: argparse.Namespace, run_dir: Path, device, model, info, splits, max_prompt_tokens: int,
