@@ -237,25 +237,45 @@ def test_masks_smollm2_tokenizer(smollm2_tokenizer):
     check_masks(smollm2_tokenizer, "chat")
 
 
-def test_dataset_system_prompt_replaces_the_template_default(tmp_path, smollm2_tokenizer):
+@pytest.mark.parametrize("tokenizer_name, system_block, user_marker, template_default", [
+    # Llama-3's template has no system message of its own (and needs no download).
+    ("llama3_style_tokenizer",
+     "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou score essays.<|eot_id|>"
+     "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>user", None),
+    # SmolLM2's adds its own when none is given.
+    ("smollm2_tokenizer", "<|im_start|>system\nYou score essays.<|im_end|>\n<|im_start|>user\n", "<|im_start|>user",
+     "You are a helpful AI assistant named SmolLM"),
+], ids=["llama3_style", "smollm2"])
+def test_dataset_system_prompt_is_the_system_message(tmp_path, request, tokenizer_name, system_block, user_marker,
+                                                     template_default):
+    tokenizer = request.getfixturevalue(tokenizer_name)
     folder = write_folder(tmp_path, [record(1)])
     meta = json.loads((folder / "dataset.json").read_text())
     default_info, [rec] = load_dataset_info(folder), load_split(folder / "train.jsonl")
     assert default_info.system_prompt is None
-    default = build_prompt(rec, default_info, smollm2_tokenizer)
-    assert "You are a helpful AI assistant named SmolLM" in default  # SmolLM2's own system message
+    default = build_prompt(rec, default_info, tokenizer)
+    if template_default:
+        assert template_default in default
+    else:
+        assert "system" not in default
     (folder / "dataset.json").write_text(json.dumps({**meta, "system_prompt": "You score essays."}))
     info = load_dataset_info(folder)
-    prompt = build_prompt(rec, info, smollm2_tokenizer)
-    assert prompt.startswith("<|im_start|>system\nYou score essays.<|im_end|>\n<|im_start|>user\n")
-    assert "SmolLM" not in prompt and prompt.split("<|im_start|>user")[1] == default.split("<|im_start|>user")[1]
-    assert len(smollm2_tokenizer(prompt)["input_ids"]) < len(smollm2_tokenizer(default)["input_ids"]) - 10
+    prompt = build_prompt(rec, info, tokenizer)
+    assert prompt.startswith(system_block) and prompt.count("You score essays.") == 1
+    assert prompt.split(user_marker)[1] == default.split(user_marker)[1]  # the same user turn
+    if template_default:
+        assert template_default not in prompt
+        assert len(tokenizer(prompt)["input_ids"]) < len(tokenizer(default)["input_ids"]) - 10
     # The training example holds the same prompt as scoring.
-    ids = encode_example(rec, info, smollm2_tokenizer)["input_ids"]
-    assert ids[:len(smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"])] == \
-        smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert build_prompt(rec, info, smollm2_tokenizer, prompt_format="plain") == \
-        build_prompt(rec, default_info, smollm2_tokenizer, prompt_format="plain")  # plain has no system message
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert encode_example(rec, info, tokenizer)["input_ids"][:len(prompt_ids)] == prompt_ids
+    assert build_prompt(rec, info, tokenizer, prompt_format="plain") == \
+        build_prompt(rec, default_info, tokenizer, prompt_format="plain")  # plain has no system message
+
+
+def test_dataset_system_prompt_must_be_a_string(tmp_path):
+    folder = write_folder(tmp_path, [record(1)])
+    meta = json.loads((folder / "dataset.json").read_text())
     (folder / "dataset.json").write_text(json.dumps({**meta, "system_prompt": 3}, indent=2))
     with pytest.raises(DataError, match=r"dataset.json:\d+: field 'system_prompt': must be a string, got 3"):
         load_dataset_info(folder)
