@@ -41,12 +41,24 @@ Stages, each timed (wall seconds):
 5. baselines, on test and validation: TF-IDF (1-2 grams) ridge per rubric fit on the same training
    essays and on all essays of the converted train split; a ridge on the essay's length alone
    (words, log words); the training mean (per rubric, rounded).
+6. confidence (issue 20 part 4; no extra training): which of the judged row's scores to trust.
+   The judged prediction is the weighted row (the strongest single-pass row). Per essay, on test
+   and validation, every signal of ``modules.confidence.essay_signals``: p_pred, neg_std,
+   neg_entropy from the weighted distributions; sc_agreement and neg_sc_std from the unconstrained
+   sample bank (not with ``--replicate``); length; random order. ``confidence_report`` calibrates
+   the conformal score sets (LAC, 90%) and the review rule (20% to review) on validation and
+   measures them on test; the risk-coverage PNG and the reliability diagram go to ``--out_dir``
+   (``risk_coverage_<variant>_seed<k>.png``, ``reliability_<variant>_seed<k>.png``). The result
+   file keeps the per-essay signal values (6 decimals) so that ``real_essay_tables.py`` recomputes
+   the study, pooled over seeds: per signal the AUROC for large errors, QWK at 100% and 80%
+   coverage and their difference with a paired bootstrap interval; the signal picked on the
+   validation essays (lowest mean validation AURC) against random order.
 
 Each command writes one result file into ``--results_dir`` (default the tracked
 ``benchmarks/results/<corpus>/``; a smoke run with fewer test essays than the corpus's minimum
 writes under ``<out_dir>/results`` instead): corpus, variant, seed, the rows it has, per-essay
 predictions of every row on test and validation (ids, gold, scores, the weighted row's unrounded
-``weighted_expected``), invalid and truncated line counts, stage times, CPU model, torch version,
+``weighted_expected``), the confidence study (per-essay signals, conformal and review outcome), invalid and truncated line counts, stage times, CPU model, torch version,
 git commit and config. Then it prints the tables of every result of the same corpus and data
 (``real_essay_tables.py``) and ends with ``best_lora_qwk=<x>``: the test average QWK of the LoRA
 row that is best on the validation essays, mean over seeds.
@@ -111,6 +123,7 @@ SYSTEM_PROMPT = "You score essays."
 # gradients dwarf CE's and the hour's training learned far less (README).
 VARIANTS = {"ce+ntl": 0.2, "ce": 0.0}
 SCORED_SPLITS = ("test", "valid")
+SIGNAL_DIGITS = 6  # decimals of the stored confidence signals: the study is recomputed from these values
 
 
 @dataclass(frozen=True)
@@ -273,7 +286,9 @@ def expected_scores(predictions: list[dict]) -> list[list[float]]:
 
 
 def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: float, log: Path) -> dict:
-    """main_pipeline.py in a subprocess (as a user runs it); its per-essay greedy and weighted test scores."""
+    """main_pipeline.py in a subprocess (as a user runs it); its per-essay greedy and weighted test scores
+    (``predictions.test``: predictions.jsonl's rows, with the weighted distributions the confidence
+    study reads; not written to the result file)."""
     cmd = [sys.executable, str(ROOT / "main_pipeline.py"), "--base_model_name", args.base_model,
            "--data_dir", str(data_dir), "--output_dir", str(run_dir), "--no_wandb", "--seed", str(args.seed),
            "--num_train_epochs", str(args.epochs), "--max_steps", str(args.max_steps),
@@ -297,13 +312,14 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
                          "best_eval_loss": train.get("best_eval_loss"),
                          "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h],
                          "inference_seconds": manifest.get("inference_seconds")},
-            "max_prompt_tokens": manifest["max_prompt_tokens"]}
+            "max_prompt_tokens": manifest["max_prompt_tokens"], "predictions": {"test": predictions}}
 
 
 def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, run: dict,
             timings: dict[str, float]) -> None:
-    """One load of the saved adapter: greedy + weighted on the validation essays, and (unless
-    ``--replicate``) constrained greedy on test and validation; all on the training prompts."""
+    """One load of the saved adapter: greedy + weighted on the validation essays (their rows also
+    under ``run["predictions"]["valid"]``), and (unless ``--replicate``) constrained greedy on test
+    and validation; all on the training prompts."""
     from modules.data import load_splits
     from modules.evaluation import predict_split
     from modules.models import load_adapter
@@ -320,6 +336,7 @@ def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_
     run["valid"] = {"ids": [p["id"] for p in valid], "gold": [p["gold"] for p in valid],
                     "rows": {"greedy": [p["greedy"] for p in valid], "weighted": [p["weighted"] for p in valid]},
                     "weighted_expected": expected_scores(valid), "line_counts": {"greedy": line_counts(valid)}}
+    run["predictions"]["valid"] = valid
     if args.replicate:
         return
     with stage("greedy, constrained", timings):
@@ -330,9 +347,10 @@ def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_
 
 
 def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, out_dir: Path, log: Path,
-                     constrained: bool, ranges: list[tuple[int, int]]) -> tuple[dict, dict, str]:
+                     constrained: bool, ranges: list[tuple[int, int]]) -> tuple[dict, dict, str, "np.ndarray"]:
     """self_consistency.py run on the adapter; per-essay majority and average votes over all m
-    samples, the invalid/truncated sample counts and the sampler's name."""
+    samples, the invalid/truncated sample counts, the sampler's name and the sample bank
+    (int [N, m, K] in the split file's order, -1 invalid)."""
     import numpy as np
 
     from modules.bank import read_bank
@@ -359,7 +377,66 @@ def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, 
              f"SC average{suffix}": average_vote(samples, fallback).tolist()}
     counts = {"lines": int(samples.shape[0] * samples.shape[1]), "invalid": int((samples == INVALID).all(axis=2).sum()),
               "truncated": truncated}
-    return votes, counts, read_json(out_dir / "run_config.json")["args"]["sampler"]
+    return votes, counts, read_json(out_dir / "run_config.json")["args"]["sampler"], samples
+
+
+def aligned(values_by_id: dict, ids: list[str]) -> list:
+    """``values_by_id[id]`` for each id, in the prediction rows' order."""
+    return [values_by_id[i] for i in ids]
+
+
+def round_floats(value, digits: int = SIGNAL_DIGITS):
+    """Floats in nested dicts and lists rounded to ``digits`` decimals (the tracked file stays small)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: round_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(v, digits) for v in value]
+    return value
+
+
+def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: dict, meta: dict, seed: int,
+                     out: Path, tag: str, title: str) -> dict:
+    """The confidence study's record for the judged weighted row: per split the essay signals of
+    :func:`modules.confidence.essay_signals` (valid seeded ``seed + 1``, test ``seed``, as
+    ``confidence_report`` seeds them; SC signals only when ``banks`` holds the split's sample bank),
+    rounded to 6 decimals, in the rows' order; and the compact report of
+    :func:`modules.confidence.confidence_report` (conformal sets and the review rule calibrated on
+    validation, measured on test). Saves the risk-coverage PNG and the reliability diagram in ``out``."""
+    import numpy as np
+
+    from modules.confidence import confidence_report, essay_signals
+    from modules.plots import plot_reliability, plot_risk_coverage
+
+    names = [r["name"] for r in meta["rubrics"]]
+    ranges = [(r["min"], r["max"]) for r in meta["rubrics"]]
+    essays, samples = {}, {}
+    for split in SCORED_SPLITS:
+        ids = [p["id"] for p in predictions[split]]
+        records = read_jsonl(data_dir / f"{split}.jsonl")
+        essays[split] = aligned({r["id"]: r["essay"] for r in records}, ids)
+        if split in banks:
+            samples[split] = np.stack(aligned(dict(zip([r["id"] for r in records], banks[split])), ids))
+    signals = {}
+    for split, offset in (("valid", 1), ("test", 0)):
+        values, _ = essay_signals(predictions[split], names, ranges, prediction="weighted", essays=essays[split],
+                                  samples=samples.get(split), seed=seed + offset)
+        signals[split] = {name: round_floats(v.tolist()) for name, v in values.items()}
+    report, _ = confidence_report(predictions["valid"], predictions["test"], names, ranges,
+                                  valid_essays=essays["valid"], test_essays=essays["test"],
+                                  valid_samples=samples.get("valid"), test_samples=samples.get("test"), seed=seed)
+    figure = out / f"risk_coverage_{tag}.png"
+    plot_risk_coverage(report["signals"], figure, title)
+    if report["calibration"]:
+        plot_reliability(report["calibration"], out / f"reliability_{tag}.png", title)
+    print(f"   figures: {figure}" + (f", {out / f'reliability_{tag}.png'}" if report["calibration"] else ""))
+    kept = {"large_errors": report["large_errors"],
+            "ece": report["calibration"]["ece"] if report["calibration"] else None,
+            "conformal": {k: report["conformal"][k] for k in ("method", "target_coverage", "average_coverage",
+                                                             "average_set_size")} if report["conformal"] else None,
+            "review": report["review"]}
+    return {"prediction": report["prediction"], "signals": signals, "report": round_floats(kept, 4)}
 
 
 def baselines(data_dir: Path, full_train: list[dict], split: str) -> dict[str, list[list[int]]]:
@@ -430,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     sampler = None
+    banks: dict[str, object] = {}  # split -> unconstrained sample bank [N, m, K] (not with --replicate)
     try:
         with stage("convert + subset", timings):
             full = out / f"full_seed{args.data_seed}"
@@ -448,14 +526,20 @@ def main(argv: list[str] | None = None) -> int:
             with stage(name, timings):
                 for split in SCORED_SPLITS:
                     folder = f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else "")
-                    votes, counts, sampler = self_consistency(args, run_dir, data / f"{split}.jsonl", out / folder,
-                                                              out / "logs" / f"{folder}.log", constrained, ranges)
+                    votes, counts, sampler, samples = self_consistency(
+                        args, run_dir, data / f"{split}.jsonl", out / folder, out / "logs" / f"{folder}.log",
+                        constrained, ranges)
+                    if not constrained:  # the SC signals judge the unconstrained samples' spread
+                        banks[split] = samples
                     run[split]["rows"].update(votes)
                     run[split]["line_counts"]["SC samples" + (", constrained" if constrained else "")] = counts
         with stage("baselines", timings):
             full_train = read_jsonl(full / "train.jsonl")
             for split in SCORED_SPLITS:
                 run[split]["rows"].update(baselines(data, full_train, split))
+        with stage("confidence", timings):
+            study = confidence_study(data, run["predictions"], banks, meta, args.seed, out,
+                                     f"{variant}_seed{args.seed}", f"{key}, LoRA {variant}, seed {args.seed}: weighted row")
     except (DataError, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -469,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "rubrics": [{k: r[k] for k in ("name", "min", "max", "scale") if k in r} for r in meta["rubrics"]],
         "data": {"input": source.name, "sha256": conversion.get("sha256"), "essay_set": None if key == "ell" else args.essay_set,
                  "data_seed": args.data_seed, "sizes": sizes, "max_prompt_tokens": run["max_prompt_tokens"]},
-        "splits": {split: run[split] for split in SCORED_SPLITS},
+        "splits": {split: run[split] for split in SCORED_SPLITS}, "confidence": study,
         "training": run["training"], "timings": timings, "sampler": sampler, "machine": machine(), "git": state,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "config": vars(args)}

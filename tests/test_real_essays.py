@@ -257,3 +257,224 @@ def test_benchmark_line_counts_and_missing_file(tmp_path: Path, capsys) -> None:
     assert bench.line_counts(preds) == {"lines": 3, "invalid": 2, "truncated": 1}
     assert bench.main(["--corpus", "ell", "--input", str(tmp_path / "absent.csv")]) == 0
     assert "not found" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- which scores to trust
+
+
+def twenty_essays(n: int, wrong: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(gold, pred) [n, 2] on 0-4: pred = gold except a 2-point error on rubric 0 of the ``wrong`` essays."""
+    gold = np.array([[i % 5, (2 * i + 1) % 5] for i in range(n)])
+    pred = gold.copy()
+    for i in wrong:
+        pred[i, 0] = gold[i, 0] + 2 if gold[i, 0] <= 2 else gold[i, 0] - 2
+    return gold, pred
+
+
+def ranks_wrong_last(n: int, wrong: set[int]) -> np.ndarray:
+    """A confidence that puts exactly the ``wrong`` essays last (distinct values, file order otherwise)."""
+    return np.array([-1.0 - i if i in wrong else 1.0 - i / n for i in range(n)])
+
+
+WRONG_TEST = {3, 8, 13, 18}
+WRONG_VALID = {1, 6}
+WRONG_40 = set(range(3, 40, 5))
+
+
+def test_selective_gain_matches_the_risk_coverage_table_on_resamples() -> None:
+    from modules.confidence import risk_coverage_table
+
+    rng = np.random.default_rng(5)
+    gold = rng.integers(0, 5, (30, 2))
+    pred = np.clip(gold + rng.integers(-2, 3, (30, 2)), 0, 4)
+    signal = np.round(rng.random(30), 1)  # ties: stable order within each resample
+    idx = np.vstack([np.arange(30), rng.integers(0, 30, (20, 30))])
+    gains = tables.selective_gain(signal, gold, pred, idx)
+    for b, rows in enumerate(idx):
+        table = risk_coverage_table(signal[rows], gold[rows], pred[rows], RANGES, coverages=(1.0, 0.8))
+        assert gains[b] == pytest.approx(table["qwk"][1] - table["qwk"][0])
+    other = rng.random(30)
+    versus = tables.selective_gain(signal, gold, pred, idx, reference=other)
+    assert versus == pytest.approx(gains - tables.selective_gain(other, gold, pred, idx))
+
+
+def test_coverage_gain_bootstrap_on_a_hand_made_case() -> None:
+    from modules.confidence import random_confidence
+
+    gold, pred = twenty_essays(20, WRONG_TEST)
+    good = ranks_wrong_last(20, WRONG_TEST)
+    point, lo, hi = tables.gain_with_interval(gold, [good], [pred], 1000, seed=0)
+    # the 16 kept essays are exactly the correct ones: QWK 1 on them
+    assert point == pytest.approx(1.0 - tables.mean_qwk(gold, pred, RANGES)) and point > 0.05
+    assert 0 < lo < point < hi
+    point, lo, hi = tables.gain_with_interval(gold, [-good], [pred], 1000, seed=0)  # wrong essays first
+    assert point < 0 and hi < 0
+    random_points = [tables.gain_with_interval(gold, [random_confidence(20, s)], [pred], 1, seed=0)[0]
+                     for s in range(300)]
+    assert abs(np.mean(random_points)) < 0.02  # random order: no gain on average
+    point, lo, hi = tables.gain_with_interval(gold, [random_confidence(20, 7)], [pred], 1000, seed=0)
+    assert lo < 0 < hi
+    # picked minus random order, paired on the same resamples
+    point, lo, hi = tables.gain_with_interval(gold, [good], [pred], 1000, seed=0,
+                                              references=[random_confidence(20, 7)])
+    kept = tables.kept_qwk(random_confidence(20, 7), gold, pred, np.arange(20)[None, :])[0]
+    assert point == pytest.approx(1.0 - kept) and point > 0 and lo >= 0  # never below random here
+
+
+def with_study(content: dict, valid_signals: dict, test_signals: dict, report: dict | None = None) -> dict:
+    """A result file's content with a confidence study (per-essay signals of the weighted row)."""
+    signals = {"valid": {k: list(map(float, v)) for k, v in valid_signals.items()},
+               "test": {k: list(map(float, v)) for k, v in test_signals.items()}}
+    return {**content, "confidence": {"prediction": "weighted", "signals": signals, "report": report or {}}}
+
+
+def trust_group(test_gold: np.ndarray, valid_gold: np.ndarray, test_pred, valid_pred, valid_signals: dict,
+                test_signals: dict) -> tables.Group:
+    content = result("ce+ntl", 0, {"weighted": test_pred.tolist()}, {"weighted": valid_pred.tolist()},
+                     gold_test=test_gold.tolist(), gold_valid=valid_gold.tolist(),
+                     sizes={"train": 9, "valid": len(valid_gold), "test": len(test_gold)})
+    return tables.Group([{**with_study(content, valid_signals, test_signals), "_path": "a"}])
+
+
+def picked_line(lines: list[str]) -> str:
+    return next(line for line in lines if line.startswith("picked on the validation essays"))
+
+
+def test_signal_is_picked_on_validation_and_never_looks_at_test_gold() -> None:
+    gold_t, pred_t = twenty_essays(20, WRONG_TEST)
+    gold_v, pred_v = twenty_essays(10, WRONG_VALID)
+    # neg_std ranks the validation errors last and the test errors first; p_pred the other way round
+    valid_signals = {"p_pred": -ranks_wrong_last(10, WRONG_VALID), "neg_std": ranks_wrong_last(10, WRONG_VALID),
+                     "random": np.linspace(0, 1, 10)}
+    test_signals = {"p_pred": ranks_wrong_last(20, WRONG_TEST), "neg_std": -ranks_wrong_last(20, WRONG_TEST),
+                    "random": np.linspace(0, 1, 20)}
+    lines = tables.trust_lines(trust_group(gold_t, gold_v, pred_t, pred_v, valid_signals, test_signals), "ce+ntl", 200, 0)
+    assert picked_line(lines).startswith("picked on the validation essays, never on test: neg_std,")
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # scrambled test gold: the same pick
+        scrambled = gold_t[rng.permutation(20)]
+        lines = tables.trust_lines(trust_group(scrambled, gold_v, pred_t, pred_v, valid_signals, test_signals),
+                                   "ce+ntl", 50, 0)
+        assert picked_line(lines).startswith("picked on the validation essays, never on test: neg_std,")
+    swapped = {"p_pred": valid_signals["neg_std"], "neg_std": valid_signals["p_pred"], "random": valid_signals["random"]}
+    lines = tables.trust_lines(trust_group(gold_t, gold_v, pred_t, pred_v, swapped, test_signals), "ce+ntl", 50, 0)
+    assert picked_line(lines).startswith("picked on the validation essays, never on test: p_pred,")
+
+
+def test_pick_signal_matches_choose_signal_and_pools_seeds() -> None:
+    from modules.confidence import choose_signal
+
+    rng = np.random.default_rng(2)
+    gold = rng.integers(0, 5, (25, 2))
+    preds = [np.clip(gold + rng.integers(-2, 3, (25, 2)), 0, 4) for _ in range(2)]
+    signals = [{s: rng.random(25) for s in ("p_pred", "neg_std", "length", "random")} for _ in range(2)]
+    for k in range(2):
+        assert tables.pick_signal([(signals[k], gold, preds[k])])[0] == \
+            choose_signal(signals[k], gold, preds[k], allowed=list(signals[k]))
+    name, aurcs = tables.pick_signal([(signals[k], gold, preds[k]) for k in range(2)])
+    assert set(aurcs) == {"p_pred", "neg_std", "length"} and aurcs[name] == min(aurcs.values())
+    assert "sc_agreement" not in tables.pick_signal([({**signals[0], "sc_agreement": -preds[0][:, 0]}, gold, preds[0]),
+                                                     (signals[1], gold, preds[1])])[1]  # not in every seed
+
+
+def test_trust_table_from_result_files(tmp_path: Path, capsys) -> None:
+    from modules.confidence import random_confidence
+
+    gold_t, pred_t = twenty_essays(40, WRONG_40)
+    gold_v, pred_v = twenty_essays(10, WRONG_VALID)
+    good_v, good_t = ranks_wrong_last(10, WRONG_VALID), ranks_wrong_last(40, WRONG_40)
+    length_t = np.arange(40.0)
+    report = {"conformal": {"method": "LAC", "target_coverage": 0.9, "average_coverage": 0.95, "average_set_size": 2.5},
+              "review": {"signal": "neg_std", "review_fraction": 0.2, "threshold": 0.5,
+                         "test": {"review_share": 0.2, "n_auto": 32, "qwk_auto": 1.0}, "test_qwk_all": 0.8125}}
+    sizes = {"train": 9, "valid": 10, "test": 40}
+    seed0 = with_study(result("ce+ntl", 0, {"weighted": pred_t.tolist()}, {"weighted": pred_v.tolist()},
+                              gold_test=gold_t.tolist(), gold_valid=gold_v.tolist(), sizes=sizes),
+                       {"neg_std": good_v, "sc_agreement": -good_v, "length": np.arange(10.0),
+                        "random": random_confidence(10, 1)},
+                       {"neg_std": good_t, "sc_agreement": -good_t, "length": length_t,
+                        "random": random_confidence(40, 0)}, report)
+    replicate = with_study(result("ce+ntl", 1, {"weighted": pred_t.tolist()}, {"weighted": pred_v.tolist()},
+                                  gold_test=gold_t.tolist(), gold_valid=gold_v.tolist(), sizes=sizes),
+                           {"neg_std": good_v, "length": np.arange(10.0), "random": random_confidence(10, 2)},
+                           {"neg_std": good_t, "length": length_t, "random": random_confidence(40, 1)})
+    no_study = result("ce", 0, {"weighted": pred_t.tolist()}, {"weighted": pred_v.tolist()},
+                      gold_test=gold_t.tolist(), gold_valid=gold_v.tolist(), sizes=sizes)
+    for i, content in enumerate([seed0, replicate, no_study]):
+        tables.write_result(tmp_path / "toy" / f"r{i}.json", content)
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "300"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### Which scores to trust") == 1  # the CE-only result has no study
+    section = out.split("### Which scores to trust: LoRA CE+NTL, weighted (seeds 0,1)")[1]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in section.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["neg_std (picked)", "sc_agreement", "length", "random"]  # confidence.SIGNALS order
+    q100 = tables.mean_qwk(gold_t, pred_t, RANGES)
+    assert rows["neg_std (picked)"][1] == "0,1" and rows["sc_agreement"][1] == "0"  # SC only where it ran
+    assert rows["neg_std (picked)"][2].startswith("1.000 (sd 0.000")  # AUROC: the errors ranked last
+    assert rows["sc_agreement"][2] == "0.000 (1 seed) [s0: 0.000]"
+    assert rows["neg_std (picked)"][3].startswith(f"{q100:.3f} (sd 0.000")
+    assert rows["neg_std (picked)"][4].startswith("1.000 (sd 0.000")
+    assert rows["neg_std (picked)"][5].startswith(f"{1 - q100:.3f} (sd 0.000")
+    lo, hi = map(float, rows["neg_std (picked)"][6].strip(" |[]").split(", "))
+    assert 0 < lo <= hi
+    kept = tables.kept_qwk(length_t, gold_t, pred_t, np.arange(40)[None, :])[0]
+    assert rows["length"][4] == f"{kept:.3f} (sd 0.000, {kept:.3f}-{kept:.3f}) [s0: {kept:.3f}, s1: {kept:.3f}]"
+    assert "never on test: neg_std," in section and "sc_agreement" not in picked_line(section.splitlines())
+    assert "neg_std minus random order, QWK at 80% coverage (paired bootstrap, 300 resamples, seeds and test essays): +" \
+        in section
+    assert "seed 0: conformal score sets (LAC, target 90%, calibrated on validation): test coverage 95.0%, " \
+           "mean set size 2.50" in section
+    assert "seed 0: review rule (20% of validation essays below the neg_std threshold): 20.0% of test essays to " \
+           "review, QWK auto-scored 1.000 (all 0.812)" in section
+    assert "seed 1: conformal" not in section
+    assert f"Trust neg_std: sending the 8 least confident of 40 test essays to a human leaves QWK 1.000 on the 32 " \
+           f"others, against {q100:.3f} on all" in section
+    assert "; it beats random order at that coverage by +" in section
+
+
+def test_trust_sentence_says_plainly_when_no_signal_beats_random() -> None:
+    figures = {"q100": 0.70, "q80": 0.71, "gain": (0.01, -0.02, 0.04)}
+    text = tables.trust_sentence("neg_std", figures, (0.005, -0.03, 0.04), 150, 120)
+    assert text == ("No signal to trust on these essays: with neg_std, picked on validation, sending the 30 least "
+                    "confident of 150 test essays to a human leaves QWK 0.710 on the 120 others, against 0.700 on "
+                    "all (+0.010 [-0.020, +0.040]) and +0.005 [-0.030, +0.040] against random order; the interval "
+                    "against random order does not lie above zero, so review by this signal buys no QWK that "
+                    "sending a random choice of essays would not.")
+    assert tables.trust_sentence("neg_std", figures, (0.05, 0.01, 0.09), 150, 120).startswith("Trust neg_std:")
+
+
+def test_benchmark_confidence_study_aligns_by_id_and_saves_figures(tmp_path: Path) -> None:
+    from modules.confidence import essay_signals
+
+    meta = {"rubrics": RUBRICS}
+    rng = np.random.default_rng(4)
+    predictions, banks = {}, {}
+    for split, n in (("test", 8), ("valid", 6)):
+        records = [{"id": f"{split}{i}", "essay": " ".join(["w"] * (3 + i)), "scores": {"ideas": i % 5, "style": 2}}
+                   for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        banks[split] = rng.integers(0, 5, (n, 3, 2))  # file order
+        rows = []
+        for r in reversed(records):  # the prediction rows in another order than the file
+            probs = {name: list(rng.dirichlet(np.ones(5))) for name in ("ideas", "style")}
+            weighted = [int(np.argmax(probs["ideas"])), int(np.argmax(probs["style"]))]
+            rows.append({"id": r["id"], "gold": [r["scores"]["ideas"], 2], "greedy": weighted, "weighted": weighted,
+                         "probabilities": probs})
+        predictions[split] = rows
+    study = bench.confidence_study(tmp_path, predictions, banks, meta, 3, tmp_path, "t", "toy")
+    assert study["prediction"] == "weighted"
+    for split, seed in (("test", 3), ("valid", 4)):
+        order = [int(row["id"][len(split):]) for row in predictions[split]]
+        expected, _ = essay_signals(predictions[split], ["ideas", "style"], RANGES,
+                                    essays=[" ".join(["w"] * (3 + i)) for i in order], samples=banks[split][order],
+                                    seed=seed)
+        assert set(study["signals"][split]) == set(expected)
+        for name, values in expected.items():
+            assert study["signals"][split][name] == pytest.approx(values, abs=5e-7)
+        assert study["signals"][split]["length"] == [3.0 + i for i in order]
+    assert (tmp_path / "risk_coverage_t.png").stat().st_size > 0 and (tmp_path / "reliability_t.png").stat().st_size > 0
+    report = study["report"]
+    assert report["review"]["signal"] in study["signals"]["valid"] and report["conformal"]["target_coverage"] == 0.9
+    assert set(report) == {"large_errors", "ece", "conformal", "review"}
+    no_bank = bench.confidence_study(tmp_path, predictions, {}, meta, 3, tmp_path, "u", "toy")  # --replicate
+    assert set(no_bank["signals"]["test"]) == {"p_pred", "neg_std", "neg_entropy", "length", "random"}
