@@ -318,7 +318,7 @@ def kept_qwk(confidence, gold: np.ndarray, pred: np.ndarray, idx: np.ndarray,
     if confidence is None:
         return batched_mean_qwk(gold[idx], pred[idx])
     order = np.argsort(-np.asarray(confidence, dtype=np.float64)[idx], axis=1, kind="stable")
-    kept = np.take_along_axis(idx, order[:, :conf.kept_count(coverage, idx.shape[1]) + 1], axis=1)
+    kept = np.take_along_axis(idx, order[:, :conf.kept_count(coverage, idx.shape[1])], axis=1)
     return batched_mean_qwk(gold[kept], pred[kept])
 
 
