@@ -413,7 +413,8 @@ def trust_lines(group: Group, variant: str, n: int, seed: int) -> list[str]:
     covers = "seeds and test essays" if len(seeds) > 1 else "test essays only (one seed)"
     lines += ["", f"picked on the validation essays, never on test: {picked}, the lowest mean validation AURC "
                   "(area under the risk-coverage curve, risk = MAE; it scores the whole ranking, so it is less "
-                  f"noisy on {gold_v.shape[0]} essays than one {cover} cut, and it is the tool's own review rule): "
+                  f"noisy on {gold_v.shape[0]} essays than one {cover} cut, and it is the tool's own review rule), "
+                  "among the signals every seed has: "
               + ", ".join(f"{s} {v:.3f}" for s, v in aurcs.items())]
     versus = [k for k in seeds if "random" in by_seed[k]["test"]["signals"]]
     beat = None
