@@ -20,9 +20,12 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from modules.runs import create_run_dir, occupied_dir_error, provenance, resume_entry, setup_logging, stop, timestamp
+from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error, provenance,
+                          resume_entry, setup_logging, stop, timestamp)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("main_pipeline")
@@ -33,6 +36,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base_model_name", required=True, help="hub id, local dir, tiny-random-llama or smollm2-135m")
+    p.add_argument("--score_path", default=None,
+                   help="score the essays of this JSONL file with --adapter_dir's adapter, without training; records "
+                        "may lack scores (QWK is reported when every record has them)")
+    p.add_argument("--adapter_dir", default=None, help="with --score_path: the trained run folder (runs/<name>)")
+    _add_training_flags(p)
+    args = p.parse_args(argv)
+    if args.score_path:
+        _check_scoring_flags(p, args)
+    elif args.adapter_dir:
+        p.error("--adapter_dir goes with --score_path")
+    args.data_dir = args.data_dir or (None if args.score_path else str(ROOT / "aes_dataset_mtl"))
+    if args.resume_checkpoint and args.output_dir and Path(args.output_dir) != Path(args.resume_checkpoint):
+        p.error("--resume_checkpoint names the run folder; do not also give a different --output_dir")
+    if args.force_resume and not args.resume_checkpoint:
+        p.error("--force_resume goes with --resume_checkpoint")
+    if args.emo_topk < 1:
+        p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
+    if args.lora_top_layers < 0:
+        p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
+    return args
+
+
+# What scoring with --score_path reads from the command line; every other flag decides a training
+# run, and the prompt settings (--mtl, --prompt_format, --max_seq_length's budget) are the adapter's.
+SCORING_FLAGS = ("base_model_name", "score_path", "adapter_dir", "data_dir", "output_dir", "device_id", "no_wandb",
+                 "per_device_eval_batch_size", "test_limit", "no_weighted", "generate_feedback", "constrained")
+
+
+def _check_scoring_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With --score_path: --adapter_dir is needed, and a flag of training only is refused."""
+    if not args.adapter_dir:
+        p.error("--score_path needs --adapter_dir, the trained run folder whose adapter scores the essays")
+    training = [k for k, v in vars(args).items() if k not in SCORING_FLAGS and v != p.get_default(k)]
+    if training:
+        p.error(f"--{training[0]} is a training flag; scoring with --score_path takes the adapter's settings from "
+                f"its run_manifest.json")
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device_id", default=None,
                    help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
                         "first GPU, else the CPU); a GPU that is not there is an error")
@@ -47,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force_resume", action="store_true",
                    help="resume even though flags that decide the training differ from the run's (recorded in "
                         "run_manifest.json)")
-    p.add_argument("--data_dir", default=str(ROOT / "aes_dataset_mtl"))
+    p.add_argument("--data_dir", default=None,
+                   help="dataset folder (default: aes_dataset_mtl; with --score_path: the folder holding the "
+                        "dataset.json of the essays, default the adapter's training data folder, else the file's own)")
     p.add_argument("--output_dir", default=None, help="run folder (default runs/<auto-name>)")
     p.add_argument("--num_train_epochs", type=float, default=10)
     p.add_argument("--max_steps", type=int, default=-1)
@@ -81,16 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generate_feedback", action="store_true", help="let greedy inference write the feedback too")
     p.add_argument("--constrained", action="store_true",
                    help="greedy scoring may only write tokens that keep the answer a prefix of a valid score line")
-    args = p.parse_args(argv)
-    if args.resume_checkpoint and args.output_dir and Path(args.output_dir) != Path(args.resume_checkpoint):
-        p.error("--resume_checkpoint names the run folder; do not also give a different --output_dir")
-    if args.force_resume and not args.resume_checkpoint:
-        p.error("--force_resume goes with --resume_checkpoint")
-    if args.emo_topk < 1:
-        p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
-    if args.lora_top_layers < 0:
-        p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
-    return args
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -184,37 +218,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from modules import dist
-    from modules.data import load_splits
 
     # Under a launcher each process takes its LOCAL_RANK's GPU (--device_id is ignored) and joins the
-    # process group first; alone, the device is chosen after the data checks below.
+    # process group first; alone, the device is chosen after the input checks.
     device = dist.join(args.device_id)
     try:
-        # Validate every split (and what --resume_checkpoint continues) before any model is loaded:
-        # bad input fails in a second, not after minutes. Every process checks; they agree on the
-        # verdict and rank 0 reports it.
-        error, resume = None, None
-        try:
-            info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
-            if args.resume_checkpoint:
-                resume = check_resume(args)
-            if device is None:
-                from modules.models import isolate_gpu
-
-                # Only this GPU visible (CUDA_VISIBLE_DEVICES), as cuda:0: the Trainer trains on cuda:0.
-                device = isolate_gpu(args.device_id)
-            if args.load_in_4bit:
-                from modules.models import check_4bit
-
-                check_4bit(device)
-        except ValueError as err:  # DataError is a ValueError
-            error = str(err)
-        error = dist.first_error(error)
-        if error:
-            return stop(error)
-        return run(args, info, splits, device, resume)
+        return score_main(args, device) if args.score_path else train_main(args, device)
     finally:
         dist.finish()
+
+
+def train_main(args: argparse.Namespace, device) -> int:
+    """Validate every split (and what --resume_checkpoint continues) before any model is loaded, so
+    bad input fails in a second, not after minutes; then :func:`run`. Every process checks; they
+    agree on the verdict and rank 0 reports it."""
+    from modules import dist
+    from modules.data import load_splits
+
+    error, resume = None, None
+    try:
+        info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
+        if args.resume_checkpoint:
+            resume = check_resume(args)
+        if device is None:
+            from modules.models import isolate_gpu
+
+            # Only this GPU visible (CUDA_VISIBLE_DEVICES), as cuda:0: the Trainer trains on cuda:0.
+            device = isolate_gpu(args.device_id)
+        if args.load_in_4bit:
+            from modules.models import check_4bit
+
+            check_4bit(device)
+    except ValueError as err:  # DataError is a ValueError
+        error = str(err)
+    error = dist.first_error(error)
+    if error:
+        return stop(error)
+    return run(args, info, splits, device, resume)
 
 
 def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
@@ -453,10 +493,12 @@ def scoring_model(args: argparse.Namespace, trainer, model, run_dir: Path, devic
 
 
 def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path, manifest: dict,
-                     *, mtl: bool, prompt_format: str, max_prompt_tokens: int | None) -> int:
+                     *, mtl: bool, prompt_format: str, max_prompt_tokens: int | None,
+                     annotate: Callable[[list[dict]], list[dict]] | None = None) -> int:
     """Greedy and weighted scores of ``records``, prompted exactly as in training: each process
-    scores every world_size-th essay, rank 0 puts them back in file order and writes
-    predictions.jsonl, evaluation_results.json (QWK) and the manifest, and prints the table."""
+    scores every world_size-th essay, rank 0 puts them back in file order, ``annotate`` adds to
+    the rows (confidence), and it writes predictions.jsonl, the manifest and, when every essay has
+    gold scores, evaluation_results.json (QWK) and the printed table."""
     from modules import dist
     from modules.evaluation import evaluate_predictions, format_results_table, predict_split
     from modules.jsonio import write_json_atomic, write_jsonl_atomic
@@ -467,15 +509,177 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
         max_prompt_tokens=max_prompt_tokens, batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
         generate_feedback=args.generate_feedback, constrained=args.constrained))
     if dist.is_main():
+        predictions = annotate(predictions) if annotate else predictions
         write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)
-        results = evaluate_predictions(predictions, info)
-        write_json_atomic(run_dir / "evaluation_results.json", results)
         manifest["inference_seconds"] = round(time.time() - started, 1)
         write_json_atomic(run_dir / MANIFEST, manifest)
-        print(format_results_table(results, info, constrained=args.constrained))
+        graded = sum(p["gold"] is not None for p in predictions)
+        if graded == len(predictions):
+            results = evaluate_predictions(predictions, info)
+            write_json_atomic(run_dir / "evaluation_results.json", results)
+            print(format_results_table(results, info, constrained=args.constrained))
+        else:
+            print(f"scored {len(predictions)} essays ({graded} with gold scores; QWK is reported when every essay "
+                  f"has them): {run_dir / 'predictions.jsonl'}")
         print(f"run folder: {run_dir}")
     dist.barrier()
     return 0
+
+
+# --------------------------------------------------------------------------- scoring without training
+
+@dataclass
+class ScoringJob:
+    """What scoring with --score_path has checked before it loads the adapter."""
+    info: object  # the DatasetInfo of the essays, whose rubrics are the adapter's
+    records: list
+    data_dir: str  # where dataset.json was read
+    mtl: bool
+    prompt_format: str
+    max_prompt_tokens: int | None
+    calibration: dict | None  # the adapter's confidence_calibration.json, when training wrote one
+    out_dir: Path | None  # --output_dir, else None (a new runs/<adapter>_scored_<time>)
+
+
+def score_main(args: argparse.Namespace, device) -> int:
+    """Score the essays of --score_path with a trained adapter, without training, stage by stage:
+    check the adapter's run manifest, the essays' schema and records, and the output folder ->
+    load the adapter -> create a new run folder -> score greedily and weighted, with the
+    training run's prompts -> attach the confidence -> write the predictions (and the QWK when
+    every essay has gold scores)."""
+    from modules import dist
+
+    error = None
+    try:
+        job = plan_scoring(args)
+        if device is None and args.device_id is not None:
+            device = dist.device(args.device_id)
+        from modules.models import load_adapter  # transformers and peft: seconds, so after the checks
+
+        model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
+    except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
+        error = str(err).strip().splitlines()[0]
+    error = dist.first_error(error)
+    if error:
+        return stop(error)
+    run_dir, error = dist.broadcast(new_scoring_dir(args, job) if dist.is_main() else (None, None))
+    if error:
+        return stop(error)
+    manifest = scoring_manifest(args, job, run_dir, model)
+    return score_and_report(args, model, tokenizer, job.records, job.info, run_dir, manifest, mtl=job.mtl,
+                            prompt_format=job.prompt_format, max_prompt_tokens=job.max_prompt_tokens,
+                            annotate=lambda rows: confidence_rows(rows, job))
+
+
+def plan_scoring(args: argparse.Namespace) -> ScoringJob:
+    """Every check of a scoring run's input, before any model loads; DataError as one line."""
+    from modules.data import load_split
+    from modules.jsonio import DataError, read_json
+
+    adapter = Path(args.adapter_dir)
+    if not adapter.is_dir():
+        raise DataError(f"--adapter_dir {adapter}: adapter folder not found")
+    manifest_path = adapter / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{adapter}: no {MANIFEST}, so the prompts its adapter was trained on are unknown (score "
+                        f"with a run folder main_pipeline.py wrote)")
+    manifest = read_json(manifest_path)
+    mtl, prompt_format, max_prompt_tokens = manifest_prompt_settings(manifest, manifest_path)
+    for name, value in (("mtl", mtl), ("prompt_format", prompt_format)):
+        if value is None:
+            raise DataError(f"{manifest_path}: field 'config.{name}': missing")
+    data_dir, info = scoring_schema(args, manifest, manifest_path)
+    records = load_split(args.score_path, info, scores_optional=True)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    error = out_dir and (occupied_dir_error(out_dir, "output folder", "scoring writes a new run folder")
+                         or uncreatable_dir_error(out_dir))
+    if error:
+        raise DataError(error)
+    return ScoringJob(info, records[: args.test_limit] if args.test_limit else records, data_dir, mtl, prompt_format,
+                      max_prompt_tokens, read_calibration(args, adapter, info), out_dir)
+
+
+def scoring_schema(args: argparse.Namespace, manifest: dict, manifest_path: Path):
+    """(folder, DatasetInfo) of the essays to score: dataset.json in --data_dir, else in the
+    adapter's training data folder (its run manifest), else beside --score_path. Its rubrics must
+    be the ones the adapter was trained to score, in the same order."""
+    from modules.data import load_dataset_info
+    from modules.jsonio import DataError
+
+    trained_on = (manifest.get("config") or {}).get("data_dir")
+    if args.data_dir:
+        data_dir = args.data_dir
+    elif trained_on and (Path(trained_on) / "dataset.json").is_file():
+        data_dir = trained_on
+    else:
+        data_dir = str(Path(args.score_path).parent)
+    info = load_dataset_info(data_dir)
+    rubrics = manifest.get("rubrics")
+    if rubrics and info.rubric_names != rubrics:
+        raise DataError(f"{Path(data_dir) / 'dataset.json'}: rubrics {info.rubric_names} are not the ones the adapter "
+                        f"was trained to score, {rubrics} ({manifest_path})")
+    return data_dir, info
+
+
+def read_calibration(args: argparse.Namespace, adapter: Path, info) -> dict | None:
+    """The adapter's confidence calibration (chosen on its validation essays), None without one;
+    DataError when it cannot judge these predictions."""
+    from modules.confidence import SAMPLE_SIGNALS
+    from modules.evaluation import CONFIDENCE_CALIBRATION
+    from modules.jsonio import DataError, read_json
+
+    path = adapter / CONFIDENCE_CALIBRATION
+    if not path.is_file():
+        return None
+    calibration = read_json(path)
+    if calibration.get("rubrics") != info.rubric_names:
+        raise DataError(f"{path}: field 'rubrics': {calibration.get('rubrics')} are not {info.rubric_names}")
+    if calibration.get("signal") in SAMPLE_SIGNALS:
+        raise DataError(f"{path}: field 'signal': {calibration['signal']!r} needs a sample bank; scoring has none")
+    if calibration.get("prediction") == "weighted" and args.no_weighted:
+        raise DataError(f"--no_weighted: {path} judges the weighted prediction; drop --no_weighted")
+    return calibration
+
+
+def new_scoring_dir(args: argparse.Namespace, job: ScoringJob) -> tuple[Path | None, str | None]:
+    """Rank 0: create the scoring run's folder, --output_dir or a new runs/<adapter>_scored_<time>."""
+    try:
+        prefix = f"{Path(args.adapter_dir).resolve().name}_scored"
+        return create_run_dir(job.out_dir, ROOT / "runs", prefix), None
+    except RunDirError as err:
+        return None, str(err)
+
+
+def scoring_manifest(args: argparse.Namespace, job: ScoringJob, run_dir: Path, model) -> dict:
+    """The scoring run's manifest: how it was made, the adapter, the essays, the prompt settings
+    it took from the adapter's run, and whether a confidence calibration applied."""
+    from modules import dist
+    from modules.jsonio import write_json_atomic
+
+    param = next(model.parameters())
+    manifest = {**provenance(), "mode": "score", "config": vars(args), "run_dir": str(run_dir),
+                "adapter_dir": str(Path(args.adapter_dir).resolve()), "score_path": str(Path(args.score_path).resolve()),
+                "data_dir": str(Path(job.data_dir).resolve()), "device": str(param.device), "dtype": str(param.dtype),
+                "world_size": dist.world_size(), "rubrics": job.info.rubric_names,
+                "prompt_settings": {"mtl": job.mtl, "prompt_format": job.prompt_format,
+                                    "max_prompt_tokens": job.max_prompt_tokens},
+                "n_essays": len(job.records), "n_with_gold": sum(r.scores is not None for r in job.records),
+                "confidence_calibration": job.calibration is not None}
+    if dist.is_main():
+        write_json_atomic(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def confidence_rows(rows: list[dict], job: ScoringJob) -> list[dict]:
+    """The prediction rows with their confidence: under the adapter's calibration also the
+    conformal score sets and the review flag; without one, the signals alone."""
+    from modules.confidence import apply_calibration, attach_confidence
+
+    essays = [r.essay for r in job.records]
+    if job.calibration is not None:
+        return apply_calibration(rows, job.calibration, essays=essays)
+    logger.info("the adapter has no confidence calibration: confidence signals without score sets or review flags")
+    return attach_confidence(rows, job.info.rubric_names, job.info.ranges, essays=essays)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from pathlib import Path
 from modules.bank import (BANK, append_bank_line, bank_files, bank_line, merge_banks, own_bank_name, read_bank,
                           sampled_ids)
 from modules.jsonio import DataError, read_json, write_json_atomic
-from modules.runs import RunDirError, create_run_dir, occupied_dir_error, setup_logging, stop
+from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error, setup_logging,
+                          stop)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("self_consistency")
@@ -163,19 +164,17 @@ def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, st
     """
     manifest = Path(args.adapter_dir) / "run_manifest.json"
     saved = read_json(manifest) if manifest.is_file() else {}
-    config = saved.get("config")
-    config = config if isinstance(config, dict) else {}
-    max_prompt_tokens = saved.get("max_prompt_tokens")
-    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-        raise CliError(f"{manifest}: field 'max_prompt_tokens': expected a positive integer, got {max_prompt_tokens!r}")
-    mtl = args.mtl if args.mtl is not None else bool(config.get("mtl", False))
-    fmt = args.prompt_format or config.get("prompt_format") or "chat"
-    if fmt not in ("chat", "plain"):
-        raise CliError(f"{manifest}: field 'config.prompt_format': unknown format {fmt!r}")
+    try:
+        saved_mtl, saved_format, max_prompt_tokens = manifest_prompt_settings(saved, manifest)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    mtl = args.mtl if args.mtl is not None else bool(saved_mtl)
+    fmt = args.prompt_format or saved_format or "chat"
     given = [args.mtl is not None, args.prompt_format is not None]
     parts = ["flags"] if any(given) else []
     if not all(given):
-        parts.append("run_manifest.json" if config else "defaults")  # cmd_sample warns about defaults
+        config = saved.get("config")
+        parts.append("run_manifest.json" if isinstance(config, dict) and config else "defaults")  # cmd_sample warns
     return mtl, fmt, max_prompt_tokens, " + ".join(parts)
 
 

@@ -66,7 +66,7 @@ class EssayRecord:
     id: str
     prompt_id: str
     essay: str
-    scores: tuple[int, ...]  # rubric order of DatasetInfo
+    scores: tuple[int, ...] | None  # rubric order of DatasetInfo; None: an essay to score, without gold
     feedback: str = ""
     instruction: str | None = None  # set for the original tool's records: the prompt is used verbatim
 
@@ -149,17 +149,34 @@ def _check_score(path: Path, lineno: int, fieldname: str, value: Any, rubric: Ru
     return value
 
 
-def _parse_record(path: Path, lineno: int, obj: Any, info: DatasetInfo) -> EssayRecord:
+def _parse_record(path: Path, lineno: int, obj: Any, info: DatasetInfo, scores_optional: bool = False) -> EssayRecord:
     if not isinstance(obj, dict):
         raise input_error(path, lineno, None, "expected a JSON object")
     if "instruction" in obj and "essay" not in obj:
         return _parse_original(path, lineno, obj, info)
-    for key in ("id", "essay", "scores"):
+    # An essay to score (scores_optional) may come without scores, or with "scores": null.
+    ungraded = scores_optional and obj.get("scores") is None
+    for key in ("id", "essay") if ungraded else ("id", "essay", "scores"):
         if key not in obj:
             raise input_error(path, lineno, key, "missing")
     if not isinstance(obj["essay"], str) or not obj["essay"].strip():
         raise input_error(path, lineno, "essay", "must be a non-empty string")
-    scores = obj["scores"]
+    values = None if ungraded else _parse_scores(path, lineno, obj["scores"], info)
+    feedback = obj.get("feedback", "")
+    if not isinstance(feedback, str):
+        raise input_error(path, lineno, "feedback", "must be a string")
+    prompt_id = str(obj.get("prompt_id", ""))
+    if info.prompts and prompt_id not in info.prompts or not info.prompts and prompt_id:
+        # The writing prompt is part of what the model is trained on: an id that names no prompt
+        # would silently train this essay without it.
+        known = ", ".join(map(repr, info.prompts)) or "none"
+        problem = f"{prompt_id!r} is not a prompt id of dataset.json" if prompt_id else "missing"
+        raise input_error(path, lineno, "prompt_id", f"{problem} (its prompts: {known})")
+    return EssayRecord(str(obj["id"]), prompt_id, nfc(obj["essay"]), values, nfc(feedback))
+
+
+def _parse_scores(path: Path, lineno: int, scores: Any, info: DatasetInfo) -> tuple[int, ...]:
+    """A record's ``scores`` object as a tuple in rubric order; one-line error naming the field."""
     if not isinstance(scores, dict):
         raise input_error(path, lineno, "scores", "must be an object {rubric: int}")
     known = set(info.rubric_names)
@@ -171,17 +188,7 @@ def _parse_record(path: Path, lineno: int, obj: Any, info: DatasetInfo) -> Essay
         if rubric.name not in scores:
             raise input_error(path, lineno, f"scores.{rubric.name}", "missing")
         values.append(_check_score(path, lineno, f"scores.{rubric.name}", scores[rubric.name], rubric))
-    feedback = obj.get("feedback", "")
-    if not isinstance(feedback, str):
-        raise input_error(path, lineno, "feedback", "must be a string")
-    prompt_id = str(obj.get("prompt_id", ""))
-    if info.prompts and prompt_id not in info.prompts or not info.prompts and prompt_id:
-        # The writing prompt is part of what the model is trained on: an id that names no prompt
-        # would silently train this essay without it.
-        known = ", ".join(map(repr, info.prompts)) or "none"
-        problem = f"{prompt_id!r} is not a prompt id of dataset.json" if prompt_id else "missing"
-        raise input_error(path, lineno, "prompt_id", f"{problem} (its prompts: {known})")
-    return EssayRecord(str(obj["id"]), prompt_id, nfc(obj["essay"]), tuple(values), nfc(feedback))
+    return tuple(values)
 
 
 def _parse_original(path: Path, lineno: int, obj: dict, info: DatasetInfo) -> EssayRecord:
@@ -211,13 +218,17 @@ def dataset_info_for(path: str | Path) -> DatasetInfo:
     return infer_dataset_info(path)
 
 
-def load_split(path: str | Path, info: DatasetInfo | None = None, ratio: float = 1.0, seed: int = 42) -> list[EssayRecord]:
-    """Load and validate one jsonl split; ``ratio`` < 1 keeps a seeded random subset in file order."""
+def load_split(path: str | Path, info: DatasetInfo | None = None, ratio: float = 1.0, seed: int = 42, *,
+               scores_optional: bool = False) -> list[EssayRecord]:
+    """Load and validate one jsonl split; ``ratio`` < 1 keeps a seeded random subset in file order.
+
+    ``scores_optional``: essays to score may lack ``scores`` (their record's ``scores`` is None);
+    scores that are present are still checked. Training and evaluation splits need them."""
     path = Path(path)
     info = info or dataset_info_for(path)
     records, seen = [], {}
     for lineno, obj in iter_jsonl(path):
-        record = _parse_record(path, lineno, obj, info)
+        record = _parse_record(path, lineno, obj, info, scores_optional)
         if record.id in seen:
             raise input_error(path, lineno, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})")
         seen[record.id] = lineno

@@ -54,7 +54,7 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
     predictions = []
     for record, (answer, state) in zip(records, scored):
         parsed = answer["scores"]
-        pred = {"id": record.id, "gold": list(record.scores), "greedy": parsed or list(fallback),
+        pred = {"id": record.id, "gold": None if record.scores is None else list(record.scores), "greedy": parsed or list(fallback),
                 "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
                 "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
         if weighted:

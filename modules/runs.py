@@ -84,6 +84,24 @@ def create_run_dir(path: Path | None, parent: Path | None = None, prefix: str = 
     raise RunDirError(f"{base}: could not create a new run folder")
 
 
+# --------------------------------------------------------------------------- a training run's prompts
+
+def manifest_prompt_settings(manifest: dict, path: Path) -> tuple[bool | None, str | None, int | None]:
+    """mtl, prompt_format and max_prompt_tokens as a training run recorded them in its
+    run_manifest.json (``path``, for the message), None where it records none; a prompt for its
+    adapter must be rendered with them. ValueError naming the field when one is malformed."""
+    config = manifest.get("config")
+    config = config if isinstance(config, dict) else {}
+    max_prompt_tokens = manifest.get("max_prompt_tokens")
+    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise ValueError(f"{path}: field 'max_prompt_tokens': expected a positive integer, got {max_prompt_tokens!r}")
+    prompt_format = config.get("prompt_format")
+    if prompt_format is not None and prompt_format not in ("chat", "plain"):
+        raise ValueError(f"{path}: field 'config.prompt_format': unknown format {prompt_format!r}")
+    mtl = config.get("mtl")
+    return (None if mtl is None else bool(mtl)), prompt_format, max_prompt_tokens
+
+
 # --------------------------------------------------------------------------- provenance
 
 def git_commit() -> str | None:

@@ -251,6 +251,22 @@ def main_err(case_id: str, edit: Callable[[Fixtures], Path], *expected: Callable
                 lambda fx: [fx.path(case_id), folder(fx)])
 
 
+def score_case(case_id: str, expected: Callable[[Fixtures], list[str]], *,
+               adapter: Callable[[Fixtures], Path] = lambda fx: fx.adapter,
+               score: Callable[[Fixtures], Path] = lambda fx: fx.data / "test.jsonl",
+               output: Callable[[Fixtures], Path] | None = None,
+               extra: Callable[[Fixtures], list[str]] = lambda fx: []) -> Case:
+    """A main_pipeline.py --score_path row: the adapter and the output folder must stay unchanged
+    (the output folder: not appear)."""
+    def out_dir(fx: Fixtures) -> Path:
+        return output(fx) if output else fx.path(case_id)
+
+    return Case(case_id, "main",
+                lambda fx: ["--base_model_name", "tiny-random-llama", "--adapter_dir", str(adapter(fx)),
+                            "--score_path", str(score(fx)), "--output_dir", str(out_dir(fx)), *extra(fx)],
+                expected, lambda fx: [fx.path(case_id), adapter(fx)])
+
+
 def convert_case(case_id: str, expected: Callable[[Fixtures], list[str]],
                  table: Callable[[Fixtures], Path] = lambda fx: fx.table, **flags: str) -> Case:
     """A `modules.convert csv` row on the 20-essay table (text, score 1-6), with ``flags`` changed;
@@ -406,6 +422,33 @@ CASES: list[Case] = [
          lambda fx: [fx.path("dry_file_parent")]),
     main_err("main_valid_feedback_too_long", lambda fx: long_valid_feedback(fx),
              lambda fx, d: f"{first_id(d, 'valid')}: the prompt without its essay takes more than"),
+    # ------------------------------------------------------------ main_pipeline.py --score_path: essays without gold
+    score_case("main_score_adapter_dir_missing", lambda fx: [f"--adapter_dir {fx.path('no_adapter')}: adapter folder "
+                                                             "not found"], adapter=lambda fx: fx.path("no_adapter")),
+    score_case("main_score_adapter_without_manifest",
+               lambda fx: [f"{fx.root / 'bare_adapter'}: no run_manifest.json, so the prompts its adapter was "
+                           "trained on are unknown"], adapter=lambda fx: bare_adapter(fx)),
+    score_case("main_score_path_missing", lambda fx: [f"{fx.data / 'nope.jsonl'}: file not found"],
+               score=lambda fx: fx.data / "nope.jsonl"),
+    score_case("main_score_present_but_invalid_scores",
+               lambda fx: [f"{fx.root / 'variants' / 'half_graded' / 'test.jsonl'}:3: field 'scores.task': "
+                           "score 12 outside 1-9"], score=lambda fx: half_graded(fx, task_of_third=12) / "test.jsonl"),
+    score_case("main_score_output_dir_not_empty", lambda fx: [f"{fx.path('score_full')}: output folder exists and is "
+                                                              "not empty"],
+               output=lambda fx: fx.folder("score_full", "notes.txt")),
+    score_case("main_score_with_resume_checkpoint",
+               lambda fx: ["--resume_checkpoint is a training flag; scoring with --score_path takes the adapter's "
+                           "settings from its run_manifest.json"], extra=lambda fx: ["--resume_checkpoint",
+                                                                             str(fx.path("a_run"))]),
+    score_case("main_score_with_mtl", lambda fx: ["--mtl is a training flag"], extra=lambda fx: ["--mtl"]),
+    Case("main_score_without_adapter_dir", "main",
+         lambda fx: ["--base_model_name", "tiny-random-llama", "--score_path", str(fx.data / "test.jsonl")],
+         lambda fx: ["--score_path needs --adapter_dir"]),
+    Case("main_adapter_dir_without_score_path", "main", lambda fx: [*TRAIN_FLAGS, "--adapter_dir", str(fx.adapter)],
+         lambda fx: ["--adapter_dir goes with --score_path"]),
+    main_err("main_training_split_without_scores",
+             lambda fx: fx.variant("no_scores", lambda d: fx.set_record(d, "train", 1, lambda r: r.pop("scores"))),
+             lambda fx, d: f"{d / 'train.jsonl'}:2: field 'scores': missing"),
     # ------------------------------------------------------------ main_pipeline.py: unusual, valid
     Case("main_bom_and_crlf_accepted", "main",
          lambda fx: [*TRAIN_FLAGS, "--data_dir", str(fx.bom_crlf), "--dry_run", "--output_dir", str(fx.path("bom"))],
@@ -543,6 +586,24 @@ def long_valid_feedback(fx: Fixtures) -> Path:
 
 def first_id(folder: Path, split: str) -> str:
     return json.loads((folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[0])["id"]
+
+
+def bare_adapter(fx: Fixtures) -> Path:
+    """A LoRA adapter folder without the run manifest main_pipeline writes."""
+    folder = fx.root / "bare_adapter"
+    if not folder.exists():
+        shutil.copytree(fx.adapter, folder)
+        (folder / "run_manifest.json").unlink()
+    return folder
+
+
+def half_graded(fx: Fixtures, task_of_third: int) -> Path:
+    """The test split with its first essay's scores removed and the third's task score set."""
+    def edit(folder: Path) -> None:
+        fx.set_record(folder, "test", 0, lambda r: r.pop("scores"))
+        fx.set_record(folder, "test", 2, lambda r: r["scores"].update(task=task_of_third))
+
+    return fx.variant("half_graded", edit)
 
 
 def cut_off_run(fx: Fixtures) -> Path:
