@@ -1,6 +1,7 @@
 """self_consistency.py on a real tiny-random-llama LoRA adapter: outputs, analyze, resume, errors, sampler."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -249,6 +250,14 @@ def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     assert curves["invalid_rate"] == 6 / 20 and curves["fallback"] == [4] * k
     assert json.loads((tmp_path / "best_qwk_scores.json").read_text()) == json.loads(json.dumps(best_scores(expected)))
     assert len(set(curves["overall_avg"])) > 1  # real variation, not a constant fallback curve
+    # By hand at m = 1: each essay's vote is its first sample (the fallback 4 where it is invalid),
+    # and the overall QWK is sklearn's quadratic kappa of all (gold, vote) pairs over 1-9.
+    from sklearn.metrics import cohen_kappa_score
+
+    first = np.where(samples[:, 0] == INVALID, 4, samples[:, 0])
+    assert first[0].tolist() == samples[0, 0].tolist() and first[2].tolist() == [4] * k
+    pooled = cohen_kappa_score(gold.ravel(), first.ravel(), weights="quadratic", labels=list(range(1, 10)))
+    assert curves["overall_avg"][0] == curves["overall_maj"][0] == pytest.approx(pooled, abs=1e-9)
     # confidence of the majority vote: the self-consistency signals as modules.confidence computes them
     from modules.confidence import sample_bank_report
 
@@ -412,10 +421,11 @@ def test_samples_cut_by_the_budget_are_invalid_and_flagged(adapter_model):
 TRIE_PROMPTS = ["Score: ", "The essay is clear and well argued. Scores:", "Rate it 1-9 on each rubric:\n"]
 
 
-def first_two_tokens(tokenizer, bank: list[list[dict]]) -> list[list[tuple]]:
-    """A fixed function of each sample (its first two tokens): equal sample distributions give equal
-    distributions of this, so a chi-square test on it can tell two samplers apart."""
-    return [[tuple(tokenizer(s["text"], add_special_tokens=False)["input_ids"][:2]) for s in essay] for essay in bank]
+def first_tokens(tokenizer, bank: list[list[dict]], depth: int = 2) -> list[list[tuple]]:
+    """A fixed function of each sample (its first ``depth`` tokens): equal sample distributions give
+    equal distributions of this, so a chi-square test on it can tell two samplers apart."""
+    return [[tuple(tokenizer(s["text"], add_special_tokens=False)["input_ids"][:depth]) for s in essay]
+            for essay in bank]
 
 
 def chi_square_p(a: list, b: list) -> float:
@@ -432,25 +442,40 @@ def chi_square_p(a: list, b: list) -> float:
     return float(chi2_contingency(list(zip(*table)))[1])
 
 
-@pytest.mark.parametrize("constrained", [False, True])
-def test_trie_sampler_draws_from_the_generate_distribution(adapter_model, constrained):
+@pytest.mark.parametrize("temperature", [0.7, 1.5])  # the CLI's default, and one above 1
+@pytest.mark.parametrize("constrained, sharpness", [(False, 16.0), (True, 4.0)])
+def test_trie_sampler_draws_from_the_generate_distribution(setup, constrained, sharpness, temperature):
+    import torch
+
+    from modules.models import load_adapter
     from modules.sampling import generate_sample, trie_sample
 
-    model, tokenizer = adapter_model
+    # The untrained model's top logits are nearly equal, so neither temperature nor a top-p cut
+    # would change its distribution much: its output layer is scaled by ``sharpness`` (more when
+    # the whole vocabulary competes) until both do. Compared four tokens deep, where sibling nodes
+    # of the trie share forward passes, with all three warpers on (temperature, top-k 9, top-p 0.8).
+    model, tokenizer = load_adapter("tiny-random-llama", setup.adapter)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpness)
     ranges = [(1, 9)] * 8
-    kwargs = dict(max_m=400, chunk_m=50, temperature=1.0, max_new_tokens=6, constrained=constrained)
+    kwargs = dict(max_m=400, chunk_m=50, max_new_tokens=6, constrained=constrained)
     seeds = [11, 12, 13]
-    reference = first_two_tokens(tokenizer, generate_sample(model, tokenizer, TRIE_PROMPTS, ranges,
-                                                            generator_seeds=seeds, top_k=9, **kwargs))
-    trie = first_two_tokens(tokenizer, trie_sample(model, tokenizer, TRIE_PROMPTS, ranges,
-                                                   generator_seeds=[s + 100 for s in seeds], top_k=9, **kwargs))
-    narrower = first_two_tokens(tokenizer, trie_sample(model, tokenizer, TRIE_PROMPTS, ranges,
-                                                       generator_seeds=seeds, top_k=6, **kwargs))
+
+    def trie(seeds, temperature=temperature, top_k=9, top_p=0.8):
+        bank = trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=seeds, temperature=temperature,
+                           top_k=top_k, top_p=top_p, **kwargs)
+        return first_tokens(tokenizer, bank, depth=4)
+
+    reference = first_tokens(tokenizer, generate_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=seeds,
+                                                        temperature=temperature, top_k=9, top_p=0.8, **kwargs), depth=4)
+    same = trie([s + 100 for s in seeds])
     for essay in range(len(TRIE_PROMPTS)):
-        assert len(set(reference[essay])) > 5  # a real distribution, not one answer
-        assert chi_square_p(reference[essay], trie[essay]) > 0.001
-        # The test has the power to see a different distribution.
-        assert chi_square_p(reference[essay], narrower[essay]) < 0.001
+        assert len(set(reference[essay])) > 20  # a real distribution, not one answer
+        assert chi_square_p(reference[essay], same[essay]) > 0.001
+    # The test has the power to see a different distribution: another top-k, no top-p cut, or no
+    # temperature is told apart from generate's in some essay.
+    for control in (trie(seeds, top_k=6), trie(seeds, top_p=1.0), trie(seeds, temperature=1.0)):
+        assert min(chi_square_p(reference[e], control[e]) for e in range(len(TRIE_PROMPTS))) < 0.001
 
 
 def test_constrained_trie_with_top_k_1_is_constrained_greedy(adapter_model):
@@ -533,9 +558,34 @@ def test_trie_sampler_is_seeded_and_independent_of_its_batch(adapter_model):
     assert alone[0] == together[1] and [len(e) for e in together] == [30, 30, 30]
     assert trie_sample(model, tokenizer, TRIE_PROMPTS[1:2], ranges, generator_seeds=[8], **kwargs) != alone
     # Shuffled out of the trie, where samples that share a first token are adjacent.
-    firsts = [key[:1] for key in first_two_tokens(tokenizer, together[:1])[0]]
+    firsts = first_tokens(tokenizer, together[:1], depth=1)[0]
     runs = sum(1 for a, b in zip(firsts, firsts[1:]) if a != b) + 1
     assert 1 < len(set(firsts)) < runs
+
+
+def test_tree_attention_is_refused_to_a_model_without_custom_4d_masks(adapter_model):
+    from modules.sampling import trie_sample
+    from modules.tree_attention import require_tree_attention
+
+    # Flash attention takes no custom 4D mask: a tree in one cache row would attend across branches.
+    model, _ = adapter_model
+    for implementation in ("sdpa", "eager"):
+        require_tree_attention(SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation)), "x", "y")
+    for implementation in ("flash_attention_2", "flex_attention", None):
+        with pytest.raises(ValueError) as error:
+            require_tree_attention(SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation)),
+                                   "the scorer", "use another")
+        assert str(error.value) == ("the scorer needs sdpa or eager attention (custom 4D masks), the model uses "
+                                    f"{implementation!r}: use another")
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="^the trie sampler needs sdpa or eager attention .* the model uses "
+                                             "'flash_attention_2': use --sampler generate$"):
+            trie_sample(model, adapter_model[1], ["Score: "], [(1, 9)], generator_seeds=[0], max_m=2, temperature=1.0,
+                        top_k=9, max_new_tokens=4)
+    finally:
+        model.config._attn_implementation = saved
 
 
 def test_trie_sampler_refuses_settings_it_does_not_implement(adapter_model):
@@ -552,22 +602,82 @@ def test_trie_sampler_refuses_settings_it_does_not_implement(adapter_model):
         model.generation_config.repetition_penalty = saved
 
 
-def test_trie_sampler_matches_greedy_on_smollm2_when_essays_stop_at_different_depths(smollm2):
+@contextlib.contextmanager
+def ending_after(model, triggers: set[int], eos: int):
+    """Within it, the model's next token after any of ``triggers`` is ``eos`` (its logit raised by
+    1e4): a rule on the input tokens alone, the same for every decoding path. The input ids are
+    taken where they enter the embedding; the logits kept are the last positions' (as with
+    logits_to_keep=1)."""
+    import torch
+
+    seen = {}
+
+    def keep_ids(module, args):
+        seen["ids"] = args[0]
+
+    def end_after_trigger(module, args, output):
+        ids = seen["ids"][:, -output.shape[1]:]
+        output = output.clone()
+        output[..., eos] += 1e4 * torch.isin(ids, torch.tensor(sorted(triggers), device=ids.device))
+        return output
+
+    handles = [model.get_input_embeddings().register_forward_pre_hook(keep_ids),
+               model.get_output_embeddings().register_forward_hook(end_after_trigger)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tiny_essays_ending_at_different_depths(model, tokenizer, max_new_tokens: int):
+    """Prompts for the tiny model with a token rule that ends the first essay's greedy answer
+    after 3 tokens and the second's after 7, while the third runs to the budget; and the texts
+    the first two end with."""
+    import torch
+
+    prompts = TRIE_PROMPTS
+    greedy_ids = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]  # as the samplers
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            greedy_ids.append(out[0, ids.shape[1]:].tolist())
+    triggers = {greedy_ids[0][2], greedy_ids[1][6]}
+    # Each answer meets a trigger first where it should (and the third never does).
+    assert [next((d for d, t in enumerate(ids) if t in triggers), None) for ids in greedy_ids] == [2, 6, None], \
+        (greedy_ids, triggers)
+    ends = [tokenizer.decode(greedy_ids[0][:3]), tokenizer.decode(greedy_ids[1][:7])]
+    return prompts, ending_after(model, triggers, tokenizer.eos_token_id), ends
+
+
+@pytest.mark.parametrize("model_name", ["adapter_model", "smollm2"])
+def test_trie_sampler_matches_greedy_when_essays_stop_at_different_depths(request, model_name):
     from modules.data import render_prompt
     from modules.sampling import trie_sample
     from modules.scoring import greedy_predict
 
-    # A real chat model: two answers end early (EOS, newline), one runs on, so the batch drops
-    # finished essays' cache rows mid-way; top_k=1 must still reproduce greedy decoding.
-    model, tokenizer = smollm2
-    questions = ["What is 2+2? Answer with one number.", "Write a long story about a dog and a cat.",
-                 "Score this essay from 0 to 9: 'I like dogs.' Answer with one number only."]
-    prompts = [render_prompt(tokenizer, q) for q in questions]
+    # Answers that end early (EOS, newline) and one that runs on, so the batch drops finished
+    # essays' cache rows mid-way; top_k=1 must still reproduce greedy decoding. The tiny model
+    # (no download) is made to end by a token rule; SmolLM2, a real chat model, ends by itself.
+    model, tokenizer = request.getfixturevalue(model_name)
+    if model_name == "smollm2":
+        questions = ["What is 2+2? Answer with one number.", "Write a long story about a dog and a cat.",
+                     "Score this essay from 0 to 9: 'I like dogs.' Answer with one number only."]
+        prompts, rule, ends = [render_prompt(tokenizer, q) for q in questions], contextlib.nullcontext(), None
+    else:
+        prompts, rule, ends = tiny_essays_ending_at_different_depths(model, tokenizer, max_new_tokens=12)
     ranges = [(0, 9)]
-    greedy = greedy_predict(model, tokenizer, prompts, ranges, max_new_tokens=12)
-    bank = trie_sample(model, tokenizer, prompts, ranges, generator_seeds=[0, 1, 2], max_m=4, temperature=0.7,
-                       top_k=1, max_new_tokens=12)
-    lengths = [len(tokenizer(g["text"], add_special_tokens=False)["input_ids"]) for g in greedy]
-    assert min(lengths) < 9 and max(lengths) == 12  # the batch really shrinks mid-way
+    with rule:
+        greedy = greedy_predict(model, tokenizer, prompts, ranges, max_new_tokens=12)
+        bank = trie_sample(model, tokenizer, prompts, ranges, generator_seeds=[0, 1, 2], max_m=4, temperature=0.7,
+                           top_k=1, max_new_tokens=12)
     assert bank == [[g] * 4 for g in greedy]  # same text, scores and truncation flag
-    assert [g.get("truncated", False) for g in greedy] == [n == 12 for n in lengths]
+    if ends is None:
+        lengths = [len(tokenizer(g["text"], add_special_tokens=False)["input_ids"]) for g in greedy]
+        assert min(lengths) < 9 and max(lengths) == 12  # the batch really shrinks mid-way
+        assert [g.get("truncated", False) for g in greedy] == [n == 12 for n in lengths]
+    else:
+        assert [g["text"] for g in greedy[:2]] == ends  # ended after 3 and 7 tokens
+        assert [g.get("truncated", False) for g in greedy] == [False, False, True]
