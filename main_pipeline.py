@@ -6,6 +6,9 @@ Stages: load data -> base model + tokenizer -> LoRA -> CustomTrainer (eval each 
 checkpoint by eval loss, early stopping) -> save adapter, tokenizer, run manifest -> greedy and
 probability-weighted inference on the test split -> evaluation_results.json + a printed table.
 
+With ``--score_path FILE --adapter_dir RUN`` it trains nothing: the run's adapter scores the essays
+of FILE (gold scores optional) with the training run's prompts into a new run folder.
+
 Runs unchanged under ``torchrun --nproc_per_node N`` or ``accelerate launch``: the Trainer trains
 with DDP (or DeepSpeed/FSDP from an accelerate config), each process scores every N-th test essay,
 and rank 0 alone writes the run folder and prints.
@@ -24,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error, provenance,
-                          resume_entry, setup_logging, stop, timestamp)
+from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error,
+                          plan_and_load_adapter, provenance, resume_entry, setup_logging, stop, timestamp)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("main_pipeline")
@@ -549,17 +552,7 @@ def score_main(args: argparse.Namespace, device) -> int:
     every essay has gold scores)."""
     from modules import dist
 
-    error = None
-    try:
-        job = plan_scoring(args)
-        if device is None and args.device_id is not None:
-            device = dist.device(args.device_id)
-        from modules.models import load_adapter  # transformers and peft: seconds, so after the checks
-
-        model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
-    except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
-        error = str(err).strip().splitlines()[0]
-    error = dist.first_error(error)
+    job, model, tokenizer, error = plan_and_load_adapter(lambda: plan_scoring(args), args, device)
     if error:
         return stop(error)
     run_dir, error = dist.broadcast(new_scoring_dir(args, job) if dist.is_main() else (None, None))

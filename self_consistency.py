@@ -29,8 +29,8 @@ from pathlib import Path
 from modules.bank import (BANK, append_bank_line, bank_files, bank_line, merge_banks, own_bank_name, read_bank,
                           sampled_ids)
 from modules.jsonio import DataError, read_json, write_json_atomic
-from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error, setup_logging,
-                          stop)
+from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error,
+                          plan_and_load_adapter, setup_logging, stop)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("self_consistency")
@@ -381,24 +381,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from modules import dist
     from modules.scoring import score_line_budget
 
-    # One process without --device_id lets the loader choose (first GPU, else CPU), after it has
-    # checked the adapter's base model; under a launcher each process takes its LOCAL_RANK's GPU and
-    # joins the process group first, so that the checks below end with one verdict for all.
+    # Under a launcher each process takes its LOCAL_RANK's GPU and joins the process group first, so
+    # that the checks end with one verdict for all. Everything that can be wrong with the input
+    # fails in plan_sampling, before minutes of model loading.
     device = dist.join(args.device_id)
-    error = None
-    try:
-        # Everything that can be wrong with the input fails here, before minutes of model loading.
-        plan = plan_sampling(args)
-        if device is None and args.device_id is not None:
-            device = dist.device(args.device_id)
-        from modules.models import load_adapter  # transformers and peft: seconds, so after the checks
-
-        model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
-    except (DataError, CliError) as err:
-        error = str(err)
-    except (ValueError, OSError) as err:  # the loader's messages can span lines; the first says what
-        error = str(err).strip().splitlines()[0]
-    error = dist.first_error(error)
+    plan, model, tokenizer, error = plan_and_load_adapter(lambda: plan_sampling(args), args, device, (CliError,))
     if error:
         return stop(error)
     if dist.is_main():  # only now: a run that stops on an input error prints that error line alone

@@ -15,6 +15,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn", "wandb", "gguf")
@@ -82,6 +83,30 @@ def create_run_dir(path: Path | None, parent: Path | None = None, prefix: str = 
         raise RunDirError(f"{path if path is not None else base}: cannot create the run folder "
                           f"({err.strerror})") from None
     raise RunDirError(f"{base}: could not create a new run folder")
+
+
+def plan_and_load_adapter(plan: Callable[[], object], args, device, errors: tuple[type[Exception], ...] = ()):
+    """``(plan(), model, tokenizer, error)``: every input check of a command that scores with a
+    trained adapter (``plan``), then the adapter of ``args.adapter_dir`` on ``args.base_model_name``,
+    loaded only once the checks pass (transformers and peft take seconds to import). ``error`` is
+    the one line every process agrees on (None when all went well): a ValueError's, OSError's or
+    one of ``errors``' first line (the loader's messages can span lines; the first says what).
+
+    One process without --device_id lets the loader choose its device (first GPU, else CPU) after
+    it has checked the adapter's base model; ``device`` is the launcher's, or None alone."""
+    from modules import dist
+
+    planned = model = tokenizer = error = None
+    try:
+        planned = plan()
+        if device is None and args.device_id is not None:
+            device = dist.device(args.device_id)
+        from modules.models import load_adapter
+
+        model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
+    except (OSError, ValueError, *errors) as err:
+        error = str(err).strip().splitlines()[0]
+    return planned, model, tokenizer, dist.first_error(error)
 
 
 # --------------------------------------------------------------------------- a training run's prompts
