@@ -97,3 +97,28 @@ def test_graded_essays_get_the_training_runs_qwk(trained, tmp_path):
     expected = json.loads((run_dir / "evaluation_results.json").read_text())
     assert results["token"] == expected["token"] and "weighted" not in results
     assert "average" in result.stdout and f"run folder: {out}" in result.stdout
+
+
+def test_loader_takes_essays_without_scores_only_when_asked(tmp_path):
+    from modules.data import load_split
+    from modules.jsonio import DataError
+
+    shipped = ROOT / "aes_dataset_mtl"
+    records = read_jsonl(shipped / "test.jsonl")[:3]
+    del records[0]["scores"]
+    records[1]["scores"] = None
+    path = tmp_path / "essays.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    info_dir = small_dataset(tmp_path / "data")  # dataset.json only
+    from modules.data import load_dataset_info
+
+    info = load_dataset_info(info_dir)
+    loaded = load_split(path, info, scores_optional=True)
+    assert [r.scores for r in loaded[:2]] == [None, None]
+    assert loaded[2].scores == tuple(records[2]["scores"][name] for name in info.rubric_names)
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'scores': missing"):
+        load_split(path, info)  # a training or evaluation split
+    records[2]["scores"]["task"] = "nine"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:3: field 'scores.task': score 'nine' is not a non-negative"):
+        load_split(path, info, scores_optional=True)
