@@ -302,8 +302,13 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
     model = scoring_model(args, trainer, model, run_dir, device)
     test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
+    annotate = None
+    if not args.no_weighted:
+        valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, max_prompt_tokens)
+        annotate = lambda rows: calibrated_rows(rows, valid_rows, splits["valid"], test_records, info, run_dir, args)
     return score_and_report(args, model, tokenizer, test_records, info, run_dir, manifest,
-                            mtl=args.mtl, prompt_format=args.prompt_format, max_prompt_tokens=max_prompt_tokens)
+                            mtl=args.mtl, prompt_format=args.prompt_format, max_prompt_tokens=max_prompt_tokens,
+                            annotate=annotate)
 
 
 # --------------------------------------------------------------------------- the stages of run
@@ -495,32 +500,75 @@ def scoring_model(args: argparse.Namespace, trainer, model, run_dir: Path, devic
     return model
 
 
-def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path, manifest: dict,
-                     *, mtl: bool, prompt_format: str, max_prompt_tokens: int | None,
-                     annotate: Callable[[list[dict]], list[dict]] | None = None) -> int:
-    """Greedy and weighted scores of ``records``, prompted exactly as in training: each process
-    scores every world_size-th essay, rank 0 puts them back in file order, ``annotate`` adds to
-    the rows (confidence), and it writes predictions.jsonl, the manifest and, when every essay has
-    gold scores, evaluation_results.json (QWK) and the printed table."""
+def predict_records(args: argparse.Namespace, model, tokenizer, records: list, info, *, mtl: bool, prompt_format: str,
+                    max_prompt_tokens: int | None) -> list[dict]:
+    """Greedy and weighted predictions of ``records``, prompted exactly as in training: each process
+    scores every world_size-th essay and rank 0 gets them all back in file order."""
     from modules import dist
-    from modules.evaluation import evaluate_predictions, format_results_table, predict_split
-    from modules.jsonio import write_json_atomic, write_jsonl_atomic
+    from modules.evaluation import predict_split
 
-    started = time.time()
-    predictions = dist.gather(predict_split(
+    return dist.gather(predict_split(
         model, tokenizer, dist.shard(records), info, mtl=mtl, prompt_format=prompt_format,
         max_prompt_tokens=max_prompt_tokens, batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
         generate_feedback=args.generate_feedback, constrained=args.constrained))
+
+
+def score_valid(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path,
+                max_prompt_tokens: int) -> list[dict]:
+    """The validation essays' predictions (valid_predictions.jsonl): what the confidence signal, the
+    conformal quantiles and the review threshold are chosen on, so that test gold never is."""
+    from modules import dist
+    from modules.jsonio import write_jsonl_atomic
+
+    rows = predict_records(args, model, tokenizer, records, info, mtl=args.mtl, prompt_format=args.prompt_format,
+                           max_prompt_tokens=max_prompt_tokens)
     if dist.is_main():
-        predictions = annotate(predictions) if annotate else predictions
+        write_jsonl_atomic(run_dir / "valid_predictions.jsonl", rows)
+    return rows
+
+
+def calibrated_rows(test_rows: list[dict], valid_rows: list[dict], valid_records: list, test_records: list, info,
+                    run_dir: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Rank 0: the test rows with confidence, conformal score sets and review flags, all chosen on the
+    validation rows; the confidence report for evaluation_results.json. Writes
+    confidence_calibration.json (what --score_path applies to new essays) and the two figures."""
+    from modules.evaluation import evaluate_confidence
+
+    rows, report, _ = evaluate_confidence(
+        valid_rows, test_rows, info, run_dir, valid_essays=[r.essay for r in valid_records],
+        test_essays=[r.essay for r in test_records], title=run_dir.name, seed=args.seed)
+    return rows, report
+
+
+def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path, manifest: dict,
+                     *, mtl: bool, prompt_format: str, max_prompt_tokens: int | None,
+                     annotate: Callable[[list[dict]], tuple[list[dict], dict | None]] | None = None) -> int:
+    """Greedy and weighted scores of ``records`` (:func:`predict_records`); on rank 0, ``annotate``
+    adds the confidence to the rows (and may return a confidence report), then it writes
+    predictions.jsonl, the manifest and, when every essay has gold scores, evaluation_results.json
+    (QWK, and the report under "confidence") and the printed tables."""
+    from modules import dist
+    from modules.confidence import format_confidence_report
+    from modules.evaluation import evaluate_predictions, format_results_table
+    from modules.jsonio import write_json_atomic, write_jsonl_atomic
+
+    started = time.time()
+    predictions = predict_records(args, model, tokenizer, records, info, mtl=mtl, prompt_format=prompt_format,
+                                  max_prompt_tokens=max_prompt_tokens)
+    if dist.is_main():
+        predictions, report = annotate(predictions) if annotate else (predictions, None)
         write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)
         manifest["inference_seconds"] = round(time.time() - started, 1)
         write_json_atomic(run_dir / MANIFEST, manifest)
         graded = sum(p["gold"] is not None for p in predictions)
         if graded == len(predictions):
             results = evaluate_predictions(predictions, info)
+            if report is not None:
+                results["confidence"] = report
             write_json_atomic(run_dir / "evaluation_results.json", results)
             print(format_results_table(results, info, constrained=args.constrained))
+            if report is not None:
+                print(format_confidence_report(report))
         else:
             print(f"scored {len(predictions)} essays ({graded} with gold scores; QWK is reported when every essay "
                   f"has them): {run_dir / 'predictions.jsonl'}")
@@ -630,7 +678,9 @@ def read_calibration(args: argparse.Namespace, adapter: Path, info) -> dict | No
     if calibration.get("signal") in SAMPLE_SIGNALS:
         raise DataError(f"{path}: field 'signal': {calibration['signal']!r} needs a sample bank; scoring has none")
     if calibration.get("prediction") == "weighted" and args.no_weighted:
-        raise DataError(f"--no_weighted: {path} judges the weighted prediction; drop --no_weighted")
+        logger.warning("--no_weighted: %s judges the weighted prediction, so these rows get no score sets or review "
+                       "flags", path)
+        return None
     return calibration
 
 
@@ -663,16 +713,16 @@ def scoring_manifest(args: argparse.Namespace, job: ScoringJob, run_dir: Path, m
     return manifest
 
 
-def confidence_rows(rows: list[dict], job: ScoringJob) -> list[dict]:
+def confidence_rows(rows: list[dict], job: ScoringJob) -> tuple[list[dict], None]:
     """The prediction rows with their confidence: under the adapter's calibration also the
     conformal score sets and the review flag; without one, the signals alone."""
     from modules.confidence import apply_calibration, attach_confidence
 
     essays = [r.essay for r in job.records]
     if job.calibration is not None:
-        return apply_calibration(rows, job.calibration, essays=essays)
+        return apply_calibration(rows, job.calibration, essays=essays), None
     logger.info("the adapter has no confidence calibration: confidence signals without score sets or review flags")
-    return attach_confidence(rows, job.info.rubric_names, job.info.ranges, essays=essays)
+    return attach_confidence(rows, job.info.rubric_names, job.info.ranges, essays=essays), None
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ Stages, each timed (wall seconds):
 2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
    ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
    layer; no ``--mtl``: these corpora have no feedback), loss CE + 0.2 NTL (``--ablation``: CE
-   only), training seed ``--seed``; greedy and weighted test predictions from its run folder.
-3. validation scoring: main_pipeline.py scores only the test split, so the saved adapter scores the
-   validation essays (greedy and weighted, the training prompts: same ``max_prompt_tokens``); the
-   best row is chosen on them, never on the test essays. Without ``--replicate`` the same model load
-   also rescores test and validation with ``--constrained`` greedy decoding.
+   only), training seed ``--seed``; greedy and weighted predictions of the test and the validation
+   essays from its run folder (predictions.jsonl, valid_predictions.jsonl); the best row is chosen
+   on the validation essays, never on the test essays.
+3. constrained greedy (skipped with ``--replicate``): the saved adapter rescores test and validation
+   with ``--constrained`` greedy decoding, on the training prompts (same ``max_prompt_tokens``).
 4. self-consistency (skipped with ``--replicate``): ``self_consistency.py run`` with ``--max_m m`` on
    the test and the validation essays, once unconstrained and once ``--constrained``; majority and
    average votes over all m samples of each essay.
@@ -298,50 +298,41 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
            "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0"]
     cmd += ["--group_by_length"] if args.group_by_length else []
     run_logged(cmd, log)
-    predictions = read_jsonl(run_dir / "predictions.jsonl")
+    predictions = {"test": read_jsonl(run_dir / "predictions.jsonl"),
+                   "valid": read_jsonl(run_dir / "valid_predictions.jsonl")}
     manifest = read_json(run_dir / "run_manifest.json")
     history = json.loads(read_text_utf8(run_dir / "log_history.json"))  # a list: the Trainer's log entries
     train = manifest.get("train", {})
-    return {"test": {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
-                     "rows": {"greedy": [p["greedy"] for p in predictions],
-                              "weighted": [p["weighted"] for p in predictions]},
-                     "weighted_expected": expected_scores(predictions),
-                     "line_counts": {"greedy": line_counts(predictions)}},
+    return {**{split: split_entry(rows) for split, rows in predictions.items()},
             "training": {"seconds": train.get("seconds"), "global_step": train.get("global_step"),
                          "best_checkpoint": Path(train["best_checkpoint"]).name if train.get("best_checkpoint") else None,
                          "best_eval_loss": train.get("best_eval_loss"),
                          "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h],
                          "inference_seconds": manifest.get("inference_seconds")},
-            "max_prompt_tokens": manifest["max_prompt_tokens"], "predictions": {"test": predictions}}
+            "max_prompt_tokens": manifest["max_prompt_tokens"], "predictions": predictions}
+
+
+def split_entry(predictions: list[dict]) -> dict:
+    """One split's greedy and weighted rows as the result file keeps them."""
+    return {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
+            "rows": {"greedy": [p["greedy"] for p in predictions], "weighted": [p["weighted"] for p in predictions]},
+            "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
 
 
 def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, run: dict,
             timings: dict[str, float]) -> None:
-    """One load of the saved adapter: greedy + weighted on the validation essays (their rows also
-    under ``run["predictions"]["valid"]``), and (unless ``--replicate``) constrained greedy on test
-    and validation; all on the training prompts."""
+    """Constrained greedy on test and validation from the saved adapter, on the training prompts
+    (main_pipeline.py wrote both splits' unconstrained greedy and weighted rows)."""
     from modules.data import load_splits
     from modules.evaluation import predict_split
     from modules.models import load_adapter
 
     info, splits = load_splits(data_dir)
     model, tokenizer = load_adapter(args.base_model, run_dir)
-
-    def predict(split: str, constrained: bool) -> list[dict]:
-        return predict_split(model, tokenizer, splits[split], info, mtl=False, max_prompt_tokens=max_prompt_tokens,
-                             weighted=not constrained, constrained=constrained)
-
-    with stage("validation scoring", timings):
-        valid = predict("valid", constrained=False)
-    run["valid"] = {"ids": [p["id"] for p in valid], "gold": [p["gold"] for p in valid],
-                    "rows": {"greedy": [p["greedy"] for p in valid], "weighted": [p["weighted"] for p in valid]},
-                    "weighted_expected": expected_scores(valid), "line_counts": {"greedy": line_counts(valid)}}
-    run["predictions"]["valid"] = valid
-    if args.replicate:
-        return
     with stage("greedy, constrained", timings):
         for split in SCORED_SPLITS:
-            predictions = predict(split, constrained=True)
+            predictions = predict_split(model, tokenizer, splits[split], info, mtl=False,
+                                        max_prompt_tokens=max_prompt_tokens, weighted=False, constrained=True)
             run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in predictions]
             run[split]["line_counts"]["greedy, constrained"] = line_counts(predictions)
 
@@ -520,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         ranges = [(r["min"], r["max"]) for r in meta["rubrics"]]
         with stage("train + score", timings):
             run = train_and_score(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
-        rescore(args, data, run_dir, run["max_prompt_tokens"], run, timings)
+        if not args.replicate:
+            rescore(args, data, run_dir, run["max_prompt_tokens"], run, timings)
         for constrained in () if args.replicate else (False, True):
             name = "self-consistency" + (", constrained" if constrained else "")
             with stage(name, timings):

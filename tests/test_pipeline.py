@@ -144,7 +144,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
 
     rubrics = [r["name"] for r in json.loads((small_data / "dataset.json").read_text())["rubrics"]]
     results = json.loads((run_dir / "evaluation_results.json").read_text())
-    assert set(results) == {"token", "weighted"}
+    assert set(results) == {"token", "weighted", "confidence"}
     rows = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
     test_lines = (small_data / "test.jsonl").read_text(encoding="utf-8").splitlines()
     assert [r["gold"] for r in rows] == [[json.loads(l)["scores"][n] for n in rubrics] for l in test_lines]
@@ -158,6 +158,24 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info, mtl=True, batch_size=8,
                           max_prompt_tokens=manifest["max_prompt_tokens"], constrained=True)
     assert [(p["greedy"], p["weighted"], p["text"]) for p in again] == [(r["greedy"], r["weighted"], r["text"]) for r in rows]
+    # The confidence outputs are chosen on the validation essays' predictions, which the run keeps:
+    # recomputed from those files they give the report, the calibration and the test rows' flags.
+    from modules.confidence import apply_calibration, confidence_report
+
+    valid_rows = [json.loads(l) for l in (run_dir / "valid_predictions.jsonl").read_text().splitlines()]
+    valid = load_split(small_data / "valid.jsonl", info)
+    test = load_split(small_data / "test.jsonl", info)
+    assert [r["id"] for r in valid_rows] == [r.id for r in valid]
+    plain = [{k: v for k, v in r.items() if k not in ("confidence", "score_sets", "review")} for r in rows]
+    report, calibration = confidence_report(valid_rows, plain, info.rubric_names, info.ranges,
+                                            valid_essays=[r.essay for r in valid], test_essays=[r.essay for r in test],
+                                            seed=42)
+    assert results["confidence"] == json.loads(json.dumps(report))
+    assert json.loads((run_dir / "confidence_calibration.json").read_text()) == json.loads(json.dumps(calibration))
+    flagged = apply_calibration(plain, calibration, essays=[r.essay for r in test])
+    assert [(r["review"], r["score_sets"]) for r in rows] == [(r["review"], r["score_sets"]) for r in flagged]
+    assert (run_dir / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "confidence (4 essays" in result.stdout
     # And each QWK is sklearn's quadratic kappa of those predictions (0 where kappa is undefined).
     for table, key in (("token", "greedy"), ("weighted", "weighted")):
         kappas = [kappa([r["gold"][k] for r in rows], [r[key][k] for r in rows]) for k in range(len(rubrics))]
