@@ -218,24 +218,13 @@ def make_title(config_args: dict, m: int) -> str:
 
 # --------------------------------------------------------------------------- analysis
 
-def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, *, fallback: list[int],
-                 n_bootstrap: int, seed: int, baselines: dict | None, config_args: dict) -> tuple[dict, dict]:
-    """Votes, curves, bootstrap bands, best scores and figures of a bank; writes them into out_dir.
-
-    Also the confidence of the majority vote over all samples (modules.confidence): per essay in
-    ``confidence.jsonl``, the risk-coverage tables with AURC and AUROC of the self-consistency signals
-    (agreement share, sample std) against essay length and random order in ``confidence.json``, and
-    ``risk_coverage.png``.
-
-    Essays are taken in test-file order, so the result does not depend on the bank's line order.
-    """
+def bank_samples(bank_path: Path, test_path: str, records, info) -> tuple["np.ndarray", int]:
+    """The bank's scores as int [N, m, K] in test-file order (-1 = invalid sample) and its number of
+    truncated samples; a DataError (one line) when its essays, sample counts or gold scores do not
+    match the test file's."""
     import numpy as np
 
-    from modules.confidence import sample_bank_report, with_confidence
-    from modules.jsonio import write_jsonl_atomic
-    from modules.plots import plot_average, plot_overall, plot_per_rubric, plot_risk_coverage
-    from modules.curves import bootstrap_curves, qwk_curves
-    from modules.voting import INVALID, best_scores
+    from modules.voting import INVALID
 
     rows = {row["id"]: row for row in read_bank(bank_path, info.ranges)}
     expected = [r.id for r in records]
@@ -259,6 +248,31 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
         for j, sample in enumerate(row["samples"]):
             if sample["scores"] is not None:
                 samples[e, j] = sample["scores"]
+    truncated = sum(bool(sample.get("truncated")) for r in records for sample in rows[r.id]["samples"])
+    return samples, truncated
+
+
+def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, *, fallback: list[int],
+                 n_bootstrap: int, seed: int, baselines: dict | None, config_args: dict) -> tuple[dict, dict]:
+    """Votes, curves, bootstrap bands, best scores and figures of a bank; writes them into out_dir.
+
+    Also the confidence of the majority vote over all samples (modules.confidence): per essay in
+    ``confidence.jsonl``, the risk-coverage tables with AURC and AUROC of the self-consistency signals
+    (agreement share, sample std) against essay length and random order in ``confidence.json``, and
+    ``risk_coverage.png``.
+
+    Essays are taken in test-file order, so the result does not depend on the bank's line order.
+    """
+    import numpy as np
+
+    from modules.confidence import sample_bank_report, with_confidence
+    from modules.jsonio import write_jsonl_atomic
+    from modules.plots import plot_average, plot_overall, plot_per_rubric, plot_risk_coverage
+    from modules.curves import bootstrap_curves, qwk_curves
+    from modules.voting import INVALID, best_scores
+
+    samples, truncated = bank_samples(bank_path, test_path, records, info)
+    n, m, _ = samples.shape
     gold = np.array([r.scores for r in records], dtype=np.int64)
 
     curves = qwk_curves(samples, gold, info.ranges, fallback, rubric_names=info.rubric_names)
@@ -266,7 +280,6 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
         curves["bootstrap"] = bootstrap_curves(samples, gold, info.ranges, fallback, n_orderings=n_bootstrap,
                                                seed=seed, rubric_names=info.rubric_names)
     invalid = int((samples == INVALID).all(axis=2).sum())
-    truncated = sum(bool(sample.get("truncated")) for r in records for sample in rows[r.id]["samples"])
     curves.update(invalid_rate=invalid / (n * m), invalid_samples=invalid, truncated_samples=truncated,
                   fallback=list(fallback))
     best = best_scores(curves)

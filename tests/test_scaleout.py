@@ -89,7 +89,11 @@ def test_two_process_training_writes_one_run_and_scores_every_essay_once(data, t
         assert got["weighted_expected"] == pytest.approx(want["weighted_expected"], abs=1e-5)
     results = json.loads((run_dir / "evaluation_results.json").read_text())
     expected = evaluate_predictions(alone, info)
-    assert set(results) == set(expected)
+    assert set(results) == set(expected) | {"confidence"}
+    # The validation essays are scored sharded too (the confidence is calibrated on them): each once, in order.
+    valid_rows = [json.loads(l) for l in (run_dir / "valid_predictions.jsonl").read_text().splitlines()]
+    valid_ids = [json.loads(l)["id"] for l in (data.dir / "valid.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in valid_rows] == valid_ids
     for block in expected:
         assert results[block] == pytest.approx(expected[block], abs=1e-9)
 
