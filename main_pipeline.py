@@ -58,7 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
     if args.lora_top_layers < 0:
         p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
+    _check_confidence_flags(p, args)
     return args
+
+
+def _check_confidence_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.review_fraction is not None and args.review_min_qwk is not None:
+        p.error("give --review_fraction or --review_min_qwk, not both")
+    if args.review_fraction is not None and not 0 <= args.review_fraction < 1:
+        p.error(f"--review_fraction must be in [0, 1), got {args.review_fraction}")
+    if args.review_min_qwk is not None and not -1 <= args.review_min_qwk <= 1:
+        p.error(f"--review_min_qwk must be in [-1, 1], got {args.review_min_qwk}")
+    if not 0 < args.conformal_coverage < 1:
+        p.error(f"--conformal_coverage must be in (0, 1), got {args.conformal_coverage}")
 
 
 # What scoring with --score_path reads from the command line; every other flag decides a training
@@ -128,6 +140,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate_feedback", action="store_true", help="let greedy inference write the feedback too")
     p.add_argument("--constrained", action="store_true",
                    help="greedy scoring may only write tokens that keep the answer a prefix of a valid score line")
+    p.add_argument("--review_fraction", type=float, default=None,
+                   help="share of essays to send to a human, as a threshold on the confidence chosen on the "
+                        "validation essays (default 0.2)")
+    p.add_argument("--review_min_qwk", type=float, default=None,
+                   help="instead: the threshold whose auto-scored validation essays reach this average QWK")
+    p.add_argument("--conformal_coverage", type=float, default=0.9, help="target coverage of the score sets")
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -536,7 +554,8 @@ def calibrated_rows(test_rows: list[dict], valid_rows: list[dict], valid_records
 
     rows, report, _ = evaluate_confidence(
         valid_rows, test_rows, info, run_dir, valid_essays=[r.essay for r in valid_records],
-        test_essays=[r.essay for r in test_records], title=run_dir.name, seed=args.seed)
+        test_essays=[r.essay for r in test_records], title=run_dir.name, target_coverage=args.conformal_coverage,
+        review_fraction=args.review_fraction, min_qwk=args.review_min_qwk, seed=args.seed)
     return rows, report
 
 

@@ -125,6 +125,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     # The first run scores with --constrained, the resumed one without: both modes end to end.
     result = run_cli(*TRAIN_FLAGS, *EARLY_STOP_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir),
                      "--constrained", "--lora_top_layers", "1", "--group_by_length", "--bf16",
+                     "--review_fraction", "0.5", "--conformal_coverage", "0.8",
                      env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: offline mode" in result.stdout
@@ -169,7 +170,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     plain = [{k: v for k, v in r.items() if k not in ("confidence", "score_sets", "review")} for r in rows]
     report, calibration = confidence_report(valid_rows, plain, info.rubric_names, info.ranges,
                                             valid_essays=[r.essay for r in valid], test_essays=[r.essay for r in test],
-                                            seed=42)
+                                            target_coverage=0.8, review_fraction=0.5, seed=42)
     assert results["confidence"] == json.loads(json.dumps(report))
     assert json.loads((run_dir / "confidence_calibration.json").read_text()) == json.loads(json.dumps(calibration))
     flagged = apply_calibration(plain, calibration, essays=[r.essay for r in test])
