@@ -496,12 +496,17 @@ def train_and_save(args: argparse.Namespace, trainer, tokenizer, run_dir: Path, 
 
 
 def scoring_model(args: argparse.Namespace, trainer, model, run_dir: Path, device):
-    """The model that scores the test split: the trained one, or under FSDP and ZeRO-3 (which
-    leave each process a shard of the weights, while every process scores its own essays with the
-    whole model) the saved adapter loaded again once rank 0 has written it."""
+    """The model that scores the test split: the trained one (without its training autocast), or
+    under FSDP and ZeRO-3 (which leave each process a shard of the weights, while every process
+    scores its own essays with the whole model) the saved adapter loaded again once rank 0 has
+    written it."""
     if not (trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
                                         and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)):
-        return model
+        from accelerate.utils import extract_model_from_parallel
+
+        # With --bf16 accelerate wrapped the model's forward in autocast for training; scoring runs in
+        # the model's own dtype, as a reloaded adapter (--score_path, self_consistency.py) scores.
+        return extract_model_from_parallel(model, keep_fp32_wrapper=False)
     import torch
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -1,6 +1,6 @@
 """Whole test-split scoring time: each prompt run twice (greedy, then weighted) vs once (shared), in one process.
 
-    python benchmarks/bench_scoring.py [--limit N] [--adapter_dir DIR] [--batch_size 8] [--threads N]
+    python benchmarks/bench_scoring.py [--limit N] [--adapter_dir DIR] [--asap_adapter_dir DIR] [--batch_size 8]
 
 Both sides call ``modules.evaluation.predict_split`` (greedy and weighted predictions, the CLI's
 defaults: unconstrained, no feedback, batches of ``--batch_size`` essays) on ``smollm2-135m``
@@ -18,7 +18,10 @@ whole test split of each (its first ``--limit`` essays when given):
 The saving is one prompt forward per essay; what else an essay costs bounds the ratio. Without
 an adapter the instruct model's lines are rarely valid score lines, so the weighted scorer runs
 one candidate forward per rubric (8 on ``mtl``) instead of one for all: pass a trained adapter
-(``--adapter_dir runs/quickstart``) to measure what a trained run's scoring costs.
+(``--adapter_dir runs/quickstart``) to measure what a trained run's scoring costs. A run folder
+of ``main_pipeline.py`` given as ``--adapter_dir`` (shipped data) or ``--asap_adapter_dir`` (a
+``bench_real_essays.py`` run on ASAP) scores that run's own test split with its own prompts
+(its manifest's data folder, ``mtl`` flag and prompt budget), as a user's scoring would.
 
 Seconds: wall time of ``predict_split``, summed over chunks of ``--batch_size`` essays that the
 two sides score in turn (old first on even chunks, new first on odd ones), so drift in the
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +50,7 @@ from bench_sampling import ASAP_SET7, MODEL  # noqa: E402
 from benchmarks.reference_scoring import two_pass_scoring  # noqa: E402
 from modules.convert.corpora import convert_asap  # noqa: E402
 from modules.data import build_prompt, load_splits  # noqa: E402
+from modules.jsonio import read_json  # noqa: E402
 from modules.evaluation import predict_split  # noqa: E402
 from modules.models import load_adapter, load_base_model  # noqa: E402
 
@@ -53,17 +58,45 @@ SHIPPED = ROOT / "aes_dataset_mtl"
 SIDES = {"old": two_pass_scoring, "new": nullcontext}
 
 
-def workloads(workdir: Path, limit: int | None) -> list[tuple[str, object, list, bool, str]]:
-    """(name, info, test essays, mtl prompt, where the essays come from); asap7 only when its file exists."""
+@dataclass
+class Workload:
+    name: str
+    info: object
+    records: list
+    mtl: bool
+    source: str
+    adapter_dir: str | None  # None: the base model
+    max_prompt_tokens: int | None = None  # the adapter's training budget (run_manifest.json)
+
+
+def adapter_workload(name: str, adapter_dir: str, limit: int | None) -> Workload:
+    """The test split the adapter's run was trained next to, prompted as in that run (its manifest's
+    data folder, mtl flag and prompt budget): the essays and prompts a user's scoring sees."""
+    manifest = read_json(Path(adapter_dir) / "run_manifest.json")
+    config = manifest["config"]
+    info, splits = load_splits(config["data_dir"])
+    return Workload(name, info, splits["test"][:limit], config["mtl"], f"test split of {config['data_dir']}",
+                    adapter_dir, manifest["max_prompt_tokens"])
+
+
+def workloads(workdir: Path, args: argparse.Namespace) -> list[Workload]:
+    """asap7 (only when its file exists, or from --asap_adapter_dir's run) and the shipped data."""
     loads = []
-    if ASAP_SET7.is_file():
+    if args.asap_adapter_dir:
+        loads.append(adapter_workload("asap7", args.asap_adapter_dir, args.limit))
+    elif ASAP_SET7.is_file():
         convert_asap(ASAP_SET7, workdir / "asap7", seed=0)
         info, splits = load_splits(workdir / "asap7")
-        loads.append(("asap7", info, splits["test"][:limit], False, f"{ASAP_SET7} (ASAP set 7, converted with seed 0)"))
+        loads.append(Workload("asap7", info, splits["test"][:args.limit], False,
+                              f"{ASAP_SET7} (ASAP set 7, converted with seed 0)", args.adapter_dir))
     else:
         print(f"[asap7] skipped: {ASAP_SET7} not found")
-    info, splits = load_splits(SHIPPED)
-    loads.append(("mtl", info, splits["test"][:limit], True, f"{SHIPPED} test split (synthetic essays)"))
+    if args.adapter_dir and (Path(args.adapter_dir) / "run_manifest.json").is_file():
+        loads.append(adapter_workload("mtl", args.adapter_dir, args.limit))
+    else:
+        info, splits = load_splits(SHIPPED)
+        loads.append(Workload("mtl", info, splits["test"][:args.limit], True, f"{SHIPPED} test split (synthetic essays)",
+                              args.adapter_dir))
     return loads
 
 
@@ -80,7 +113,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--limit", type=int, default=None, help="score only the first N test essays of each workload")
     p.add_argument("--batch_size", type=int, default=8, help="essays per greedy batch (the CLI's default)")
-    p.add_argument("--adapter_dir", default=None, help=f"a LoRA adapter trained on {MODEL} (default: none)")
+    p.add_argument("--adapter_dir", default=None,
+                   help=f"a LoRA adapter trained on {MODEL} (default: none); a run folder of main_pipeline.py "
+                        "scores its own test split with its own prompts, else the shipped test split")
+    p.add_argument("--asap_adapter_dir", default=None,
+                   help="a run folder trained on ASAP essays (bench_real_essays.py): the asap7 workload is its "
+                        "test split, prompted as it was trained")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's); 1 on a CPU shared with other jobs")
     args = p.parse_args()
@@ -92,26 +130,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        loads = workloads(Path(tmp), args.limit)
-    if args.adapter_dir:
-        model, tokenizer = load_adapter(MODEL, args.adapter_dir)
-    else:
-        model, tokenizer = load_base_model(MODEL)
-    print(f"{MODEL}{' + ' + args.adapter_dir if args.adapter_dir else ''}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {next(model.parameters()).device}, {next(model.parameters()).dtype}; "
-          f"batches of {args.batch_size}")
+        loads = workloads(Path(tmp), args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batches of {args.batch_size}")
 
     ratios = []
-    for name, info, records, mtl, source in loads:
-        lengths = [len(tokenizer(build_prompt(r, info, tokenizer, mtl), add_special_tokens=False)["input_ids"])
-                   for r in records]
-        print(f"\n[{name}] essays: {source}")
+    for load in loads:
+        model, tokenizer = load_adapter(MODEL, load.adapter_dir) if load.adapter_dir else load_base_model(MODEL)
+        info, records, mtl = load.info, load.records, load.mtl
+        lengths = [len(tokenizer(build_prompt(r, info, tokenizer, mtl, "chat", load.max_prompt_tokens),
+                                 add_special_tokens=False)["input_ids"]) for r in records]
+        print(f"\n[{load.name}] essays: {load.source}; {MODEL}{' + ' + load.adapter_dir if load.adapter_dir else ''}, "
+              f"{next(model.parameters()).dtype}")
         print(f"{len(records)} essays, prompts of {min(lengths)}-{max(lengths)} tokens "
               f"(mean {sum(lengths) / len(lengths):.0f}); {len(info.ranges)} rubric(s)")
 
         def score(side: str, chunk: list) -> list[dict]:
             with SIDES[side]():
-                return predict_split(model, tokenizer, chunk, info, mtl=mtl, batch_size=args.batch_size)
+                return predict_split(model, tokenizer, chunk, info, mtl=mtl, batch_size=args.batch_size,
+                                     max_prompt_tokens=load.max_prompt_tokens)
 
         for side in SIDES:  # warm-up: first-call costs (vocabulary tables, constraint, kernels) out of the timing
             score(side, records[:1])
@@ -131,7 +167,7 @@ def main() -> None:
         print(f"identical greedy lines {same}/{len(records)}; max |E_old - E_new| = {expected:.2e}, "
               f"max |p_old - p_new| = {probs:.2e}")
         ratios.append(seconds["old"] / seconds["new"])
-        print(f"[{name}] old/new whole-split scoring time: {ratios[-1]:.2f}x")
+        print(f"[{load.name}] old/new whole-split scoring time: {ratios[-1]:.2f}x")
     print(f"ratio={min(ratios):.2f}")
 
 

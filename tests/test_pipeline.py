@@ -159,6 +159,8 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info, mtl=True, batch_size=8,
                           max_prompt_tokens=manifest["max_prompt_tokens"], constrained=True)
     assert [(p["greedy"], p["weighted"], p["text"]) for p in again] == [(r["greedy"], r["weighted"], r["text"]) for r in rows]
+    # to float32 precision: the run trained under bf16 autocast (--bf16), and scoring must not inherit it
+    assert [p["weighted_expected"] for p in again] == [pytest.approx(r["weighted_expected"], abs=1e-5) for r in rows]
     # The confidence outputs are chosen on the validation essays' predictions, which the run keeps:
     # recomputed from those files they give the report, the calibration and the test rows' flags.
     from modules.confidence import apply_calibration, confidence_report
