@@ -110,7 +110,7 @@ import real_essay_tables as tables  # noqa: E402
 from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions  # noqa: E402
 from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse  # noqa: E402
 from modules.convert.pipeline import read_table  # noqa: E402
-from modules.data import SPLITS  # noqa: E402
+from modules.data import SPLITS, load_dataset_info  # noqa: E402
 from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,  # noqa: E402
                            write_jsonl_atomic)
 
@@ -338,14 +338,13 @@ def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_
 
 
 def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, out_dir: Path, log: Path,
-                     constrained: bool, ranges: list[tuple[int, int]]) -> tuple[dict, dict, str, "np.ndarray"]:
+                     constrained: bool, info) -> tuple[dict, dict, str, "np.ndarray"]:
     """self_consistency.py run on the adapter; per-essay majority and average votes over all m
     samples, the invalid/truncated sample counts, the sampler's name and the sample bank
     (int [N, m, K] in the split file's order, -1 invalid)."""
-    import numpy as np
-
-    from modules.bank import read_bank
+    from modules.data import load_split
     from modules.voting import INVALID, average_vote, default_fallback, majority_vote
+    from self_consistency import bank_samples
 
     cmd = [sys.executable, str(ROOT / "self_consistency.py"), "run", "--adapter_dir", str(run_dir),
            "--base_model_name", args.base_model, "--test_path", str(split_path), "--max_m", str(args.m),
@@ -353,16 +352,8 @@ def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, 
     cmd += ["--sampler", args.sampler] if args.sampler else []
     cmd += ["--constrained"] if constrained else []
     run_logged(cmd, log)
-    rows = {row["id"]: row for row in read_bank(out_dir / "samples.jsonl", ranges)}
-    ids = [r["id"] for r in read_jsonl(split_path)]
-    samples = np.full((len(ids), args.m, len(ranges)), INVALID, dtype=np.int64)
-    truncated = 0
-    for e, essay_id in enumerate(ids):
-        for j, sample in enumerate(rows[essay_id]["samples"][: args.m]):
-            truncated += bool(sample.get("truncated"))
-            if sample["scores"] is not None:
-                samples[e, j] = sample["scores"]
-    fallback = default_fallback(ranges)  # self_consistency.py's default: the rubric midpoints
+    samples, truncated = bank_samples(out_dir / "samples.jsonl", str(split_path), load_split(split_path, info), info)
+    fallback = default_fallback(info.ranges)  # self_consistency.py's default: the rubric midpoints
     suffix = ", constrained" if constrained else ""
     votes = {f"SC majority{suffix}": majority_vote(samples, fallback).tolist(),
              f"SC average{suffix}": average_vote(samples, fallback).tolist()}
@@ -508,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             data = out / f"data_seed{args.data_seed}"
             make_subset(full, data, sizes, args.data_seed)
         meta = read_json(data / "dataset.json")
-        ranges = [(r["min"], r["max"]) for r in meta["rubrics"]]
+        info = load_dataset_info(data)
         with stage("train + score", timings):
             run = train_and_score(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
         if not args.replicate:
@@ -520,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     folder = f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else "")
                     votes, counts, sampler, samples = self_consistency(
                         args, run_dir, data / f"{split}.jsonl", out / folder, out / "logs" / f"{folder}.log",
-                        constrained, ranges)
+                        constrained, info)
                     if not constrained:  # the SC signals judge the unconstrained samples' spread
                         banks[split] = samples
                     run[split]["rows"].update(votes)

@@ -478,3 +478,63 @@ def test_benchmark_confidence_study_aligns_by_id_and_saves_figures(tmp_path: Pat
     assert set(report) == {"large_errors", "ece", "conformal", "review"}
     no_bank = bench.confidence_study(tmp_path, predictions, {}, meta, 3, tmp_path, "u", "toy")  # --replicate
     assert set(no_bank["signals"]["test"]) == {"p_pred", "neg_std", "neg_entropy", "length", "random"}
+
+
+# --------------------------------------------------------------------------- the whole benchmark, tiny
+
+
+def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Every stage of one command on a 40-essay file in the ELL layout with the tiny model: the result
+    file holds each row for the same essays in the split file's order, six in-range numbers per
+    line, the SC votes of the sample bank the subprocess wrote, and the printed tables."""
+    import csv
+
+    from modules.voting import INVALID, majority_vote
+
+    traits = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]
+    with open(tmp_path / "ell.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text_id", "full_text", *traits])
+        for i in range(40):
+            words = " ".join(["the dog ran home"] * (3 + i % 7))
+            w.writerow([f"T{i:03d}", f"Essay {i}. {words}.", *[f"{1 + ((i + k) % 9) * 0.5:.1f}" for k in range(6)]])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    out = tmp_path / "bench"
+    argv = ["--corpus", "ell", "--input", str(tmp_path / "ell.csv"), "--out_dir", str(out), "--base_model",
+            "tiny-random-llama", "--train_essays", "8", "--valid_essays", "4", "--test_essays", "4", "--max_steps", "2",
+            "--m", "3", "--max_seq_length", "256", "--bootstrap", "20"]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "smoke run" in printed and "best_lora_qwk=" in printed and "MCRMSE" in printed
+    [path] = list((out / "results" / "ell").glob("ce-ntl_seed0_*.json"))
+    saved = json.loads(path.read_text())
+    assert saved["corpus"] == "ell" and saved["variant"] == "ce+ntl" and not saved["replicate"]
+    assert [r["scale"] for r in saved["rubrics"]] == [2] * 6
+    lora_rows = ["greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
+                 "SC majority, constrained", "SC average, constrained"]
+    assert set(saved["rows"]) == set(lora_rows)
+    assert {"convert + subset", "train + score", "greedy, constrained", "self-consistency", "baselines",
+            "confidence", "total"} <= set(saved["timings"])
+    for split, n in (("test", 4), ("valid", 4)):
+        entry = saved["splits"][split]
+        records = [json.loads(line) for line in (out / "data_seed0" / f"{split}.jsonl").read_text().splitlines()]
+        assert entry["ids"] == [r["id"] for r in records]
+        assert entry["gold"] == [[r["scores"][t] for t in traits] for r in records]
+        assert set(entry["rows"]) == set(lora_rows) | set(tables.BASELINE_ROWS)
+        for row, scores in entry["rows"].items():
+            assert len(scores) == n and all(len(s) == 6 and all(2 <= v <= 10 for v in s) for s in scores), row
+        assert len(entry["weighted_expected"]) == n and all(2 <= v <= 10 for s in entry["weighted_expected"] for v in s)
+        # the votes are the bank's: rebuilt here from samples.jsonl's text, in the split file's order
+        for suffix, folder in (("", ""), (", constrained", "_constrained")):
+            bank = {}
+            for line in (out / f"sc_ce+ntl_seed0_{split}{folder}" / "samples.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                bank[row["id"]] = [s["scores"] if s["scores"] is not None else [INVALID] * 6 for s in row["samples"]]
+            samples = np.array([bank[i] for i in entry["ids"]])
+            assert entry["rows"]["SC majority" + suffix] == majority_vote(samples, [6] * 6).tolist()
+            counts = entry["line_counts"]["SC samples" + suffix]
+            assert counts == {"lines": n * 3, "invalid": int((samples == INVALID).all(axis=2).sum()), "truncated": counts["truncated"]}
+        assert entry["line_counts"]["SC samples, constrained"]["invalid"] == 0
+    # a second command on the same folder and seed is refused before anything runs
+    assert bench.main(argv) == 2
