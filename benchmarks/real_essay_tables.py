@@ -281,6 +281,27 @@ def metric_table(group: Group) -> list[str]:
     return lines
 
 
+def minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+
+
+def runs_table(group: Group) -> list[str]:
+    """Markdown lines: one row per result file, what it ran (rows, wall time, training, checkpoint
+    kept on validation loss), where (CPU, torch, commit) and the command."""
+    lines = ["| run | rows | wall | training | eval loss per epoch (kept) | CPU, torch | commit | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(group.results, key=lambda r: (list(VARIANT_NAMES).index(r["variant"]), r["seed"])):
+        train = r.get("training", {})
+        losses = ", ".join(f"{loss:.3f}" for _, loss in train.get("eval_loss", []))
+        machine, git = r.get("machine", {}), r.get("git", {})
+        rows = "all" if not r.get("replicate") else "greedy, weighted"
+        lines.append(f"| {VARIANT_NAMES[r['variant']]}, seed {r['seed']} | {rows} | {minutes(r.get('timings', {}).get('total'))} "
+                     f"| {minutes(train.get('seconds'))}, {train.get('global_step')} steps | {losses} "
+                     f"({train.get('best_checkpoint')}) | {machine.get('cpu')}, {machine.get('torch')} "
+                     f"| {git.get('commit')}{' (dirty)' if git.get('dirty') else ''} | `{r.get('command')}` |")
+    return lines
+
+
 def difference_lines(group: Group, n: int, seed: int) -> list[str]:
     """Hierarchical-bootstrap intervals of average-QWK differences: CE+NTL minus CE only per row,
     and each LoRA row minus each baseline."""
@@ -467,6 +488,7 @@ def group_report(group: Group, n: int, seed: int) -> str:
            f"{sizes.get('test')} test essays; rubrics "
            + ", ".join(f"{r['name']} {r['min']}-{r['max']}" for r in group.rubrics)
            + "; seeds " + "; ".join(f"{VARIANT_NAMES.get(v, v)}: {sorted(s)}" for v, s in seeds.items()), ""]
+    out += runs_table(group) + [""]
     out += metric_table(group)
     best = group.best_on_validation()
     if best:

@@ -164,8 +164,12 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     valid = {"greedy": GOLD_VALID, "weighted": GOLD_VALID, "SC average": GOLD_VALID, "training mean": [[2, 2]] * 6}
     replicate = {"greedy": shifted(GOLD_TEST, 1, step=3), "weighted": shifted(GOLD_TEST, -1, step=4)}
     ce = {"greedy": shifted(GOLD_TEST, 2, step=2), "weighted": shifted(GOLD_TEST, 1, step=2)}
-    for i, content in enumerate([result("ce+ntl", 0, full, valid), result("ce+ntl", 1, replicate, valid),
-                                 result("ce", 0, ce, valid),
+    replicate_run = {**result("ce+ntl", 1, replicate, valid), "replicate": True, "timings": {"total": 1806.4},
+                     "training": {"seconds": 1636.4, "global_step": 500, "best_checkpoint": "checkpoint-500",
+                                  "eval_loss": [[1.0, 1.81187], [2.0, 1.8207], [2.5, 1.7688]]},
+                     "machine": {"cpu": "AMD EPYC", "torch": "2.13.0+cpu"}, "git": {"commit": "ba22d2f", "dirty": False},
+                     "command": "bench_real_essays.py --corpus asap --seed 1 --replicate"}
+    for i, content in enumerate([result("ce+ntl", 0, full, valid), replicate_run, result("ce", 0, ce, valid),
                                  result("ce+ntl", 0, full, valid, sizes={"train": 5, "valid": 6, "test": 8})]):
         tables.write_result(tmp_path / "toy" / f"r{i}.json", content)
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "200"]) == 0
@@ -192,6 +196,12 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     assert "seeds and essays" in rows["LoRA CE+NTL, greedy minus training mean"]
     assert "best LoRA row on the validation essays: LoRA CE+NTL, greedy" in first  # ties: table order
     assert "LoRA CE+NTL, greedy seed 0: 1 invalid, 1 truncated of 8" in first
+    # one line per result file: what ran, how long, where, and the command
+    assert ("| LoRA CE+NTL, seed 1 | greedy, weighted | 30 min 6 s | 27 min 16 s, 500 steps | 1.812, 1.821, 1.769 "
+            "(checkpoint-500) | AMD EPYC, 2.13.0+cpu | ba22d2f | `bench_real_essays.py --corpus asap --seed 1 --replicate` |"
+            in first.splitlines())
+    assert first.index("| LoRA CE+NTL, seed 0 | all |") < first.index("| LoRA CE+NTL, seed 1 |") \
+        < first.index("| LoRA CE only, seed 0 | all |")
 
 
 def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> None:
