@@ -1,12 +1,14 @@
-"""Training throughput on the CPU: SmolLM2-135M LoRA steps on real ASAP set-7 essays, today's
-default settings against the CPU recipe, in one process.
+"""Training throughput on the CPU: SmolLM2-135M LoRA steps on real essays, today's default settings
+against the CPU recipe, in one process.
 
-    python benchmarks/bench_training.py [--essays 48] [--levers [LEVER ...]]
+    python benchmarks/bench_training.py [--corpus asap] [--essays 48] [--levers [LEVER ...]]
 
-Each setting trains a fresh LoRA with the project's ``CustomTrainer`` (CE + 2.0 NTL, the real HF
-Trainer, batch 4, lr 1e-3) on ``--essays`` essays: ``--essays / 4`` batches of one epoch over all
-1,099 essays of the converted train split (``modules.convert.corpora.convert_asap``, holistic
-0-30), encoded exactly as ``main_pipeline.py`` encodes them. The epoch's batches are random, or
+``--corpus`` is one of ``bench_real_essays.py``'s (``asap``: ASAP set 7 holistic 0-30;
+``asap-traits``: with its four traits on the same line; ``ell``: six traits), converted by its
+converter. Each setting trains a fresh LoRA with the project's ``CustomTrainer`` (CE + 2.0 NTL, the
+real HF Trainer, batch 4, lr 1e-3) on ``--essays`` essays: ``--essays / 4`` batches of one epoch over
+all essays of the converted train split (ASAP set 7: 1,099), encoded exactly as ``main_pipeline.py``
+encodes them. The epoch's batches are random, or
 length-grouped for settings that group (``modules.trainer.ShuffledLengthBuckets``, what
 ``--group_by_length`` uses); the sample is picked at evenly spaced quantiles of the batches' padded
 width, so its padding is the epoch's (each line prints both). Throughput is essays / the Trainer's
@@ -15,11 +17,14 @@ width, so its padding is the epoch's (each line prints both). Throughput is essa
 - ``default``: what ``main_pipeline.py`` does without the recipe flags: LoRA on q/v of every
   layer, random batches padded to their longest essay, float32.
 - ``recipe``: the flags ``bench_real_essays.py`` trains with (``CPU_RECIPE`` below).
-- ``--levers``: also each lever (or the ones named) alone on top of ``default``.
+- ``--levers``: also each lever (or the ones named) alone on top of ``default``; the prompt levers
+  (``short system prompt``, ``no writing prompt``: dataset.json's writing prompt left out of every
+  prompt, ``prompt <= 256 tokens``) show what a shorter prompt buys.
 
-Prints one line per setting (essays/s, padded tokens per essay, final loss) and ends with
+Prints, per prompt variant, the mean tokens per training example (prompt without its essay, essay,
+target + EOS), then one line per setting (essays/s, padded tokens per essay, final loss) and ends with
 ``ratio=<recipe essays/s / default essays/s>``. Run it alone: two cores, so anything running beside
-it shows up in the figures. When the shared ASAP file is absent it says so and exits 0.
+it shows up in the figures. When the corpus file is absent it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_real_essays import ASAP7, SYSTEM_PROMPT, shared_file_missing  # noqa: E402
+import bench_real_essays  # noqa: E402
+from bench_real_essays import SYSTEM_PROMPT, shared_file_missing  # noqa: E402
 
 # The CPU recipe of "Results on real essays" (README): bf16 autocast, length-bucketed batches in
 # random order (--bf16 --group_by_length) and bench_real_essays.py's short system message. LoRA stays on
@@ -50,12 +56,14 @@ LEVERS = {
     "1 thread": {"threads": 1},
     "prompt <= 256 tokens": {"max_prompt_tokens": 256},
     "short system prompt": {"system_prompt": SYSTEM_PROMPT},
+    "no writing prompt": {"writing_prompt": False},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", default=str(ASAP7), help="ASAP set-7 file (training_set_rel3.tsv layout)")
+    p.add_argument("--corpus", choices=sorted(bench_real_essays.CORPORA), default="asap")
+    p.add_argument("--input", default=None, help="corpus file in the corpus's layout (default: its file in ../shared/data)")
     p.add_argument("--essays", type=int, default=48, help="essays per setting (one epoch; a multiple of 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levers", nargs="*", default=None, choices=list(LEVERS), metavar="LEVER",
@@ -63,32 +71,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.essays < 4 or args.essays % 4:
         p.error("--essays must be a positive multiple of the batch size 4")
+    args.input = args.input or str(bench_real_essays.CORPORA[args.corpus].default_input)
     return args
 
 
-def encode_train_split(source: Path, seed: int, max_prompt_tokens: int | None = None,
-                       system_prompt: str | None = None):
-    """Every essay of the converted train split, encoded as main_pipeline.py encodes it (with
-    ``system_prompt`` as dataset.json's system message, when given)."""
+def encode_train_split(corpus: str, source: str, seed: int, max_prompt_tokens: int | None = None,
+                       system_prompt: str | None = None, writing_prompt: bool = True):
+    """Every essay of the corpus's converted train split, encoded as main_pipeline.py encodes it
+    (with ``system_prompt`` as dataset.json's system message, when given; without its writing
+    prompts unless ``writing_prompt``), and the mean tokens per example (prompt without the essay,
+    essay, target + EOS)."""
     from dataclasses import replace
 
-    from modules.convert.corpora import convert_asap
-    from modules.data import load_splits
+    from modules.data import build_prompt, load_splits
     from modules.encoding import encode_example, prompt_token_budget
     from modules.losses import number_token_values
     from modules.models import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        convert_asap(source, Path(tmp) / "asap7", seed=seed)
-        info, splits = load_splits(Path(tmp) / "asap7")
-    info = replace(info, system_prompt=system_prompt)
+        bench_real_essays.convert(bench_real_essays.parse_args(["--corpus", corpus, "--input", source,
+                                                                "--data_seed", str(seed)]), Path(tmp) / "data")
+        info, splits = load_splits(Path(tmp) / "data")
+    info = replace(info, system_prompt=system_prompt, prompts=info.prompts if writing_prompt else {})
     tokenizer = load_tokenizer("smollm2-135m")
     budget = prompt_token_budget(splits["train"], tokenizer, False, 1024)
     if max_prompt_tokens is not None:
         budget = min(budget, max_prompt_tokens)
     values = number_token_values(tokenizer)
-    return [encode_example(r, info, tokenizer, mtl=False, max_seq_length=1024, max_prompt_tokens=budget,
-                           number_values=values) for r in splits["train"]], values
+    examples = [encode_example(r, info, tokenizer, mtl=False, max_seq_length=1024, max_prompt_tokens=budget,
+                               number_values=values) for r in splits["train"]]
+    frame = [len(tokenizer(build_prompt(replace(r, essay=""), info, tokenizer), add_special_tokens=False)["input_ids"])
+             for r in splits["train"]]
+    total = [len(e["input_ids"]) for e in examples]
+    target = [sum(label != -100 for label in e["labels"]) for e in examples]
+    n = len(examples)
+    tokens = {"prompt without essay": sum(frame) / n, "essay": (sum(total) - sum(target) - sum(frame)) / n,
+              "target + EOS": sum(target) / n}
+    return examples, values, tokens
 
 
 def epoch_batches(examples: list[dict], group_by_length: bool, seed: int) -> list[list[int]]:
@@ -175,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     started = time.perf_counter()
     for name, setting in settings.items():
-        prompt = (setting.get("max_prompt_tokens"), setting.get("system_prompt"))
+        prompt = (setting.get("max_prompt_tokens"), setting.get("system_prompt"), setting.get("writing_prompt", True))
         if prompt not in encoded:
-            encoded[prompt] = encode_train_split(source, args.seed, *prompt)
-        examples, values = encoded[prompt]
+            encoded[prompt] = encode_train_split(args.corpus, args.input, args.seed, *prompt)
+            tokens = encoded[prompt][2]
+            print(f"{name:26s} tokens per example: " + ", ".join(f"{k} {v:.1f}" for k, v in tokens.items()), flush=True)
+        examples, values, _ = encoded[prompt]
         epoch = epoch_batches(examples, setting.get("group_by_length", False), args.seed)
         batches = sampled_batches(examples, epoch, args.essays // 4)
         results[name] = row = time_setting(examples, batches, values, args.seed, **setting)
