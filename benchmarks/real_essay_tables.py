@@ -509,6 +509,43 @@ def group_report(group: Group, n: int, seed: int) -> str:
     return "\n".join(out)
 
 
+def shared_rubric_lines(groups: list[Group], n: int, seed: int) -> list[str]:
+    """What a rubric gains or loses when other rubrics share its score line: for each group whose
+    rubrics are a proper subset of another group's, on the same test essays, per LoRA row and
+    variant, the rubric's QWK alone minus its QWK in the longer line, seed paired with seed
+    (hierarchical bootstrap over the seeds both have, then the test essays)."""
+    lines = []
+    for short in groups:
+        names = [r["name"] for r in short.rubrics]
+        for long in groups:
+            long_names = [r["name"] for r in long.rubrics]
+            if long is short or not set(names) < set(long_names):
+                continue
+            if short.results[0]["splits"]["test"]["ids"] != long.results[0]["splits"]["test"]["ids"]:
+                continue
+            if not lines:
+                lines = ["| rubric QWK, alone minus sharing the line | rows | seeds | alone | shared | point | "
+                         "95% interval |", "|---|---|---|---|---|---|---|"]
+            for name in names:
+                k_short, k_long = names.index(name), long_names.index(name)
+                gold = short.gold["test"][:, [k_short]]
+                if not np.array_equal(gold, long.gold["test"][:, [k_long]]):
+                    continue  # another score under the same name: nothing to compare
+                for variant, row in short.lora_rows():
+                    a, b = short.lora(variant, row, "test"), long.lora(variant, row, "test")
+                    both = sorted(set(a) & set(b))
+                    if not both:
+                        continue
+                    alone = [a[s][:, [k_short]] for s in both]
+                    shared = [b[s][:, [k_long]] for s in both]
+                    point, lo, hi = hierarchical_bootstrap(gold, alone, shared, batched_mean_qwk, n, seed)
+                    lines.append(f"| {name}: {short.corpus} minus {long.corpus} | {row_name(variant, row)} | "
+                                 f"{','.join(map(str, both))} | {np.mean(batched_mean_qwk(np.stack([gold] * len(both)), np.stack(alone))):.3f} | "
+                                 f"{np.mean(batched_mean_qwk(np.stack([gold] * len(both)), np.stack(shared))):.3f} | "
+                                 f"{point:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(RESULTS), help="folder of result files (searched recursively)")
@@ -527,8 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         if not groups:
             print(f"no result files under {args.results}")
             return 0
-        for members in groups.values():
-            print(group_report(Group(members), args.bootstrap, args.seed) + "\n")
+        built = [Group(members) for members in groups.values()]
+        for group in built:
+            print(group_report(group, args.bootstrap, args.seed) + "\n")
+        shared = shared_rubric_lines(built, args.bootstrap, args.seed)
+        if shared:
+            print("## A rubric alone and sharing its line with other rubrics (same test essays)\n")
+            print("\n".join(shared) + "\n")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -548,3 +548,21 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert entry["line_counts"]["SC samples, constrained"]["invalid"] == 0
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
+
+
+def test_rubric_alone_against_sharing_its_line(tmp_path: Path, capsys) -> None:
+    alone_pred = shifted(GOLD_TEST, 1, step=2)
+    shared_pred = shifted(GOLD_TEST, 2, step=2)
+    short = result("ce+ntl", 0, {"greedy": [[p[0]] for p in alone_pred]}, {"greedy": [[g[0]] for g in GOLD_VALID]},
+                   gold_test=[[g[0]] for g in GOLD_TEST], gold_valid=[[g[0]] for g in GOLD_VALID], rubrics=RUBRICS[:1])
+    short["corpus"] = "toy-ideas"
+    tables.write_result(tmp_path / "a.json", short)
+    tables.write_result(tmp_path / "b.json", result("ce+ntl", 0, {"greedy": shared_pred}, {"greedy": GOLD_VALID}))
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out.split("## A rubric alone and sharing its line")[1]
+    alone = tables.mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in alone_pred], RANGES[:1])
+    shared = tables.mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in shared_pred], RANGES[:1])
+    [line] = [x for x in out.splitlines() if x.startswith("| ideas:")]
+    cells = line.split(" | ")
+    assert cells[0] == "| ideas: toy-ideas minus toy" and cells[1:4] == ["LoRA CE+NTL, greedy", "0", f"{alone:.3f}"]
+    assert cells[4:6] == [f"{shared:.3f}", f"{alone - shared:+.3f}"] and alone > shared
