@@ -21,8 +21,7 @@ each variant; the figures go to ``--out`` (JSON). Run it alone: it records its s
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import real_essay_tables as tables  # noqa: E402
+from bench_real_essays import read_jsonl  # noqa: E402
 from modules.data import load_dataset_info, load_split  # noqa: E402
 from modules.evaluation import predict_split  # noqa: E402
 from modules.jsonio import read_json, write_json_atomic  # noqa: E402
@@ -89,8 +89,7 @@ def study_run(run_dir: Path, base_model: str) -> dict:
     picked = Path(manifest["train"]["best_checkpoint"]).name
     out = {"run": run_dir.name, "checkpoints": [c.name for c in checkpoints], "picked": picked, "qwk": {}, "seconds": {}}
     splits = {split: load_split(data_dir / f"{split}.jsonl", info) for split in SPLIT_FILES}
-    rows = {"picked": {split: [json.loads(line) for line in (run_dir / own).read_text().splitlines()]
-                       for split, own in SPLIT_FILES.items()}}
+    rows = {"picked": {split: read_jsonl(run_dir / own) for split, own in SPLIT_FILES.items()}}
     models = {"averaged": checkpoints} | ({} if checkpoints[-1].name == picked else {"last": checkpoints[-1:]})
     for name, members in models.items():
         model, tokenizer = averaged_model(base_model, members)
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             values = [r["qwk"]["test"][column] for r in members]
             summary[f"{variant}: {column}"] = tables.spread(values)
             s = summary[f"{variant}: {column}"]
-            sd = "n/a" if s["sd"] != s["sd"] else f"{s['sd']:.3f}"
+            sd = "n/a" if math.isnan(s["sd"]) else f"{s['sd']:.3f}"
             print(f"{variant:>14}  {column:<17} mean {s['mean']:.3f}  sd {sd}  ({', '.join(f'{v:.3f}' for v in values)})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, {"runs": runs, "summary": summary,

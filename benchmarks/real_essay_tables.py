@@ -523,9 +523,6 @@ def shared_rubric_lines(groups: list[Group], n: int, seed: int) -> list[str]:
                 continue
             if short.results[0]["splits"]["test"]["ids"] != long.results[0]["splits"]["test"]["ids"]:
                 continue
-            if not lines:
-                lines = ["| rubric QWK, alone minus sharing the line | rows | seeds | alone | shared | point | "
-                         "95% interval |", "|---|---|---|---|---|---|---|"]
             for name in names:
                 k_short, k_long = names.index(name), long_names.index(name)
                 gold = short.gold["test"][:, [k_short]]
@@ -543,7 +540,10 @@ def shared_rubric_lines(groups: list[Group], n: int, seed: int) -> list[str]:
                                  f"{','.join(map(str, both))} | {np.mean(batched_mean_qwk(np.stack([gold] * len(both)), np.stack(alone))):.3f} | "
                                  f"{np.mean(batched_mean_qwk(np.stack([gold] * len(both)), np.stack(shared))):.3f} | "
                                  f"{point:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
-    return lines
+    if not lines:
+        return []
+    return ["| rubric QWK, alone minus sharing the line | rows | seeds | alone | shared | point | 95% interval |",
+            "|---|---|---|---|---|---|---|"] + lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
