@@ -282,7 +282,10 @@ def metric_table(group: Group) -> list[str]:
 
 
 def minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+    if seconds is None:
+        return "-"
+    whole = round(seconds)  # round first: 1139.5 s is 19 min 0 s, not 18 min 60 s
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def runs_table(group: Group) -> list[str]:

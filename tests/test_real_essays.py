@@ -99,6 +99,11 @@ def mean_pred(gold, pred) -> np.ndarray:
     return np.asarray(pred, dtype=np.float64).mean(axis=(1, 2))
 
 
+def test_minutes_round_before_splitting() -> None:
+    assert [tables.minutes(s) for s in (None, 0.4, 59.5, 1139.5, 1806.2, 3075.2)] == \
+        ["-", "0 min 0 s", "1 min 0 s", "19 min 0 s", "30 min 6 s", "51 min 15 s"]
+
+
 def test_bootstrap_identical_methods_give_zero() -> None:
     preds = [shifted(GOLD_TEST, 1, step=2), shifted(GOLD_TEST, -1, step=3)]
 
