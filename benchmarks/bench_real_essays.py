@@ -78,9 +78,10 @@ Hence:
   lines' scoring (greedy and sampled lines of 10 tokens, five weighted rubrics) fits;
 * ell: 320 essays, 2 epochs (640 passes x 590 tokens: estimated 21 min, measured 19 min) and 200
   test essays: scoring cost grows with the prompt (about 1.8x ASAP's per essay), so the 230 scored
-  essays take about 30 min of the hour (measured: 51 min 21 s in all, 31 min of it scoring). ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays
-  (prompt budget = 1024 minus the longest training target); a smaller budget cuts the essays'
-  ends, which the traits (conventions, cohesion) are scored on.
+  essays take about 30 min of the hour (measured: 51 min 21 s in all, 31 min of it scoring).
+  ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays (prompt budget = 1024
+  minus the longest training target); a smaller budget cuts the essays' ends, which the traits
+  (conventions, cohesion) are scored on.
 
 These are estimates from the one measured run, scaled by tokens; the recorded stage times are
 the measurement. Run it alone: the stage times are part of the result.

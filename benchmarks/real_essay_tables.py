@@ -539,9 +539,10 @@ def shared_rubric_lines(groups: list[Group], n: int, seed: int) -> list[str]:
                     alone = [a[s][:, [k_short]] for s in both]
                     shared = [b[s][:, [k_long]] for s in both]
                     point, lo, hi = hierarchical_bootstrap(gold, alone, shared, batched_mean_qwk, n, seed)
+                    golds = np.stack([gold] * len(both))
+                    mean_alone, mean_shared = (np.mean(batched_mean_qwk(golds, np.stack(p))) for p in (alone, shared))
                     lines.append(f"| {name}: {short.corpus} minus {long.corpus} | {row_name(variant, row)} | "
-                                 f"{','.join(map(str, both))} | {np.mean(batched_mean_qwk(np.stack([gold] * len(both)), np.stack(alone))):.3f} | "
-                                 f"{np.mean(batched_mean_qwk(np.stack([gold] * len(both)), np.stack(shared))):.3f} | "
+                                 f"{','.join(map(str, both))} | {mean_alone:.3f} | {mean_shared:.3f} | "
                                  f"{point:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
     if not lines:
         return []
