@@ -129,6 +129,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "(modules.trainer.ShuffledLengthBuckets), so less of each batch is padding")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--early_stopping_patience", type=int, default=3)
+    p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the checkpoint with the lowest eval loss; --no-load_best_model_at_end keeps the last "
+                        "step's weights (evaluations still logged, early stopping still ends the run)")
     p.add_argument("--emo_topk", type=int, default=64)
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA (CUDA only)")
     p.add_argument("--prompt_format", choices=("chat", "plain"), default="chat")
@@ -418,7 +421,7 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device) -> in
 
 def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device):
     """The CustomTrainer: evaluation and a checkpoint each epoch (or --eval_steps), the best
-    checkpoint by eval loss loaded at the end, early stopping."""
+    checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping."""
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
 
@@ -435,7 +438,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
         gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         eval_strategy=strategy, save_strategy=strategy, eval_steps=args.eval_steps, save_steps=args.eval_steps,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        load_best_model_at_end=args.load_best_model_at_end, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=setup_wandb(args, run_dir),
         label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
         bf16=args.bf16 or model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
@@ -486,8 +489,12 @@ def train_and_save(args: argparse.Namespace, trainer, tokenizer, run_dir: Path, 
     train_result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume is not None else None)
     train_seconds = time.time() - started
     trainer.save_model(str(run_dir))  # every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
+    # The saved weights: the best checkpoint's, or with --no-load_best_model_at_end the last step's
+    # (every run ends with a save: at its last epoch, eval step or early stop).
+    kept = (trainer.state.best_model_checkpoint if args.load_best_model_at_end
+            else str(run_dir / f"checkpoint-{trainer.state.global_step}"))
     manifest["train"] = {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
-                         "best_checkpoint": trainer.state.best_model_checkpoint,
+                         "best_checkpoint": trainer.state.best_model_checkpoint, "kept_checkpoint": kept,
                          "best_eval_loss": trainer.state.best_metric, **train_result.metrics}
     if dist.is_main():
         tokenizer.save_pretrained(str(run_dir))

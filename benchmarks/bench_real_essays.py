@@ -30,9 +30,11 @@ Stages, each timed (wall seconds):
 2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
    ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
    layer; no ``--mtl``: these corpora have no feedback), loss CE + 0.2 NTL (``--ablation``: CE
-   only), training seed ``--seed``; greedy and weighted predictions of the test and the validation
-   essays from its run folder (predictions.jsonl, valid_predictions.jsonl); the best row is chosen
-   on the validation essays, never on the test essays.
+   only), training seed ``--seed``, the last step's weights kept (``--no-load_best_model_at_end``:
+   on 30 validation essays the eval-loss pick spread CE only's weighted QWK, README: levers);
+   greedy and weighted predictions of the test and the validation essays from its run folder
+   (predictions.jsonl, valid_predictions.jsonl); the best row is chosen on the validation essays,
+   never on the test essays.
 3. constrained greedy (skipped with ``--replicate``): the saved adapter rescores test and validation
    with ``--constrained`` greedy decoding, on the training prompts (same ``max_prompt_tokens``).
 4. self-consistency (skipped with ``--replicate``): ``self_consistency.py run`` with ``--max_m m`` on
@@ -167,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=False,
+                   help="main_pipeline.py's flag; the recipe keeps the last step's weights (README: levers)")
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
@@ -296,6 +300,7 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
            "--per_device_train_batch_size", str(args.batch_size),
            "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.learning_rate),
            "--lora_top_layers", str(args.top_layers), "--bf16",
+           "--load_best_model_at_end" if args.load_best_model_at_end else "--no-load_best_model_at_end",
            "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0"]
     cmd += ["--group_by_length"] if args.group_by_length else []
     run_logged(cmd, log)
@@ -308,6 +313,7 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
             "training": {"seconds": train.get("seconds"), "global_step": train.get("global_step"),
                          "best_checkpoint": Path(train["best_checkpoint"]).name if train.get("best_checkpoint") else None,
                          "best_eval_loss": train.get("best_eval_loss"),
+                         "kept_checkpoint": Path(train["kept_checkpoint"]).name if train.get("kept_checkpoint") else None,
                          "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h],
                          "inference_seconds": manifest.get("inference_seconds")},
             "max_prompt_tokens": manifest["max_prompt_tokens"], "predictions": predictions}

@@ -290,7 +290,7 @@ def minutes(seconds: float | None) -> str:
 
 def runs_table(group: Group) -> list[str]:
     """Markdown lines: one row per result file, what it ran (rows, wall time, training, checkpoint
-    kept on validation loss), where (CPU, torch, commit) and the command."""
+    kept), where (CPU, torch, commit) and the command."""
     lines = ["| run | rows | wall | training | eval loss per epoch (kept) | CPU, torch | commit | command |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(group.results, key=lambda r: (list(VARIANT_NAMES).index(r["variant"]), r["seed"])):
@@ -300,7 +300,7 @@ def runs_table(group: Group) -> list[str]:
         rows = "all" if not r.get("replicate") else "greedy, weighted"
         lines.append(f"| {VARIANT_NAMES[r['variant']]}, seed {r['seed']} | {rows} | {minutes(r.get('timings', {}).get('total'))} "
                      f"| {minutes(train.get('seconds'))}, {train.get('global_step')} steps | {losses} "
-                     f"({train.get('best_checkpoint')}) | {machine.get('cpu')}, {machine.get('torch')} "
+                     f"({train.get('kept_checkpoint') or train.get('best_checkpoint')}) | {machine.get('cpu')}, {machine.get('torch')} "
                      f"| {git.get('commit')}{' (dirty)' if git.get('dirty') else ''} | `{r.get('command')}` |")
     return lines
 

@@ -113,11 +113,31 @@ def check_training_record(run_dir: Path, max_steps: int, resumed_at: int = 0) ->
     assert stop is not None and stop < max_steps and best_step < stop, evals  # the case this test is about
     assert manifest["train"]["global_step"] == stop and [step for step, _ in evals] == list(range(1, stop + 1))
     assert manifest["train"]["best_checkpoint"] == str(run_dir / f"checkpoint-{best_step}")
+    assert manifest["train"]["kept_checkpoint"] == manifest["train"]["best_checkpoint"]
     assert manifest["train"]["best_eval_loss"] == min(loss for _, loss in evals)
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == sorted({f"checkpoint-{best_step}",
                                                                           f"checkpoint-{stop}"})
     assert_adapter_is(run_dir, f"checkpoint-{best_step}")
     return manifest
+
+
+def test_no_load_best_model_at_end_keeps_the_last_step(small_data, tmp_path):
+    """The same run as below with --no-load_best_model_at_end: early stopping still ends it at the
+    same step, but the saved adapter is that last step's, not the best checkpoint's."""
+    run_dir = tmp_path / "run"
+    result = run_cli(*TRAIN_FLAGS, *EARLY_STOP_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir),
+                     "--no_wandb", "--no-load_best_model_at_end", "--test_limit", "1", "--no_weighted")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    history = json.loads((run_dir / "log_history.json").read_text())
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    best_step = min(evals, key=lambda e: e[1])[0]
+    stop = early_stop_step(evals, patience=2)
+    assert stop is not None and best_step < stop and manifest["train"]["global_step"] == stop, evals
+    assert manifest["config"]["load_best_model_at_end"] is False
+    assert manifest["train"]["best_checkpoint"] == str(run_dir / f"checkpoint-{best_step}")
+    assert manifest["train"]["kept_checkpoint"] == str(run_dir / f"checkpoint-{stop}")
+    assert_adapter_is(run_dir, f"checkpoint-{stop}")
 
 
 def test_train_infer_evaluate_and_resume(small_data, tmp_path):

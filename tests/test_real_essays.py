@@ -170,7 +170,8 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     replicate = {"greedy": shifted(GOLD_TEST, 1, step=3), "weighted": shifted(GOLD_TEST, -1, step=4)}
     ce = {"greedy": shifted(GOLD_TEST, 2, step=2), "weighted": shifted(GOLD_TEST, 1, step=2)}
     replicate_run = {**result("ce+ntl", 1, replicate, valid), "replicate": True, "timings": {"total": 1806.4},
-                     "training": {"seconds": 1636.4, "global_step": 500, "best_checkpoint": "checkpoint-500",
+                     "training": {"seconds": 1636.4, "global_step": 500, "best_checkpoint": "checkpoint-400",
+                                  "kept_checkpoint": "checkpoint-500",
                                   "eval_loss": [[1.0, 1.81187], [2.0, 1.8207], [2.5, 1.7688]]},
                      "machine": {"cpu": "AMD EPYC", "torch": "2.13.0+cpu"}, "git": {"commit": "ba22d2f", "dirty": False},
                      "command": "bench_real_essays.py --corpus asap --seed 1 --replicate"}
@@ -525,6 +526,8 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     [path] = list((out / "results" / "ell").glob("ce-ntl_seed0_*.json"))
     saved = json.loads(path.read_text())
     assert saved["corpus"] == "ell" and saved["variant"] == "ce+ntl" and not saved["replicate"]
+    # the recipe keeps the last step's weights: main_pipeline.py's run folder says which checkpoint
+    assert saved["config"]["load_best_model_at_end"] is False and saved["training"]["kept_checkpoint"] == "checkpoint-2"
     assert [r["scale"] for r in saved["rubrics"]] == [2] * 6
     lora_rows = ["greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
                  "SC majority, constrained", "SC average, constrained"]
