@@ -98,10 +98,11 @@ def assert_adapter_is(run_dir: Path, checkpoint: str) -> None:
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved), checkpoint
 
 
-def check_training_record(run_dir: Path, max_steps: int, resumed_at: int = 0) -> dict:
+def check_training_record(run_dir: Path, max_steps: int, resumed_at: int = 0, kept: str = "best") -> dict:
     """The run's manifest, once the run is checked: every logged training loss is the
     composite total, the best checkpoint is the lowest eval loss's, early stopping ended the run
-    at the step it should, and the saved adapter is the best checkpoint's (not the last one's)."""
+    at the step it should, and the saved adapter is the ``kept`` one: the best checkpoint's
+    (default; not the last one's) or, for --no-load_best_model_at_end, the last step's."""
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     history = json.loads((run_dir / "log_history.json").read_text())
     logged = [h for h in history if "loss" in h]
@@ -113,11 +114,12 @@ def check_training_record(run_dir: Path, max_steps: int, resumed_at: int = 0) ->
     assert stop is not None and stop < max_steps and best_step < stop, evals  # the case this test is about
     assert manifest["train"]["global_step"] == stop and [step for step, _ in evals] == list(range(1, stop + 1))
     assert manifest["train"]["best_checkpoint"] == str(run_dir / f"checkpoint-{best_step}")
-    assert manifest["train"]["kept_checkpoint"] == manifest["train"]["best_checkpoint"]
     assert manifest["train"]["best_eval_loss"] == min(loss for _, loss in evals)
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == sorted({f"checkpoint-{best_step}",
                                                                           f"checkpoint-{stop}"})
-    assert_adapter_is(run_dir, f"checkpoint-{best_step}")
+    kept_step = {"best": best_step, "last": stop}[kept]
+    assert manifest["train"]["kept_checkpoint"] == str(run_dir / f"checkpoint-{kept_step}")
+    assert_adapter_is(run_dir, f"checkpoint-{kept_step}")
     return manifest
 
 
@@ -128,16 +130,8 @@ def test_no_load_best_model_at_end_keeps_the_last_step(small_data, tmp_path):
     result = run_cli(*TRAIN_FLAGS, *EARLY_STOP_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir),
                      "--no_wandb", "--no-load_best_model_at_end", "--test_limit", "1", "--no_weighted")
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    history = json.loads((run_dir / "log_history.json").read_text())
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    best_step = min(evals, key=lambda e: e[1])[0]
-    stop = early_stop_step(evals, patience=2)
-    assert stop is not None and best_step < stop and manifest["train"]["global_step"] == stop, evals
+    manifest = check_training_record(run_dir, max_steps=8, kept="last")
     assert manifest["config"]["load_best_model_at_end"] is False
-    assert manifest["train"]["best_checkpoint"] == str(run_dir / f"checkpoint-{best_step}")
-    assert manifest["train"]["kept_checkpoint"] == str(run_dir / f"checkpoint-{stop}")
-    assert_adapter_is(run_dir, f"checkpoint-{stop}")
 
 
 def test_train_infer_evaluate_and_resume(small_data, tmp_path):
