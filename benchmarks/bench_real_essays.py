@@ -549,8 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         "config": vars(args)}
     path = tables.write_result(tables.result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
     print(f"results: {path}")
-    members = [r for r in tables.read_results(results_dir) if tables.group_key(r) == tables.group_key(result)]
-    group = tables.Group(members)
+    try:
+        members = [r for r in tables.read_results(results_dir) if tables.group_key(r) == tables.group_key(result)]
+        group = tables.Group(members)
+    except DataError as err:  # the result file is written; only the printed tables are missing
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print("\n" + tables.group_report(group, args.bootstrap, args.seed))
     best = group.best_on_validation()
     if best:

@@ -4,7 +4,8 @@
 
     python benchmarks/real_essay_tables.py [--results benchmarks/results] [--bootstrap 2000]
 
-Per corpus (and per data split: results are pooled only when their test essays are the same),
+Per corpus (and per data split and recipe: results are pooled only when their test essays and
+their training and sampling options, ``RECIPE_KEYS``, are the same; one file per variant and seed),
 per row: the test metric's mean, sd (n - 1) and min-max over seeds with the per-seed values, per
 rubric and averaged over rubrics (QWK; for rescaled corpora such as ELL also MCRMSE in the
 corpus's own units). The best LoRA row is the one with the highest mean *validation* average
@@ -172,10 +173,25 @@ def read_results(results_dir: Path) -> list[dict]:
     return out
 
 
+# bench_real_essays.py's options that change what a seed's training or sampling does. The checkpoint
+# rule (--load_best_model_at_end) is left out: a run that kept its last checkpoint is the same run
+# under either rule, and the runs table shows the checkpoint each result kept.
+RECIPE_KEYS = ("base_model", "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "top_layers",
+               "group_by_length", "max_seq_length", "m", "sampler")
+
+
+def recipe(result: dict) -> dict:
+    """The result's recipe options (None where its config lacks one)."""
+    config = result.get("config") or {}
+    return {key: config.get(key) for key in RECIPE_KEYS}
+
+
 def group_key(result: dict) -> tuple:
-    """Results are pooled when they scored the same essays: corpus, data file and split, subset sizes."""
+    """Results are pooled when they scored the same essays (corpus, data file and split, subset sizes)
+    with the same recipe: a lever's run (another learning rate, say) is its own group, never a seed."""
     data = result["data"]
-    return (result["corpus"], data.get("sha256"), data.get("data_seed"), json.dumps(data.get("sizes"), sort_keys=True))
+    return (result["corpus"], data.get("sha256"), data.get("data_seed"), json.dumps(data.get("sizes"), sort_keys=True),
+            json.dumps(recipe(result), sort_keys=True))
 
 
 def row_predictions(result: dict, split: str, row: str, continuous: bool = False) -> np.ndarray | None:
@@ -203,9 +219,15 @@ class Group:
         self.rescaled = any(s != 1 for s in self.scales)
         self.gold = {split: np.asarray(first["splits"][split]["gold"]) for split in first["splits"]}
         ids = first["splits"]["test"]["ids"]
-        for r in results[1:]:
+        seen: dict[tuple, str] = {}
+        for r in results:
             if r["splits"]["test"]["ids"] != ids:
                 raise DataError(f"{r['_path']}: test essays differ from {first['_path']}'s although the data key matches")
+            run = (r["variant"], r["seed"])
+            if run in seen:  # one seed's rows would silently replace the other's
+                raise DataError(f"{r['_path']}: a second result for {VARIANT_NAMES.get(r['variant'], r['variant'])} "
+                                f"seed {r['seed']} with the same essays and recipe (the other: {seen[run]}); keep one")
+            seen[run] = r["_path"]
         self.results = results
 
     def lora(self, variant: str, row: str, split: str, continuous: bool = False) -> dict[int, np.ndarray]:
@@ -490,7 +512,8 @@ def group_report(group: Group, n: int, seed: int) -> str:
     out = [f"## {group.corpus}: {sizes.get('train')} training, {sizes.get('valid')} validation, "
            f"{sizes.get('test')} test essays; rubrics "
            + ", ".join(f"{r['name']} {r['min']}-{r['max']}" for r in group.rubrics)
-           + "; seeds " + "; ".join(f"{VARIANT_NAMES.get(v, v)}: {sorted(s)}" for v, s in seeds.items()), ""]
+           + "; seeds " + "; ".join(f"{VARIANT_NAMES.get(v, v)}: {sorted(s)}" for v, s in seeds.items()),
+           "recipe: " + (", ".join(f"{k} {v}" for k, v in recipe(first).items() if v is not None) or "not recorded"), ""]
     out += runs_table(group) + [""]
     out += metric_table(group)
     best = group.best_on_validation()

@@ -210,6 +210,31 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
         < first.index("| LoRA CE only, seed 0 | all |")
 
 
+def test_results_pool_only_with_the_same_recipe_and_one_file_per_seed(tmp_path: Path, capsys) -> None:
+    recipe = {"base_model": "smollm2-135m", "epochs": 2.5, "learning_rate": 0.001, "batch_size": 4, "m": 10}
+    rows = {"greedy": GOLD_TEST}, {"greedy": GOLD_VALID}
+    files = {"r0": {**result("ce+ntl", 0, *rows), "config": {**recipe, "bootstrap": 2000}},
+             # another checkpoint rule or bootstrap count is still the same recipe: pooled as seed 1
+             "r1": {**result("ce+ntl", 1, *rows), "config": {**recipe, "bootstrap": 50, "load_best_model_at_end": False}},
+             # a lever's learning rate is its own group, not a third seed
+             "r2": {**result("ce+ntl", 2, *rows), "config": {**recipe, "learning_rate": 0.0005}}}
+    for name, content in files.items():
+        tables.write_result(tmp_path / "toy" / f"{name}.json", content)
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 0
+    groups = capsys.readouterr().out.split("## toy:")[1:]
+    assert len(groups) == 2
+    pooled, lever = sorted(groups, key=lambda g: "learning_rate 0.0005" in g)
+    assert "seeds LoRA CE+NTL: [0, 1]\n" in pooled and "learning_rate 0.001, m 10\n" in pooled
+    assert "seeds LoRA CE+NTL: [2]\n" in lever
+    assert "recipe: base_model smollm2-135m, epochs 2.5, batch_size 4, learning_rate 0.0005, m 10\n" in lever
+    # two files for one seed of one recipe: refused, naming both, instead of one replacing the other
+    tables.write_result(tmp_path / "toy" / "r3.json", {**result("ce+ntl", 0, *rows), "config": recipe})
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "r3.json: a second result for LoRA CE+NTL seed 0 with the same essays and recipe (the other: " in err
+    assert "r0.json); keep one" in err
+
+
 def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> None:
     rubrics = [{"name": "cohesion", "min": 2, "max": 10, "scale": 2}]
     gold = [[2], [4], [6], [8], [10], [6]]
