@@ -550,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     path = tables.write_result(tables.result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
     print(f"results: {path}")
     try:
-        members = [r for r in tables.read_results(results_dir) if tables.group_key(r) == tables.group_key(result)]
+        this_group = tables.group_key(result)
+        members = [r for r in tables.read_results(results_dir) if tables.group_key(r) == this_group]
         group = tables.Group(members)
     except DataError as err:  # the result file is written; only the printed tables are missing
         print(f"error: {err}", file=sys.stderr)
