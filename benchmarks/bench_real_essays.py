@@ -137,12 +137,13 @@ class Corpus:
     train_essays: int
     epochs: float
     test_essays: int  # also the minimum for a result to report
+    pick_essays: int  # validation essays for the row pick beyond the 30 (module docstring)
 
 
 CORPORA = {
-    "asap": Corpus(ASAP7, 800, 2.5, 150),
-    "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", 800, 2.0, 150),
-    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 320, 2.0, 200),
+    "asap": Corpus(ASAP7, 800, 2.5, 150, 120),
+    "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", 800, 2.0, 150, 60),
+    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 320, 2.0, 200, 0),
 }
 
 
@@ -164,6 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_essays", type=int, default=None, help="default: the corpus's (module docstring)")
     p.add_argument("--valid_essays", type=int, default=30)
     p.add_argument("--test_essays", type=int, default=None, help="default: the corpus's minimum (150; ELL 200)")
+    p.add_argument("--pick_essays", type=int, default=None,
+                   help="more validation essays, scored after training for the row pick only (default: the "
+                        "corpus's: asap 120, asap-traits 60, ell 0)")
     p.add_argument("--epochs", type=float, default=None, help="default: the corpus's (module docstring)")
     p.add_argument("--max_steps", type=int, default=-1, help="overrides --epochs when > 0")
     p.add_argument("--batch_size", type=int, default=4)
@@ -184,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.train_essays = args.train_essays or corpus.train_essays
     args.test_essays = args.test_essays or corpus.test_essays
     args.epochs = args.epochs or corpus.epochs
+    args.pick_essays = corpus.pick_essays if args.pick_essays is None else args.pick_essays
+    if args.pick_essays < 0:
+        p.error("--pick_essays must be >= 0")
     for key in ("train_essays", "valid_essays", "test_essays", "m", "batch_size", "grad_accum", "bootstrap"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be >= 1")
@@ -251,31 +258,49 @@ def convert(args: argparse.Namespace, out: Path) -> None:
     print("   " + report.format().replace("\n", "\n   "))
 
 
-def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], seed: int) -> None:
-    """A seeded sample of each split (file order kept), written as one dataset folder; an existing
-    folder (another command's) is reused when it was made with the same seed and sizes."""
+def subset_draws(full_dir: Path, sizes: dict[str, int], pick: int, seed: int) -> dict[str, list[dict]]:
+    """The subset's records per split (file order kept): a seeded sample of each converted split, then
+    ``pick`` more validation essays (the pick essays) from those the validation sample left. One RNG
+    draws them in this order, so the train, valid and test samples do not depend on ``pick``."""
+    rng = random.Random(seed)
+    records, chosen = {}, {}
+    for split in SPLITS:
+        records[split] = read_jsonl(full_dir / f"{split}.jsonl")
+        if sizes[split] > len(records[split]):
+            raise DataError(f"--{split}_essays {sizes[split]} is more than the {len(records[split])} essays of the "
+                            f"converted {split} split")
+        chosen[split] = sorted(rng.sample(range(len(records[split])), sizes[split]))
+    taken = set(chosen["valid"])
+    left = [i for i in range(len(records["valid"])) if i not in taken]
+    if pick > len(left):
+        raise DataError(f"--pick_essays {pick} is more than the {len(left)} validation essays the "
+                        f"--valid_essays sample leaves in {full_dir / 'valid.jsonl'}")
+    draws = {split: [records[split][i] for i in chosen[split]] for split in SPLITS}
+    draws["pick"] = [records["valid"][i] for i in sorted(rng.sample(left, pick))]
+    return draws
+
+
+def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], pick: int, seed: int) -> None:
+    """:func:`subset_draws` written as one dataset folder (``pick.jsonl`` beside the three splits, which
+    main_pipeline.py does not read); an existing folder (another command's) is reused when it was made
+    with the same seed and sizes."""
     if (data_dir / "dataset.json").is_file():
         meta = read_json(data_dir / "dataset.json")
         made = meta.get("subset", {})
-        if made.get("seed") != seed or made.get("sizes") != sizes or meta.get("system_prompt") != SYSTEM_PROMPT:
-            raise DataError(f"{data_dir}: made with seed {made.get('seed')}, sizes {made.get('sizes')} and system prompt "
-                            f"{meta.get('system_prompt')!r}, not {seed}, {sizes} and {SYSTEM_PROMPT!r}; use another --out_dir")
+        if (made.get("seed") != seed or made.get("sizes") != sizes or made.get("pick", 0) != pick
+                or meta.get("system_prompt") != SYSTEM_PROMPT):
+            raise DataError(f"{data_dir}: made with seed {made.get('seed')}, sizes {made.get('sizes')}, "
+                            f"{made.get('pick', 0)} pick essays and system prompt {meta.get('system_prompt')!r}, not "
+                            f"{seed}, {sizes}, {pick} and {SYSTEM_PROMPT!r}; use another --out_dir")
         return
-    rng = random.Random(seed)
-    subset = {}
-    for split in SPLITS:
-        records = read_jsonl(full_dir / f"{split}.jsonl")
-        if sizes[split] > len(records):
-            raise DataError(f"--{split}_essays {sizes[split]} is more than the {len(records)} essays of the "
-                            f"converted {split} split")
-        keep = sorted(rng.sample(range(len(records)), sizes[split]))
-        subset[split] = [records[i] for i in keep]
+    draws = subset_draws(full_dir, sizes, pick, seed)
     data_dir.mkdir(parents=True)
     meta = read_json(full_dir / "dataset.json")
-    meta["subset"] = {"of": str(full_dir), "seed": seed, "sizes": sizes}
+    meta["subset"] = {"of": str(full_dir), "seed": seed, "sizes": sizes, "pick": pick}
     meta["system_prompt"] = SYSTEM_PROMPT
-    for split, records in subset.items():
-        write_jsonl_atomic(data_dir / f"{split}.jsonl", records)
+    for split, records in draws.items():
+        if records or split != "pick":
+            write_jsonl_atomic(data_dir / f"{split}.jsonl", records)
     write_json_atomic(data_dir / "dataset.json", meta)
 
 
@@ -326,20 +351,38 @@ def split_entry(predictions: list[dict]) -> dict:
             "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
 
 
-def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, run: dict,
-            timings: dict[str, float]) -> None:
-    """Constrained greedy on test and validation from the saved adapter, on the training prompts
-    (main_pipeline.py wrote both splits' unconstrained greedy and weighted rows)."""
-    from modules.data import load_splits
+def scored_splits(run: dict) -> list[str]:
+    """The splits a command scores: test and validation, and the pick essays when it has them."""
+    return [split for split in (*SCORED_SPLITS, "pick") if split in run]
+
+
+def score_split(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, split: str) -> dict:
+    """Greedy and weighted rows of ``<data_dir>/<split>.jsonl`` (:func:`split_entry`) from the saved
+    adapter, on the training prompts, as main_pipeline.py scored test and validation."""
+    from modules.data import load_split
     from modules.evaluation import predict_split
     from modules.models import load_adapter
 
-    info, splits = load_splits(data_dir)
+    info = load_dataset_info(data_dir)
+    model, tokenizer = load_adapter(args.base_model, run_dir)
+    return split_entry(predict_split(model, tokenizer, load_split(data_dir / f"{split}.jsonl", info), info,
+                                     mtl=False, max_prompt_tokens=max_prompt_tokens))
+
+
+def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, run: dict,
+            timings: dict[str, float], splits: list[str]) -> None:
+    """Constrained greedy on ``splits`` from the saved adapter, on the training prompts (their
+    unconstrained greedy and weighted rows are in ``run``)."""
+    from modules.data import load_split
+    from modules.evaluation import predict_split
+    from modules.models import load_adapter
+
+    info = load_dataset_info(data_dir)
     model, tokenizer = load_adapter(args.base_model, run_dir)
     with stage("greedy, constrained", timings):
-        for split in SCORED_SPLITS:
-            predictions = predict_split(model, tokenizer, splits[split], info, mtl=False,
-                                        max_prompt_tokens=max_prompt_tokens, weighted=False, constrained=True)
+        for split in splits:
+            predictions = predict_split(model, tokenizer, load_split(data_dir / f"{split}.jsonl", info), info,
+                                        mtl=False, max_prompt_tokens=max_prompt_tokens, weighted=False, constrained=True)
             run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in predictions]
             run[split]["line_counts"]["greedy, constrained"] = line_counts(predictions)
 
@@ -367,6 +410,27 @@ def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, 
     counts = {"lines": int(samples.shape[0] * samples.shape[1]), "invalid": int((samples == INVALID).all(axis=2).sum()),
               "truncated": truncated}
     return votes, counts, read_json(out_dir / "run_config.json")["args"]["sampler"], samples
+
+
+def sc_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path, variant: str, info, run: dict,
+            timings: dict[str, float], splits: list[str]) -> dict[str, "np.ndarray"]:
+    """Self-consistency on ``splits``, unconstrained and ``--constrained``: the vote rows and sample
+    counts go into ``run`` (and the sampler's name into ``run["sampler"]``); returns the unconstrained
+    sample bank of each split (the SC confidence signals judge its spread)."""
+    banks = {}
+    for constrained in (False, True):
+        name = "self-consistency" + (", constrained" if constrained else "")
+        with stage(name, timings):
+            for split in splits:
+                folder = f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else "")
+                votes, counts, run["sampler"], samples = self_consistency(
+                    args, run_dir, data_dir / f"{split}.jsonl", out / folder, out / "logs" / f"{folder}.log",
+                    constrained, info)
+                if not constrained:
+                    banks[split] = samples
+                run[split]["rows"].update(votes)
+                run[split]["line_counts"]["SC samples" + (", constrained" if constrained else "")] = counts
+    return banks
 
 
 def aligned(values_by_id: dict, ids: list[str]) -> list:
@@ -495,7 +559,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    sampler = None
     banks: dict[str, object] = {}  # split -> unconstrained sample bank [N, m, K] (not with --replicate)
     try:
         with stage("convert + subset", timings):
@@ -504,28 +567,21 @@ def main(argv: list[str] | None = None) -> int:
                 convert(args, full)
             sizes = {"train": args.train_essays, "valid": args.valid_essays, "test": args.test_essays}
             data = out / f"data_seed{args.data_seed}"
-            make_subset(full, data, sizes, args.data_seed)
+            make_subset(full, data, sizes, args.pick_essays, args.data_seed)
         meta = read_json(data / "dataset.json")
         info = load_dataset_info(data)
         with stage("train + score", timings):
             run = train_and_score(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
+        if args.pick_essays:
+            with stage("pick essays: greedy + weighted", timings):
+                run["pick"] = score_split(args, data, run_dir, run["max_prompt_tokens"], "pick")
+        splits = scored_splits(run)
         if not args.replicate:
-            rescore(args, data, run_dir, run["max_prompt_tokens"], run, timings)
-        for constrained in () if args.replicate else (False, True):
-            name = "self-consistency" + (", constrained" if constrained else "")
-            with stage(name, timings):
-                for split in SCORED_SPLITS:
-                    folder = f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else "")
-                    votes, counts, sampler, samples = self_consistency(
-                        args, run_dir, data / f"{split}.jsonl", out / folder, out / "logs" / f"{folder}.log",
-                        constrained, info)
-                    if not constrained:  # the SC signals judge the unconstrained samples' spread
-                        banks[split] = samples
-                    run[split]["rows"].update(votes)
-                    run[split]["line_counts"]["SC samples" + (", constrained" if constrained else "")] = counts
+            rescore(args, data, run_dir, run["max_prompt_tokens"], run, timings, splits)
+            banks = sc_rows(args, data, run_dir, out, variant, info, run, timings, splits)
         with stage("baselines", timings):
             full_train = read_jsonl(full / "train.jsonl")
-            for split in SCORED_SPLITS:
+            for split in splits:
                 run[split]["rows"].update(baselines(data, full_train, split))
         with stage("confidence", timings):
             study = confidence_study(data, run["predictions"], banks, meta, args.seed, out,
@@ -542,9 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows_present(run["test"]),
         "rubrics": [{k: r[k] for k in ("name", "min", "max", "scale") if k in r} for r in meta["rubrics"]],
         "data": {"input": source.name, "sha256": conversion.get("sha256"), "essay_set": None if key == "ell" else args.essay_set,
-                 "data_seed": args.data_seed, "sizes": sizes, "max_prompt_tokens": run["max_prompt_tokens"]},
-        "splits": {split: run[split] for split in SCORED_SPLITS}, "confidence": study,
-        "training": run["training"], "timings": timings, "sampler": sampler, "machine": machine(), "git": state,
+                 "data_seed": args.data_seed, "sizes": sizes, "pick_essays": args.pick_essays,
+                 "max_prompt_tokens": run["max_prompt_tokens"]},
+        "splits": {split: run[split] for split in splits}, "confidence": study,
+        "training": run["training"], "timings": timings, "sampler": run.get("sampler"), "machine": machine(), "git": state,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "config": vars(args)}
     path = tables.write_result(tables.result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)

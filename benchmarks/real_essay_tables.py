@@ -155,8 +155,13 @@ def write_result(path: Path, result: dict) -> Path:
     if path.exists():
         raise DataError(f"{path} exists; results are never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"schema": SCHEMA, **result}, separators=(",", ":"), ensure_ascii=False) + "\n")
+    write_text_atomic(path, result_text({"schema": SCHEMA, **result}))
     return path
+
+
+def result_text(result: dict) -> str:
+    """A result file's text: compact JSON, one line."""
+    return json.dumps(result, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 def read_results(results_dir: Path) -> list[dict]:
@@ -252,14 +257,32 @@ class Group:
         present = {(r["variant"], row) for r in self.results for row in r["splits"]["test"]["rows"]}
         return [(v, row) for v in VARIANT_NAMES for row in LORA_ROWS if (v, row) in present]
 
+    def validation_splits(self) -> list[str]:
+        """The splits the row pick reads: the validation essays, and the pick essays when every result
+        of the group has the same ones (older files lack them: then the validation essays alone)."""
+        pick = [r["splits"].get("pick", {}).get("ids") for r in self.results]
+        return ["valid", "pick"] if pick[0] and all(ids == pick[0] for ids in pick) else ["valid"]
+
+    def validation_means(self) -> dict[tuple[str, str], float]:
+        """(variant, row) -> mean over its seeds of the average QWK on every validation essay (the
+        validation and pick essays together); rows some seed lacks on a validation split are left out."""
+        splits = [s for s in self.validation_splits() if s in self.gold]
+        if "valid" not in splits:
+            return {}
+        gold = np.concatenate([self.gold[s] for s in splits])
+        means = {}
+        for variant, row in self.lora_rows():
+            parts = [self.lora(variant, row, s) for s in splits]
+            seeds = set(parts[0]).intersection(*parts[1:])
+            if seeds:
+                means[(variant, row)] = float(np.mean([mean_qwk(gold, np.concatenate([p[k] for p in parts]), self.ranges)
+                                                       for k in sorted(seeds)]))
+        return means
+
     def best_on_validation(self) -> tuple[str, str, float] | None:
         """The LoRA row with the highest mean validation average QWK over its seeds (ties: table order)."""
         best = None
-        for variant, row in self.lora_rows():
-            per_seed = self.lora(variant, row, "valid")
-            if not per_seed or "valid" not in self.gold:
-                continue
-            value = float(np.mean([mean_qwk(self.gold["valid"], p, self.ranges) for p in per_seed.values()]))
+        for (variant, row), value in self.validation_means().items():
             if best is None or value > best[2]:
                 best = (variant, row, value)
         return best
@@ -519,8 +542,12 @@ def group_report(group: Group, n: int, seed: int) -> str:
     best = group.best_on_validation()
     if best:
         variant, row, value = best
-        out += ["", f"best LoRA row on the validation essays: {row_name(variant, row)} "
-                    f"(mean validation average QWK {value:.3f})"]
+        splits = group.validation_splits()
+        counts = " + ".join(f"{len(group.gold[s])} {'pick' if s == 'pick' else 'validation'}" for s in splits)
+        out += ["", f"best LoRA row on the validation essays ({counts}): {row_name(variant, row)} "
+                    f"(mean validation average QWK {value:.3f})",
+                "validation average QWK per LoRA row (mean over seeds): "
+                + "; ".join(f"{row_name(v, r)} {q:.3f}" for (v, r), q in group.validation_means().items())]
     out += ["", f"hierarchical bootstrap ({n} resamples of seeds, then test essays; with one seed it covers "
                 "the test essays only):", ""]
     out += difference_lines(group, n, seed)

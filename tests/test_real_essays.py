@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, mean_squared_error
 
+from benchmarks import add_pick_essays as add_pick
 from benchmarks import bench_real_essays as bench
 from benchmarks import real_essay_tables as tables
 from modules.convert.baseline import mean_predictions
@@ -163,6 +165,62 @@ def test_best_row_is_chosen_on_validation_not_test() -> None:
     assert (variant, row) == ("ce+ntl", "weighted") and value == pytest.approx(1.0)
 
 
+def test_pick_essays_join_the_validation_essays_for_the_row_pick(tmp_path: Path, capsys) -> None:
+    # On the 6 validation essays greedy is exact; on the 5 pick essays weighted is, and greedy is far off:
+    # over all 11, weighted wins. Test rows are the same for both, so test cannot decide.
+    gold_pick = [[0, 1], [4, 4], [1, 3], [3, 0], [2, 2]]
+    pick_rows = {"greedy": [[4 - a, 4 - b] for a, b in gold_pick], "weighted": gold_pick}
+    valid_rows = {"greedy": GOLD_VALID, "weighted": shifted(GOLD_VALID, 1, step=3)}
+    test_rows = {"greedy": GOLD_TEST, "weighted": GOLD_TEST}
+
+    def with_pick(seed: int) -> dict:
+        content = result("ce+ntl", seed, test_rows, valid_rows)
+        content["splits"]["pick"] = {"ids": [f"p{i}" for i in range(5)], "gold": gold_pick, "rows": pick_rows}
+        return content
+
+    for seed in (0, 1):
+        tables.write_result(tmp_path / "toy" / f"r{seed}.json", with_pick(seed))
+    group = tables.Group(tables.read_results(tmp_path))
+    assert group.validation_splits() == ["valid", "pick"]
+    gold = GOLD_VALID + gold_pick
+    weighted = tables.mean_qwk(gold, valid_rows["weighted"] + gold_pick, RANGES)
+    greedy = tables.mean_qwk(gold, GOLD_VALID + pick_rows["greedy"], RANGES)
+    assert weighted > greedy and tables.mean_qwk(GOLD_VALID, valid_rows["weighted"], RANGES) < 1.0
+    assert group.validation_means() == {("ce+ntl", "greedy"): pytest.approx(greedy),
+                                        ("ce+ntl", "weighted"): pytest.approx(weighted)}
+    assert group.best_on_validation() == ("ce+ntl", "weighted", pytest.approx(weighted))
+    assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert (f"best LoRA row on the validation essays (6 validation + 5 pick): LoRA CE+NTL, weighted "
+            f"(mean validation average QWK {weighted:.3f})") in out
+    assert (f"validation average QWK per LoRA row (mean over seeds): LoRA CE+NTL, greedy {greedy:.3f}; "
+            f"LoRA CE+NTL, weighted {weighted:.3f}") in out
+    # a seed without the pick essays (an older file): the pick falls back to the validation essays
+    tables.write_result(tmp_path / "toy" / "r2.json", result("ce+ntl", 2, test_rows, valid_rows))
+    group = tables.Group(tables.read_results(tmp_path))
+    assert group.validation_splits() == ["valid"]
+    assert group.best_on_validation() == ("ce+ntl", "greedy", pytest.approx(1.0))
+
+
+def test_subset_draws_keep_the_splits_and_add_unseen_validation_essays(tmp_path: Path) -> None:
+    pools = {"train": 12, "valid": 9, "test": 7}
+    for split, n in pools.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"id": f"{split}{i}"}) + "\n" for i in range(n)))
+    sizes = {"train": 5, "valid": 4, "test": 3}
+    without = bench.subset_draws(tmp_path, sizes, 0, seed=3)
+    draws = bench.subset_draws(tmp_path, sizes, 5, seed=3)
+    ids = {split: [r["id"] for r in records] for split, records in draws.items()}
+    assert all(ids[split] == [r["id"] for r in without[split]] for split in sizes)  # the pick draw comes last
+    assert without["pick"] == [] and len(ids["pick"]) == 5 and ids["pick"] == sorted(ids["pick"], key=lambda i: int(i[5:]))
+    assert set(ids["pick"]) == {f"valid{i}" for i in range(9)} - set(ids["valid"])  # every essay the sample left
+    fewer = [r["id"] for r in bench.subset_draws(tmp_path, sizes, 2, seed=3)["pick"]]
+    assert len(fewer) == 2 and set(fewer) < set(ids["pick"])
+    assert fewer == [r["id"] for r in bench.subset_draws(tmp_path, sizes, 2, seed=3)["pick"]]  # seeded
+    with pytest.raises(DataError, match=r"--pick_essays 6 is more than the 5 validation essays the --valid_essays "
+                                        r"sample leaves in .*valid.jsonl"):
+        bench.subset_draws(tmp_path, sizes, 6, seed=3)
+
+
 def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     full = {"greedy": shifted(GOLD_TEST, 1, step=2), "weighted": GOLD_TEST, "SC average": shifted(GOLD_TEST, 1, step=4),
             "training mean": [[2, 2]] * 8, "essay-length ridge": shifted(GOLD_TEST, -1, step=2)}
@@ -200,7 +258,7 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     diff = g0 - tables.mean_qwk(GOLD_TEST, ce["greedy"], RANGES)
     assert f"| {diff:+.3f} |" in ntl
     assert "seeds and essays" in rows["LoRA CE+NTL, greedy minus training mean"]
-    assert "best LoRA row on the validation essays: LoRA CE+NTL, greedy" in first  # ties: table order
+    assert "best LoRA row on the validation essays (6 validation): LoRA CE+NTL, greedy" in first  # ties: table order
     assert "LoRA CE+NTL, greedy seed 0: 1 invalid, 1 truncated of 8" in first
     # one line per result file: what ran, how long, where, and the command
     assert ("| LoRA CE+NTL, seed 1 | greedy, weighted | 30 min 6 s | 27 min 16 s, 500 steps | 1.812, 1.821, 1.769 "
@@ -544,7 +602,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     out = tmp_path / "bench"
     argv = ["--corpus", "ell", "--input", str(tmp_path / "ell.csv"), "--out_dir", str(out), "--base_model",
             "tiny-random-llama", "--train_essays", "8", "--valid_essays", "4", "--test_essays", "4", "--max_steps", "2",
-            "--m", "3", "--max_seq_length", "256", "--bootstrap", "20"]
+            "--m", "3", "--max_seq_length", "256", "--bootstrap", "20", "--pick_essays", "2"]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     assert "smoke run" in printed and "best_lora_qwk=" in printed and "MCRMSE" in printed
@@ -559,7 +617,10 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert set(saved["rows"]) == set(lora_rows)
     assert {"convert + subset", "train + score", "greedy, constrained", "self-consistency", "baselines",
             "confidence", "total"} <= set(saved["timings"])
-    for split, n in (("test", 4), ("valid", 4)):
+    assert saved["data"]["pick_essays"] == 2 and "pick essays: greedy + weighted" in saved["timings"]
+    valid_pool = {json.loads(line)["id"] for line in (out / "full_seed0" / "valid.jsonl").read_text().splitlines()}
+    assert set(saved["splits"]["pick"]["ids"]) == valid_pool - set(saved["splits"]["valid"]["ids"])
+    for split, n in (("test", 4), ("valid", 4), ("pick", 2)):
         entry = saved["splits"][split]
         records = [json.loads(line) for line in (out / "data_seed0" / f"{split}.jsonl").read_text().splitlines()]
         assert entry["ids"] == [r["id"] for r in records]
@@ -581,6 +642,28 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert entry["line_counts"]["SC samples, constrained"]["invalid"] == 0
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
+    # add_pick_essays.py on the file without its pick essays scores them as the benchmark did
+    older = {**saved, "splits": {k: v for k, v in saved["splits"].items() if k != "pick"},
+             "data": {k: v for k, v in saved["data"].items() if k != "pick_essays"}}
+    path.write_text(json.dumps(older))
+    (out / "data_seed0" / "pick.jsonl").unlink()
+    for folder in ("sc_ce+ntl_seed0_pick", "sc_ce+ntl_seed0_pick_constrained"):  # an older run has neither
+        shutil.rmtree(out / folder)
+    assert add_pick.main([str(path), "--out_dir", str(out), "--pick_essays", "2"]) == 0
+    added = json.loads(path.read_text())
+    assert added["splits"]["pick"] == saved["splits"]["pick"] and added["data"] == saved["data"]
+    assert {k: v for k, v in added.items() if k != "pick_scoring"} == saved
+    assert {"validation essays again (the adapter reproduces the file)", "pick essays: greedy + weighted",
+            "greedy, constrained", "self-consistency", "self-consistency, constrained", "baselines",
+            "total"} == set(added["pick_scoring"]["timings"])
+    assert add_pick.main([str(path), "--out_dir", str(out)]) == 1
+    assert "already has pick essays" in capsys.readouterr().err
+    # rows the adapter does not reproduce: refused before anything is added
+    older["splits"]["valid"]["rows"]["greedy"][0] = [v + 1 if v < 10 else v - 1 for v in older["splits"]["valid"]["rows"]["greedy"][0]]
+    path.write_text(json.dumps(older))
+    assert add_pick.main([str(path), "--out_dir", str(out), "--pick_essays", "2"]) == 1
+    assert "rescores 1 of 4 validation essays' greedy row differently; not this result's adapter" in capsys.readouterr().err
+    assert "pick" not in json.loads(path.read_text())["splits"]
 
 
 def test_rubric_alone_against_sharing_its_line(tmp_path: Path, capsys) -> None:
