@@ -296,7 +296,7 @@ def subset_draws(full_dir: Path, sizes: dict[str, int], pick: int, seed: int) ->
 def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], pick: int, seed: int) -> None:
     """:func:`subset_draws` written as one dataset folder (``pick.jsonl`` beside the three splits, which
     main_pipeline.py does not read); an existing folder (another command's) is reused when it was made
-    with the same seed and sizes."""
+    with the same seed, sizes and pick count."""
     if (data_dir / "dataset.json").is_file():
         meta = read_json(data_dir / "dataset.json")
         made = meta.get("subset", {})
