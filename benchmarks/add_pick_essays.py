@@ -96,8 +96,8 @@ def add_pick(path: Path, out: Path, pick: int | None, argv: list[str]) -> dict:
     with bench.stage("pick essays: greedy + weighted", timings):
         run["pick"] = bench.score_split(args, data, run_dir, max_prompt_tokens, "pick")
     if not result["replicate"]:
-        bench.rescore(args, data, run_dir, max_prompt_tokens, run, timings, ["pick"])
-        bench.sc_rows(args, data, run_dir, out, result["variant"], load_dataset_info(data), run, timings, ["pick"])
+        bench.one_prefill_rows(args, data, run_dir, out, result["variant"], load_dataset_info(data), max_prompt_tokens,
+                               run, timings, ["pick"])
         if run["sampler"] != result["sampler"]:
             raise DataError(f"{path}: sampled with {result['sampler']}, the pick essays with {run['sampler']}")
     with bench.stage("baselines", timings):

@@ -41,16 +41,17 @@ Stages, each timed (wall seconds):
    and every later stage scores them like the validation essays. The tables pick the best row on
    the validation and pick essays together: on 30 essays alone a row's validation QWK has a
    bootstrap sd of about 0.1, and the pick fell on a row 0.03 below the best on test (README).
-3. constrained greedy (skipped with ``--replicate``): the saved adapter rescores test, validation
-   and pick essays with ``--constrained`` greedy decoding, on the training prompts (same
-   ``max_prompt_tokens``).
-4. self-consistency (skipped with ``--replicate``): ``self_consistency.py run`` with ``--max_m m`` on
-   the test, validation and pick essays, once unconstrained and once ``--constrained``; majority and
-   average votes over all m samples of each essay.
-5. baselines, on test, validation and pick essays: TF-IDF (1-2 grams) ridge per rubric fit on the same training
+3. constrained greedy + self-consistency (skipped with ``--replicate``), on the test, validation
+   and pick essays, on the training prompts (same ``max_prompt_tokens``): each essay's prompt runs
+   through the saved adapter once, and three rows decode from it: ``--constrained`` greedy, and
+   ``--max_m m`` self-consistency samples as ``self_consistency.py run`` draws them (its defaults,
+   seed ``--seed``), once unconstrained and once ``--constrained``; majority and average votes over
+   all m samples of each essay. The sample banks are written as that CLI writes them.
+   (Three separate passes, as before, ran every prompt three times: ``bench_one_prefill.py``.)
+4. baselines, on test, validation and pick essays: TF-IDF (1-2 grams) ridge per rubric fit on the same training
    essays and on all essays of the converted train split; a ridge on the essay's length alone
    (words, log words); the training mean (per rubric, rounded).
-6. confidence (issue 20 part 4; no extra training): which of the judged row's scores to trust.
+5. confidence (issue 20 part 4; no extra training): which of the judged row's scores to trust.
    The judged prediction is the weighted row (the strongest single-pass row). Per essay, on test
    and validation, every signal of ``modules.confidence.essay_signals``: p_pred, neg_std,
    neg_entropy from the weighted distributions; sc_agreement and neg_sc_std from the unconstrained
@@ -193,7 +194,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="prompt + target tokens (the essay budget)")
     p.add_argument("--m", type=int, default=10, help="self-consistency samples per essay")
-    p.add_argument("--sampler", default=None, help="self_consistency.py --sampler (default: its own default)")
     p.add_argument("--bootstrap", type=int, default=2000, help="hierarchical bootstrap resamples of the printed tables")
     args = p.parse_args(argv)
     corpus = CORPORA[args.corpus]
@@ -382,67 +382,118 @@ def score_split(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_pro
                                      mtl=False, max_prompt_tokens=max_prompt_tokens))
 
 
-def rescore(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, run: dict,
-            timings: dict[str, float], splits: list[str]) -> None:
-    """Constrained greedy on ``splits`` from the saved adapter, on the training prompts (their
-    unconstrained greedy and weighted rows are in ``run``)."""
-    from modules.data import load_split
-    from modules.evaluation import predict_split
-    from modules.models import load_adapter
-
-    info = load_dataset_info(data_dir)
-    model, tokenizer = load_adapter(args.base_model, run_dir)
-    with stage("greedy, constrained", timings):
-        for split in splits:
-            predictions = predict_split(model, tokenizer, load_split(data_dir / f"{split}.jsonl", info), info,
-                                        mtl=False, max_prompt_tokens=max_prompt_tokens, weighted=False, constrained=True)
-            run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in predictions]
-            run[split]["line_counts"]["greedy, constrained"] = line_counts(predictions)
-
-
-def self_consistency(args: argparse.Namespace, run_dir: Path, split_path: Path, out_dir: Path, log: Path,
-                     constrained: bool, info) -> tuple[dict, dict, str, "np.ndarray"]:
-    """self_consistency.py run on the adapter; per-essay majority and average votes over all m
-    samples, the invalid/truncated sample counts, the sampler's name and the sample bank
-    (int [N, m, K] in the split file's order, -1 invalid)."""
-    from modules.data import load_split
+def sc_votes(bank_path: Path, split_path: Path, records, info, suffix: str) -> tuple[dict, dict, "np.ndarray"]:
+    """A written sample bank's per-essay majority and average votes over all its samples (rows
+    ``SC majority<suffix>``, ``SC average<suffix>``; self_consistency.py's default fallback, the
+    rubric midpoints), its invalid/truncated sample counts, and the bank as int [N, m, K] in the
+    split file's order (-1 invalid)."""
     from modules.voting import INVALID, average_vote, default_fallback, majority_vote
     from self_consistency import bank_samples
 
-    cmd = [sys.executable, str(ROOT / "self_consistency.py"), "run", "--adapter_dir", str(run_dir),
-           "--base_model_name", args.base_model, "--test_path", str(split_path), "--max_m", str(args.m),
-           "--chunk_m", str(args.m), "--seed", str(args.seed), "--output_dir", str(out_dir), "--bootstrap", "0"]
-    cmd += ["--sampler", args.sampler] if args.sampler else []
-    cmd += ["--constrained"] if constrained else []
-    run_logged(cmd, log)
-    samples, truncated = bank_samples(out_dir / "samples.jsonl", str(split_path), load_split(split_path, info), info)
-    fallback = default_fallback(info.ranges)  # self_consistency.py's default: the rubric midpoints
-    suffix = ", constrained" if constrained else ""
+    samples, truncated = bank_samples(bank_path, str(split_path), records, info)
+    fallback = default_fallback(info.ranges)
     votes = {f"SC majority{suffix}": majority_vote(samples, fallback).tolist(),
              f"SC average{suffix}": average_vote(samples, fallback).tolist()}
     counts = {"lines": int(samples.shape[0] * samples.shape[1]), "invalid": int((samples == INVALID).all(axis=2).sum()),
               "truncated": truncated}
-    return votes, counts, read_json(out_dir / "run_config.json")["args"]["sampler"], samples
+    return votes, counts, samples
 
 
-def sc_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path, variant: str, info, run: dict,
-            timings: dict[str, float], splits: list[str]) -> dict[str, "np.ndarray"]:
-    """Self-consistency on ``splits``, unconstrained and ``--constrained``: the vote rows and sample
-    counts go into ``run`` (and the sampler's name into ``run["sampler"]``); returns the unconstrained
-    sample bank of each split (the SC confidence signals judge its spread)."""
+def one_prefill_batch(model, tokenizer, records, info, max_prompt_tokens: int, first_index: int, seed: int, m: int,
+                      sc: argparse.Namespace) -> tuple[list[dict], dict[bool, list[list[dict]]]]:
+    """Constrained greedy rows (:func:`modules.evaluation.greedy_row`) and m self-consistency samples
+    per essay, unconstrained (key False) and ``--constrained`` (key True), for ``records``, the
+    essays ``first_index``, ``first_index + 1``, ... of their split: each prompt runs through the
+    model once (:func:`modules.scoring.prefill`) and all three decode from it
+    (``greedy_from_states``, ``trie_sample(prompt_states=...)``). Sampling follows
+    ``self_consistency.py run`` with the settings ``sc`` (its parsed flags): essay i draws from
+    seed + i, so the samples are the ones the CLI draws."""
+    import torch
+
+    from modules.data import build_prompt
+    from modules.evaluation import greedy_row
+    from modules.sampling import trie_sample
+    from modules.scoring import greedy_from_states, prefill, score_line_budget
+
+    prompts = [build_prompt(r, info, tokenizer, False, "chat", max_prompt_tokens) for r in records]
+    fallback = [r.midpoint for r in info.rubrics]
+    with torch.inference_mode():
+        states = [prefill(model, tokenizer, prompt) for prompt in prompts]
+        answers = greedy_from_states(model, tokenizer, states, info.ranges, constrained=True)
+        drawn = {constrained: trie_sample(model, tokenizer, prompts, info.ranges,
+                                          generator_seeds=[seed + first_index + i for i in range(len(records))],
+                                          max_m=m, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                                          max_new_tokens=score_line_budget(tokenizer, info.ranges, constrained),
+                                          constrained=constrained, prompt_states=states)
+                 for constrained in (False, True)}
+    return [greedy_row(r, answer, fallback) for r, answer in zip(records, answers)], drawn
+
+
+def sc_settings(run_dir: Path, base_model: str, split_path: Path) -> argparse.Namespace:
+    """``self_consistency.py run``'s flags at their defaults for this adapter and split."""
+    from self_consistency import parse_args as sc_parse_args
+
+    return sc_parse_args(["run", "--adapter_dir", str(run_dir), "--base_model_name", base_model,
+                          "--test_path", str(split_path)])
+
+
+def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path, variant: str, info,
+                     max_prompt_tokens: int, run: dict, timings: dict[str, float],
+                     splits: list[str]) -> dict[str, "np.ndarray"]:
+    """Constrained greedy and self-consistency, unconstrained and ``--constrained``, on ``splits``
+    from the saved adapter, on the training prompts, batch by batch with :func:`one_prefill_batch`:
+    each essay's prompt runs through the model once for all three rows; separately each would pay
+    it again, and at ELL's prompt lengths the prompt is most of an essay's cost
+    (``benchmarks/bench_one_prefill.py``).
+
+    Self-consistency is ``self_consistency.py run``'s at its defaults with ``--max_m m`` and
+    ``--seed seed``; each bank is written in its format (``sc_<variant>_seed<k>_<split>
+    [_constrained]/samples.jsonl`` under ``out``), essay by essay as its batch ends. The rows and
+    line counts go into ``run`` (the sampler's name into ``run["sampler"]``); returns the
+    unconstrained sample bank of each split (the SC confidence signals judge its spread).
+    """
+    from contextlib import ExitStack
+
+    from tqdm.auto import tqdm
+
+    from modules.bank import append_bank_line, bank_line
+    from modules.data import load_split
+    from modules.models import load_adapter
+
+    model, tokenizer = load_adapter(args.base_model, run_dir)
     banks = {}
-    for constrained in (False, True):
-        name = "self-consistency" + (", constrained" if constrained else "")
-        with stage(name, timings):
-            for split in splits:
-                folder = f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else "")
-                votes, counts, run["sampler"], samples = self_consistency(
-                    args, run_dir, data_dir / f"{split}.jsonl", out / folder, out / "logs" / f"{folder}.log",
-                    constrained, info)
+    with stage("constrained greedy + self-consistency (one prefill)", timings):
+        for split in splits:
+            split_path = data_dir / f"{split}.jsonl"
+            sc = sc_settings(run_dir, args.base_model, split_path)
+            records = load_split(split_path, info)
+            folders = {constrained: out / (f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else ""))
+                       for constrained in (False, True)}
+            greedy = []
+            with ExitStack() as files:
+                handles = {}
+                for constrained, folder in folders.items():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    handles[constrained] = files.enter_context((folder / "samples.jsonl").open("w", encoding="utf-8"))
+                for start in tqdm(range(0, len(records), sc.essay_batch), desc=f"{split}, one prefill", unit="batch",
+                                  disable=None):
+                    batch = records[start:start + sc.essay_batch]
+                    rows, drawn = one_prefill_batch(model, tokenizer, batch, info, max_prompt_tokens, start, args.seed,
+                                                    args.m, sc)
+                    greedy += rows
+                    for constrained, handle in handles.items():
+                        for record, samples in zip(batch, drawn[constrained]):
+                            append_bank_line(handle, bank_line(record.id, record.scores, samples))
+            run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in greedy]
+            run[split]["line_counts"]["greedy, constrained"] = line_counts(greedy)
+            for constrained, folder in folders.items():
+                suffix = ", constrained" if constrained else ""
+                votes, counts, samples = sc_votes(folder / "samples.jsonl", split_path, records, info, suffix)
+                run[split]["rows"].update(votes)
+                run[split]["line_counts"]["SC samples" + suffix] = counts
                 if not constrained:
                     banks[split] = samples
-                run[split]["rows"].update(votes)
-                run[split]["line_counts"]["SC samples" + (", constrained" if constrained else "")] = counts
+    run["sampler"] = "trie"
     return banks
 
 
@@ -590,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                 run["pick"] = score_split(args, data, run_dir, run["max_prompt_tokens"], "pick")
         splits = scored_splits(run)
         if not args.replicate:
-            rescore(args, data, run_dir, run["max_prompt_tokens"], run, timings, splits)
-            banks = sc_rows(args, data, run_dir, out, variant, info, run, timings, splits)
+            banks = one_prefill_rows(args, data, run_dir, out, variant, info, run["max_prompt_tokens"], run, timings,
+                                     splits)
         with stage("baselines", timings):
             full_train = read_jsonl(full / "train.jsonl")
             for split in splits:

@@ -182,7 +182,7 @@ def read_results(results_dir: Path) -> list[dict]:
 # rule (--load_best_model_at_end) is left out: a run that kept its last checkpoint is the same run
 # under either rule, and the runs table shows the checkpoint each result kept.
 RECIPE_KEYS = ("base_model", "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "top_layers",
-               "group_by_length", "max_seq_length", "m", "sampler")
+               "group_by_length", "max_seq_length", "m")
 
 
 def recipe(result: dict) -> dict:

@@ -25,6 +25,16 @@ def _round_half_up(x: float, lo: int, hi: int) -> int:
     return int(min(max(np.floor(x + 0.5), lo), hi))
 
 
+def greedy_row(record: EssayRecord, answer: dict, fallback: Sequence[int]) -> dict:
+    """One essay's greedy prediction from its answer (:func:`~modules.scoring.greedy_predict`'s
+    dicts): the parsed scores, or ``fallback`` (the rubric midpoints) for an invalid or truncated
+    line, marked ``valid: False``."""
+    parsed = answer["scores"]
+    return {"id": record.id, "gold": None if record.scores is None else list(record.scores),
+            "greedy": parsed or list(fallback), "text": answer["text"], "valid": parsed is not None,
+            "truncated": answer.get("truncated", False)}
+
+
 def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
                   prompt_format: str = "chat", max_prompt_tokens: int | None = None, batch_size: int = 8,
                   weighted: bool = True, generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
@@ -54,9 +64,8 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
     predictions = []
     for record, (answer, state) in zip(records, scored):
         parsed = answer["scores"]
-        pred = {"id": record.id, "gold": None if record.scores is None else list(record.scores), "greedy": parsed or list(fallback),
-                "weighted": None, "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
-                "text": answer["text"], "valid": parsed is not None, "truncated": answer.get("truncated", False)}
+        pred = {**greedy_row(record, answer, fallback), "weighted": None, "weighted_expected": None,
+                "probabilities": None, "weighted_underflow": None}
         if weighted:
             expected, probs, underflow = weighted_predict(model, tokenizer, state, ranges, prefix_scores=parsed)
             pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]

@@ -22,7 +22,8 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from modules.bank import Sample
 from modules.constrained import START, ScoreLineLogitsProcessor
 from modules.score_lines import line_sample
-from modules.scoring import ended_rows, eval_mode, input_device, line_constraint, stop_token_ids
+from modules.scoring import (PromptState, ended_rows, eval_mode, input_device, left_padded_cache, line_constraint,
+                             stop_token_ids)
 from modules.tree_attention import require_tree_attention, tree_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def sampling_processors(model, temperature: float, top_k: int, top_p: float | No
 def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                 generator_seeds: Sequence[int], max_m: int, temperature: float, top_k: int,
                 top_p: float | None = None, max_new_tokens: int, chunk_m: int | None = None,
-                constrained: bool = False) -> list[list[Sample]]:
+                constrained: bool = False, prompt_states: Sequence[PromptState] | None = None) -> list[list[Sample]]:
     """``max_m`` samples for each prompt, from the distribution of :func:`generate_sample`.
 
     Exactness: a sample is a chain of draws ``t_i ~ q(. | prompt, t_<i)`` with ``q`` the model's
@@ -160,6 +161,11 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
     ``constrained``: each trie node carries its state in the score-line automaton, and its logits
     are masked to the tokens that state allows before the warpers (restrict, renormalise, warp), as
     :func:`generate_sample`'s logits processor does; a child's state follows from its token.
+
+    ``prompt_states``: the prompts already run through the model, one :class:`PromptState` each
+    (:func:`~modules.scoring.prefill`); the trie then grows from a left-padded copy of their caches
+    and their last logits instead of a prefill of its own, so one prefill per essay serves greedy,
+    weighted, constrained and sampled scoring. The states are left as they were.
     """
     if max_m < 1 or max_new_tokens < 1:
         raise ValueError(f"max_m and max_new_tokens must be >= 1, got {max_m} and {max_new_tokens}")
@@ -173,7 +179,10 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
     stop = set(stop_token_ids(tokenizer, model))
     device = input_device(model)
     dtype = model.get_input_embeddings().weight.dtype
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if prompt_states is not None and len(prompt_states) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_states)} prompt states")
+    prompt_ids = ([list(s.ids) for s in prompt_states] if prompt_states is not None else
+                  [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts])
     if not all(prompt_ids):
         raise ValueError("trie_sample needs non-empty prompts")
     generators = [torch.Generator().manual_seed(int(seed)) for seed in generator_seeds]
@@ -196,9 +205,13 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
     rows = list(range(len(prompts)))
     ended: list[list[tuple[tuple[int, ...], int]]] = [[] for _ in prompts]  # (path, count) per essay
     with eval_mode(model), torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=seen.long(), position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1]
+        if prompt_states is None:
+            out = model(input_ids=input_ids, attention_mask=seen.long(), position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1]
+        else:
+            cache = left_padded_cache(model, prompt_states, last_token=True)
+            logits = torch.stack([state.logits for state in prompt_states]).to(device)
         for depth in range(max_new_tokens):
             logits = logits.float()
             if constraint:

@@ -142,7 +142,7 @@ def _greedy_batch(model, tokenizer, rows: Sequence[Sequence[int]], decoding: _Gr
     """One batched greedy ``generate`` over tokenised prompts, left-padded to the longest.
 
     ``cache``: the batch's KV cache of every prompt token but the last, laid out as the padded ids
-    are (:func:`_left_padded_cache`); ``generate`` then runs only the last column. None: it runs
+    are (:func:`left_padded_cache`); ``generate`` then runs only the last column. None: it runs
     the whole padded batch.
     """
     device = input_device(model)
@@ -217,19 +217,35 @@ def prefill(model, tokenizer, prompt: str) -> PromptState:
     return PromptState(ids, out.cache, out.logits[0, -1].float())
 
 
-def _left_padded_cache(model, states: Sequence[PromptState]) -> DynamicCache:
-    """One batch cache of the prompts' keys and values but each one's last token's, right-aligned in
-    ``max(len(ids)) - 1`` slots as the left-padded ids are; padding slots hold zeros, which the
-    attention mask hides. The prompts' own caches are copied, not changed."""
-    width = max(len(state.ids) for state in states) - 1
+def left_padded_cache(model, states: Sequence[PromptState], *, last_token: bool = False) -> DynamicCache:
+    """One batch cache of the prompts' keys and values, right-aligned as left-padded ids are: each
+    prompt's every token but the last in ``max(len(ids)) - 1`` slots (``generate`` then runs the
+    last column), or with ``last_token`` all of them in ``max(len(ids))`` slots (the caller starts
+    from the states' logits). Padding slots hold zeros, which the attention mask hides. The
+    prompts' own caches are copied, not changed, so the states serve several decodings."""
+    drop = 0 if last_token else 1
+    width = max(len(state.ids) for state in states) - drop
 
     def stacked(layer: int, name: str) -> torch.Tensor:
-        # [batch, heads, width, head_dim]: each prompt's first len(ids) - 1 positions, zeros before them.
-        return torch.cat([torch.nn.functional.pad(getattr(s.cache.layers[layer], name)[..., :len(s.ids) - 1, :],
-                                                  (0, 0, width - (len(s.ids) - 1), 0)) for s in states])
+        # [batch, heads, width, head_dim]: each prompt's kept positions, zeros before them.
+        return torch.cat([torch.nn.functional.pad(getattr(s.cache.layers[layer], name)[..., :len(s.ids) - drop, :],
+                                                  (0, 0, width - (len(s.ids) - drop), 0)) for s in states])
 
     layers = range(len(states[0].cache.layers))
     return DynamicCache([(stacked(k, "keys"), stacked(k, "values")) for k in layers], config=model.config)
+
+
+def greedy_from_states(model, tokenizer, states: Sequence[PromptState], ranges: Sequence[tuple[int, int]], *,
+                       max_new_tokens: int | None = None, generate_feedback: bool = False,
+                       constrained: bool = False) -> list[dict]:
+    """:func:`greedy_predict`'s answers for prompts already run through the model (:func:`prefill`),
+    decoded together in one ``generate`` from a left-padded copy of their caches
+    (:func:`left_padded_cache`), which re-runs only each prompt's last token. The states are left
+    as they were: one prefill serves unconstrained and constrained decoding, the weighted scorer
+    and the trie sampler alike. Call under ``torch.inference_mode()``."""
+    decoding = _greedy_decoding(model, tokenizer, ranges, max_new_tokens, generate_feedback, constrained)
+    with eval_mode(model):
+        return _greedy_batch(model, tokenizer, [s.ids for s in states], decoding, cache=left_padded_cache(model, states))
 
 
 def greedy_with_prompt_states(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
@@ -240,20 +256,18 @@ def greedy_with_prompt_states(model, tokenizer, prompts: list[str], ranges: Sequ
     that the weighted scorer continues from the prompt's forward instead of running it again.
 
     Per batch, each prompt runs alone (unpadded: the state is exactly what
-    :func:`weighted_predict` would compute itself); the batch then decodes together in one
-    ``generate`` from a left-padded copy of those caches (:func:`_left_padded_cache`), which
-    re-runs only each prompt's last token. The batch's states live until its answers are consumed.
+    :func:`weighted_predict` would compute itself); the batch then decodes together
+    (:func:`greedy_from_states`). The batch's states live until its answers are consumed.
     The prompts' caches must be exactly cuttable back, as the weighted scorer needs (full
     attention, or a sliding window longer than the prompt): else ``ValueError``.
     """
-    decoding = _greedy_decoding(model, tokenizer, ranges, max_new_tokens, generate_feedback, constrained)
     for start in range(0, len(prompts), batch_size):
         with eval_mode(model), torch.inference_mode():
             states = [prefill(model, tokenizer, prompt) for prompt in prompts[start:start + batch_size]]
             for state in states:
                 _check_tree_cache(state.cache, len(state.ids))
-            answers = _greedy_batch(model, tokenizer, [s.ids for s in states], decoding,
-                                    cache=_left_padded_cache(model, states))
+            answers = greedy_from_states(model, tokenizer, states, ranges, max_new_tokens=max_new_tokens,
+                                         generate_feedback=generate_feedback, constrained=constrained)
         yield from zip(answers, states)
 
 

@@ -603,6 +603,11 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     argv = ["--corpus", "ell", "--input", str(tmp_path / "ell.csv"), "--out_dir", str(out), "--base_model",
             "tiny-random-llama", "--train_essays", "8", "--valid_essays", "4", "--test_essays", "4", "--max_steps", "2",
             "--m", "3", "--max_seq_length", "256", "--bootstrap", "20", "--pick_essays", "2"]
+    import self_consistency as sc_cli
+    sc_parse_args = sc_cli.parse_args
+    # Batches of 3 essays, so that the one-prefill stage's second batch must seed its essays as
+    # self_consistency.py does (seed + the essay's index in the file).
+    monkeypatch.setattr(sc_cli, "parse_args", lambda args: sc_parse_args([*args, "--essay_batch", "3"]))
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     assert "smoke run" in printed and "best_lora_qwk=" in printed and "MCRMSE" in printed
@@ -615,7 +620,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     lora_rows = ["greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
                  "SC majority, constrained", "SC average, constrained"]
     assert set(saved["rows"]) == set(lora_rows)
-    assert {"convert + subset", "train + score", "greedy, constrained", "self-consistency", "baselines",
+    assert {"convert + subset", "train + score", "constrained greedy + self-consistency (one prefill)", "baselines",
             "confidence", "total"} <= set(saved["timings"])
     assert saved["data"]["pick_essays"] == 2 and "pick essays: greedy + weighted" in saved["timings"]
     valid_pool = {json.loads(line)["id"] for line in (out / "full_seed0" / "valid.jsonl").read_text().splitlines()}
@@ -640,6 +645,27 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
             counts = entry["line_counts"]["SC samples" + suffix]
             assert counts == {"lines": n * 3, "invalid": int((samples == INVALID).all(axis=2).sum()), "truncated": counts["truncated"]}
         assert entry["line_counts"]["SC samples, constrained"]["invalid"] == 0
+    # The one-prefill stage gives what the separate paths give: self_consistency.py run's banks
+    # (same m and seed) and predict_split's constrained greedy rows.
+    from modules.data import load_dataset_info, load_split
+    from modules.evaluation import predict_split
+    from modules.models import load_adapter
+
+    def bank_rows(bank: Path) -> list:
+        return [(r["id"], [(s["text"], s["scores"]) for s in r["samples"]]) for r in map(json.loads, bank.read_text().splitlines())]
+
+    test_path = out / "data_seed0" / "test.jsonl"
+    for flag, folder in (([], ""), (["--constrained"], "_constrained")):
+        assert sc_cli.main(["run", "--adapter_dir", str(out / "run_ce+ntl_seed0"), "--base_model_name", "tiny-random-llama",
+                            "--test_path", str(test_path), "--max_m", "3", "--chunk_m", "3", "--seed", "0",
+                            "--output_dir", str(tmp_path / f"cli{folder}"), "--bootstrap", "0", *flag]) == 0
+        assert bank_rows(tmp_path / f"cli{folder}" / "samples.jsonl") == \
+            bank_rows(out / f"sc_ce+ntl_seed0_test{folder}" / "samples.jsonl")
+    model, tokenizer = load_adapter("tiny-random-llama", out / "run_ce+ntl_seed0")
+    info = load_dataset_info(out / "data_seed0")
+    alone = predict_split(model, tokenizer, load_split(test_path, info), info, mtl=False, weighted=False,
+                          max_prompt_tokens=saved["data"]["max_prompt_tokens"], constrained=True)
+    assert saved["splits"]["test"]["rows"]["greedy, constrained"] == [p["greedy"] for p in alone]
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
     # add_pick_essays.py on the file without its pick essays scores them as the benchmark did
@@ -654,7 +680,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert added["splits"]["pick"] == saved["splits"]["pick"] and added["data"] == saved["data"]
     assert {k: v for k, v in added.items() if k != "pick_scoring"} == saved
     assert {"validation essays again (the adapter reproduces the file)", "pick essays: greedy + weighted",
-            "greedy, constrained", "self-consistency", "self-consistency, constrained", "baselines",
+            "constrained greedy + self-consistency (one prefill)", "baselines",
             "total"} == set(added["pick_scoring"]["timings"])
     assert add_pick.main([str(path), "--out_dir", str(out)]) == 1
     assert "already has pick essays" in capsys.readouterr().err

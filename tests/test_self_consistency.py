@@ -563,6 +563,40 @@ def test_trie_sampler_is_seeded_and_independent_of_its_batch(adapter_model):
     assert 1 < len(set(firsts)) < runs
 
 
+def test_one_prefill_serves_greedy_constrained_and_the_trie_sampler_unchanged(adapter_model):
+    import torch
+
+    from modules.sampling import trie_sample
+    from modules.scoring import greedy_from_states, greedy_predict, prefill
+
+    # The benchmark runs each prompt once and decodes every row from it: each decoding must give
+    # what it gives from its own prefill, and leave the states for the next one as they were.
+    model, tokenizer = adapter_model
+    ranges = [(1, 9)] * 8
+    kwargs = dict(max_m=20, temperature=1.0, top_k=9, max_new_tokens=8)
+    with torch.inference_mode():
+        states = [prefill(model, tokenizer, prompt) for prompt in TRIE_PROMPTS]
+    before = [[(layer.keys.clone(), layer.values.clone()) for layer in state.cache.layers] for state in states]
+    for constrained in (False, True):
+        with torch.inference_mode():
+            shared = greedy_from_states(model, tokenizer, states, ranges, constrained=constrained, max_new_tokens=8)
+        assert shared == greedy_predict(model, tokenizer, TRIE_PROMPTS, ranges, constrained=constrained,
+                                        max_new_tokens=8)
+        for seeds in ([3, 4, 5], [6, 7, 8]):
+            own = trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=seeds, constrained=constrained,
+                              **kwargs)
+            assert trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=seeds, constrained=constrained,
+                               prompt_states=states, **kwargs) == own
+            assert len({s["text"] for s in own[1]}) > 1  # real draws, not one greedy line
+    for state, layers in zip(states, before):
+        assert len(state.cache.layers) == len(layers)
+        for layer, (keys, values) in zip(state.cache.layers, layers):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    with pytest.raises(ValueError, match="^3 prompts but 2 prompt states$"):
+        trie_sample(model, tokenizer, TRIE_PROMPTS, ranges, generator_seeds=[0, 1, 2], prompt_states=states[:2],
+                    **kwargs)
+
+
 def test_tree_attention_is_refused_to_a_model_without_custom_4d_masks(adapter_model):
     from modules.sampling import trie_sample
     from modules.tree_attention import require_tree_attention
