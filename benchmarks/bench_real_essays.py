@@ -77,7 +77,8 @@ Default sizes, chosen so each corpus's default command fits 60 minutes alone on 
 The ASAP holistic command (800 training essays, 2.5 epochs, 150 test) took 47 min on the AMD EPYC
 (training 35.6 min for 2,000 essay passes of about 324 tokens: about 300 tokens/s; test scoring
 4.1 min, constrained greedy 2.4 min, each self-consistency run 2.5 min, i.e. scoring about
-1.6 + 1.0 + 2 x 1.0 s per essay at 322 prompt tokens); validation scoring adds 30 essays to every
+1.6 + 1.0 + 2 x 1.0 s per essay at 322 prompt tokens, when stage 3 was three passes; now
+``bench_one_prefill.py``); validation scoring adds 30 essays to every
 scoring stage (about 2.5 min). Prompt + target tokens per example with SmolLM2's tokenizer and the
 short system message (mean over 300 training essays): ASAP holistic 322 + 2, ASAP traits 343 + 10
 (longer rubric text, a five-number line), ELL 579 + 11 (essays of 478 tokens on average, p90 746).
@@ -86,18 +87,19 @@ Hence:
 * asap: unchanged (800 essays, 2.5 epochs), for comparability with the earlier result;
 * asap-traits: 800 essays, 2 epochs (1,600 passes x 353 tokens: about 31 min) so that the longer
   lines' scoring (greedy and sampled lines of 10 tokens, five weighted rubrics) fits;
-* ell: 800 essays, 1.5 epochs (1,200 passes x 590 tokens: estimated 32 min) and 200 test essays.
-  The first default, 320 essays for 2 epochs (51 min 21 s in all, 31 min of it scoring), lost to the
-  TF-IDF ridge on the same essays; 800 essays for 2 epochs beat it over two seeds but needed about
-  75 min with every row (levers/train_essays). Scoring from one prefill per essay (stage 3) and half
-  an epoch less bring 800 essays into the hour.
+* ell: 800 essays, 1.5 epochs (1,200 passes x 590 tokens) and 200 test essays. The first default,
+  320 essays for 2 epochs (51 min 21 s in all, 31 min of it scoring), lost to the TF-IDF ridge on
+  the same essays; 800 essays for 2 epochs beat it over two seeds but needed about 75 min with
+  every row (levers/train_essays). Scoring from one prefill per essay (stage 3: 652 s, 2.8 s an
+  essay) and half an epoch less: estimated 50 min at the speed of the 2-epoch runs (6.4 s a
+  step), measured 69 min 45 s on a day whose machine trained at 9.9 s a step (README).
   ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays (prompt budget = 1024
   minus the longest training target); a smaller budget cuts the essays' ends, which the traits
   (conventions, cohesion) are scored on.
 
 The pick essays add their scoring to that (about 3.6 s an ASAP holistic essay with every row, 5.8 s
 on the traits line, 8 s on ELL): 120 essays add about 7 minutes to the ASAP holistic command (about
-45 minutes), 60 essays about 6 minutes to the traits command (about 51); ELL, already at 51 minutes,
+45 minutes), 60 essays about 6 minutes to the traits command (about 51); ELL, at the hour's edge,
 gets none. ``benchmarks/add_pick_essays.py`` adds them to a result recorded before they existed,
 from its run's saved adapter.
 
