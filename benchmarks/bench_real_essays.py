@@ -98,7 +98,7 @@ Hence:
   (conventions, cohesion) are scored on.
 
 The pick essays add their scoring to that (about 3.6 s an ASAP holistic essay with every row, 5.8 s
-on the traits line, 8 s on ELL): 120 essays add about 7 minutes to the ASAP holistic command (about
+on the traits line, 8 s on ELL, all with stage 3 as three passes): 120 essays add about 7 minutes to the ASAP holistic command (about
 45 minutes), 60 essays about 6 minutes to the traits command (about 51); ELL, at the hour's edge,
 gets none. ``benchmarks/add_pick_essays.py`` adds them to a result recorded before they existed,
 from its run's saved adapter.
