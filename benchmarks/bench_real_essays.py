@@ -29,9 +29,10 @@ Stages, each timed (wall seconds):
    not part of a fresh clone.
 2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
    ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
-   layer; no ``--mtl``: these corpora have no feedback), loss CE + 0.2 NTL (``--ablation``: CE
-   only), training seed ``--seed``, the last step's weights kept (``--no-load_best_model_at_end``:
-   on 30 validation essays the eval-loss pick spread CE only's weighted QWK, README: levers);
+   layer, other projections with ``--target_modules``; no ``--mtl``: these corpora have no
+   feedback), loss CE + 0.2 NTL (``--ablation``: CE only), training seed ``--seed``, the last
+   step's weights kept (``--no-load_best_model_at_end``: on 30 validation essays the eval-loss
+   pick spread CE only's weighted QWK, README: levers);
    greedy and weighted predictions of the test and the validation essays from its run folder
    (predictions.jsonl, valid_predictions.jsonl); the best row is chosen on the validation essays,
    never on the test essays.
@@ -194,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=False,
                    help="main_pipeline.py's flag; the recipe keeps the last step's weights (README: levers)")
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
+    p.add_argument("--target_modules", default=tables.DEFAULT_TARGET_MODULES,
+                   help="main_pipeline.py --lora_target_modules: the projections LoRA adapts")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="prompt + target tokens (the essay budget)")
@@ -341,7 +344,7 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
            "--num_train_epochs", str(args.epochs), "--max_steps", str(args.max_steps),
            "--per_device_train_batch_size", str(args.batch_size),
            "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.learning_rate),
-           "--lora_top_layers", str(args.top_layers), "--bf16",
+           "--lora_top_layers", str(args.top_layers), "--lora_target_modules", args.target_modules, "--bf16",
            "--load_best_model_at_end" if args.load_best_model_at_end else "--no-load_best_model_at_end",
            "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0"]
     cmd += ["--group_by_length"] if args.group_by_length else []

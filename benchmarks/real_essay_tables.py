@@ -182,13 +182,17 @@ def read_results(results_dir: Path) -> list[dict]:
 # rule (--load_best_model_at_end) is left out: a run that kept its last checkpoint is the same run
 # under either rule, and the runs table shows the checkpoint each result kept.
 RECIPE_KEYS = ("base_model", "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "top_layers",
-               "group_by_length", "max_seq_length", "m")
+               "target_modules", "group_by_length", "max_seq_length", "m")
+DEFAULT_TARGET_MODULES = "q_proj,v_proj"
+# Options added after results were recorded: an older file ran with the value its command had then.
+RECIPE_DEFAULTS = {"target_modules": DEFAULT_TARGET_MODULES}
 
 
 def recipe(result: dict) -> dict:
-    """The result's recipe options (None where its config lacks one)."""
+    """The result's recipe options (an option added later: the value older commands ran with; None
+    where the config lacks any other)."""
     config = result.get("config") or {}
-    return {key: config.get(key) for key in RECIPE_KEYS}
+    return {key: config.get(key, RECIPE_DEFAULTS.get(key)) for key in RECIPE_KEYS}
 
 
 def group_key(result: dict) -> tuple:

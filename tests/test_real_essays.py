@@ -271,20 +271,28 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
 def test_results_pool_only_with_the_same_recipe_and_one_file_per_seed(tmp_path: Path, capsys) -> None:
     recipe = {"base_model": "smollm2-135m", "epochs": 2.5, "learning_rate": 0.001, "batch_size": 4, "m": 10}
     rows = {"greedy": GOLD_TEST}, {"greedy": GOLD_VALID}
+    all_linear = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     files = {"r0": {**result("ce+ntl", 0, *rows), "config": {**recipe, "bootstrap": 2000}},
-             # another checkpoint rule or bootstrap count is still the same recipe: pooled as seed 1
-             "r1": {**result("ce+ntl", 1, *rows), "config": {**recipe, "bootstrap": 50, "load_best_model_at_end": False}},
-             # a lever's learning rate is its own group, not a third seed
-             "r2": {**result("ce+ntl", 2, *rows), "config": {**recipe, "learning_rate": 0.0005}}}
+             # another checkpoint rule or bootstrap count is still the same recipe, and so is an older file
+             # without --target_modules against a newer one with its default: pooled as seed 1
+             "r1": {**result("ce+ntl", 1, *rows), "config": {**recipe, "bootstrap": 50, "load_best_model_at_end": False,
+                                                               "target_modules": "q_proj,v_proj"}},
+             # a lever's learning rate is its own group, not a third seed; so are other LoRA modules
+             "r2": {**result("ce+ntl", 2, *rows), "config": {**recipe, "learning_rate": 0.0005}},
+             "r4": {**result("ce+ntl", 0, *rows), "config": {**recipe, "target_modules": all_linear}}}
     for name, content in files.items():
         tables.write_result(tmp_path / "toy" / f"{name}.json", content)
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 0
     groups = capsys.readouterr().out.split("## toy:")[1:]
-    assert len(groups) == 2
-    pooled, lever = sorted(groups, key=lambda g: "learning_rate 0.0005" in g)
-    assert "seeds LoRA CE+NTL: [0, 1]\n" in pooled and "learning_rate 0.001, m 10\n" in pooled
+    assert len(groups) == 3
+    pooled = next(g for g in groups if "seeds LoRA CE+NTL: [0, 1]\n" in g)
+    lever = next(g for g in groups if "learning_rate 0.0005" in g)
+    modules = next(g for g in groups if all_linear in g)
+    assert "learning_rate 0.001, target_modules q_proj,v_proj, m 10\n" in pooled
     assert "seeds LoRA CE+NTL: [2]\n" in lever
-    assert "recipe: base_model smollm2-135m, epochs 2.5, batch_size 4, learning_rate 0.0005, m 10\n" in lever
+    assert ("recipe: base_model smollm2-135m, epochs 2.5, batch_size 4, learning_rate 0.0005, "
+            "target_modules q_proj,v_proj, m 10\n") in lever
+    assert "seeds LoRA CE+NTL: [0]\n" in modules
     # two files for one seed of one recipe: refused, naming both, instead of one replacing the other
     tables.write_result(tmp_path / "toy" / "r3.json", {**result("ce+ntl", 0, *rows), "config": recipe})
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 2
@@ -602,7 +610,8 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     out = tmp_path / "bench"
     argv = ["--corpus", "ell", "--input", str(tmp_path / "ell.csv"), "--out_dir", str(out), "--base_model",
             "tiny-random-llama", "--train_essays", "8", "--valid_essays", "4", "--test_essays", "4", "--max_steps", "2",
-            "--m", "3", "--max_seq_length", "256", "--bootstrap", "20", "--pick_essays", "2"]
+            "--m", "3", "--max_seq_length", "256", "--bootstrap", "20", "--pick_essays", "2",
+            "--target_modules", "q_proj,v_proj,down_proj"]
     import self_consistency as sc_cli
     sc_parse_args = sc_cli.parse_args
     # Batches of 3 essays, so that the one-prefill stage's second batch must seed its essays as
@@ -616,6 +625,9 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert saved["corpus"] == "ell" and saved["variant"] == "ce+ntl" and not saved["replicate"]
     # the recipe keeps the last step's weights: main_pipeline.py's run folder says which checkpoint
     assert saved["config"]["load_best_model_at_end"] is False and saved["training"]["kept_checkpoint"] == "checkpoint-2"
+    # --target_modules reaches main_pipeline.py: the saved adapter adapts those projections
+    adapter_config = json.loads((out / "run_ce+ntl_seed0" / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     assert [r["scale"] for r in saved["rubrics"]] == [2] * 6
     lora_rows = ["greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
                  "SC majority, constrained", "SC average, constrained"]
