@@ -139,6 +139,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--warmup_steps", type=float, default=0.03, help="int = steps, float in [0, 1) = ratio of all steps")
     p.add_argument("--test_limit", type=int, default=None, help="score only the first N test essays")
+    p.add_argument("--skip_scoring", action="store_true",
+                   help="train and save the adapter only; no test or validation scoring (the caller scores the "
+                        "saved adapter itself, e.g. the real-essay benchmark from one prefill per essay)")
     p.add_argument("--no_weighted", action="store_true", help="skip the probability-weighted prediction")
     p.add_argument("--generate_feedback", action="store_true", help="let greedy inference write the feedback too")
     p.add_argument("--constrained", action="store_true",
@@ -284,7 +287,7 @@ def train_main(args: argparse.Namespace, device) -> int:
 def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
     """A training run, stage by stage: claim the run folder -> load the tokenizer and encode the
     examples -> load the base model -> create the folder -> LoRA -> (dry run: one forward pass, exit) -> train and save ->
-    score the test split -> write and print the results. Each stage that can fail on bad input
+    (--skip_scoring: exit) -> score the test split -> write and print the results. Each stage that can fail on bad input
     fails on every process before anything is written."""
     from transformers import set_seed
 
@@ -321,6 +324,10 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device)
     manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume)
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
+    if args.skip_scoring:
+        if dist.is_main():
+            print(f"adapter saved in {run_dir}; scoring skipped (--skip_scoring)")
+        return 0
     model = scoring_model(args, trainer, model, run_dir, device)
     test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
     annotate = None

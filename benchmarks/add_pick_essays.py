@@ -91,11 +91,13 @@ def add_pick(path: Path, out: Path, pick: int | None, argv: list[str]) -> dict:
     started = time.perf_counter()
     max_prompt_tokens = result["data"]["max_prompt_tokens"]
     with bench.stage("validation essays again (the adapter reproduces the file)", timings):
-        check_reproduces(result, bench.score_split(args, data, run_dir, max_prompt_tokens, "valid"), path, run_dir)
+        valid = bench.greedy_weighted(args, data, run_dir, max_prompt_tokens, ["valid"])["valid"]
+        check_reproduces(result, bench.split_entry(valid), path, run_dir)
     run: dict = {}
-    with bench.stage("pick essays: greedy + weighted", timings):
-        run["pick"] = bench.score_split(args, data, run_dir, max_prompt_tokens, "pick")
-    if not result["replicate"]:
+    if result["replicate"]:
+        with bench.stage("pick essays: greedy + weighted", timings):
+            run["pick"] = bench.split_entry(bench.greedy_weighted(args, data, run_dir, max_prompt_tokens, ["pick"])["pick"])
+    else:
         bench.one_prefill_rows(args, data, run_dir, out, result["variant"], load_dataset_info(data), max_prompt_tokens,
                                run, timings, ["pick"])
         if run["sampler"] != result["sampler"]:

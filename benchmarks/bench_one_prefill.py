@@ -1,25 +1,27 @@
-"""The real-essay benchmark's extra rows: each prompt run three times (as separate stages) vs once.
+"""The real-essay benchmark's LoRA rows: each prompt run four times (as separate stages) vs once.
 
     python benchmarks/bench_one_prefill.py --work_dir runs/real_essays/ell [--essays 48] [--m 10]
 
 ``--work_dir`` is the work folder of a ``bench_real_essays.py`` command (its
 ``runs/real_essays/<corpus>``): the saved adapter of ``run_<variant>_seed<k>`` (``--variant``,
 ``--seed``) scores the first ``--essays`` essays of ``data_seed0/<--split>.jsonl`` with the prompts
-it was trained on. Both sides give the rows the benchmark's stage 3 gives: constrained greedy and
-``--m`` self-consistency samples per essay, unconstrained and ``--constrained``, at
-``self_consistency.py run``'s defaults, essay i drawing from seed + i.
+it was trained on. Both sides give every LoRA row the benchmark scores: greedy and weighted (as
+``main_pipeline.py`` scores them), constrained greedy, and ``--m`` self-consistency samples per
+essay, unconstrained and ``--constrained``, at ``self_consistency.py run``'s defaults, essay i
+drawing from seed + i.
 
-* old: three passes, as the benchmark ran them before (``main_pipeline.py``-style constrained
-  greedy over padded batches, then ``self_consistency.py``'s trie sampler twice), each running
-  every prompt itself;
-* new: ``bench_real_essays.one_prefill_batch``: one prefill per prompt, all three decoding from it.
+* old: four passes, as the benchmark ran them before: ``main_pipeline.py``'s greedy + weighted
+  scoring (one prefill for both), ``main_pipeline.py``-style constrained greedy over padded
+  batches, then ``self_consistency.py``'s trie sampler twice, each running every prompt itself;
+* new: ``bench_real_essays.one_prefill_batch``: one prefill per prompt, every row decoding from it.
 
 Seconds: wall time summed over batches of ``self_consistency.py``'s essay batch (8) that the two
 sides score in turn (old first on even batches, new first on odd ones), so drift in the machine's
 speed hits both alike, after one untimed warm-up batch per side. The old side's model loads and
-process starts (three per split in the old benchmark) are not counted: the ratio is the
-computation's. Also printed, as the check that both sides score alike: how many constrained
-greedy rows and how many essays' samples are identical. The last line is
+process starts (one ``main_pipeline.py`` and three processes per split in the old benchmark) are
+not counted: the ratio is the computation's. Also printed, as the check that both sides score
+alike: how many greedy, weighted and constrained greedy rows and how many essays' samples are
+identical, and the largest difference of the weighted expected scores. The last line is
 ``ratio=<old seconds / new seconds>``. Run it alone: two cores.
 """
 from __future__ import annotations
@@ -55,9 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def three_passes(model, tokenizer, records, info, max_prompt_tokens: int, first_index: int, seed: int, m: int,
-                 sc: argparse.Namespace) -> tuple[list[dict], dict[bool, list[list[dict]]]]:
-    """:func:`bench_real_essays.one_prefill_batch`'s rows as three separate passes over the prompts."""
+def four_passes(model, tokenizer, records, info, max_prompt_tokens: int, first_index: int, seed: int, m: int,
+                sc: argparse.Namespace) -> tuple[list[dict], list[dict], dict[bool, list[list[dict]]]]:
+    """:func:`bench_real_essays.one_prefill_batch`'s rows as four separate passes over the prompts."""
+    predictions = predict_split(model, tokenizer, records, info, mtl=False, max_prompt_tokens=max_prompt_tokens,
+                                batch_size=len(records))
     greedy = predict_split(model, tokenizer, records, info, mtl=False, max_prompt_tokens=max_prompt_tokens,
                            batch_size=len(records), weighted=False, constrained=True)
     prompts = [build_prompt(r, info, tokenizer, False, "chat", max_prompt_tokens) for r in records]
@@ -67,10 +71,10 @@ def three_passes(model, tokenizer, records, info, max_prompt_tokens: int, first_
                                       max_new_tokens=score_line_budget(tokenizer, info.ranges, constrained),
                                       constrained=constrained)
              for constrained in (False, True)}
-    return greedy, drawn
+    return predictions, greedy, drawn
 
 
-SIDES = {"old": three_passes, "new": bench.one_prefill_batch}
+SIDES = {"old": four_passes, "new": bench.one_prefill_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,24 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         order = list(SIDES) if number % 2 == 0 else list(SIDES)[::-1]
         for side in order:
             began = time.perf_counter()
-            greedy, drawn = SIDES[side](model, tokenizer, batch, info, max_prompt_tokens, start, args.seed, args.m, sc)
+            rows = SIDES[side](model, tokenizer, batch, info, max_prompt_tokens, start, args.seed, args.m, sc)
             if number:  # batch 0 warms both sides up
                 seconds[side] += time.perf_counter() - began
-                outputs[side].append((greedy, drawn))
+                outputs[side].append(rows)
         print(f"batch {number}/{len(batches) - 1}: old {seconds['old']:.1f} s, new {seconds['new']:.1f} s", flush=True)
-    essays = sum(len(greedy) for greedy, _ in outputs["new"])
-    same_greedy = sum(a["greedy"] == b["greedy"] and a["valid"] == b["valid"]
-                      for (old, _), (new, _) in zip(outputs["old"], outputs["new"]) for a, b in zip(old, new))
-    same_samples = {constrained: sum(a == b for (_, old), (_, new) in zip(outputs["old"], outputs["new"])
-                                     for a, b in zip(old[constrained], new[constrained])) for constrained in (False, True)}
+    pairs = list(zip(outputs["old"], outputs["new"]))
+    essays = sum(len(new[0]) for _, new in pairs)
+
+    def same(part: int, key: str) -> int:
+        return sum(a[key] == b[key] and a["valid"] == b["valid"] for old, new in pairs for a, b in zip(old[part], new[part]))
+
+    same_samples = {constrained: sum(a == b for old, new in pairs for a, b in zip(old[2][constrained], new[2][constrained]))
+                    for constrained in (False, True)}
+    expected_gap = max(abs(x - y) for old, new in pairs for a, b in zip(old[0], new[0])
+                       for x, y in zip(a["weighted_expected"], b["weighted_expected"]))
     prompt_tokens = [len(tokenizer(build_prompt(r, info, tokenizer, False, "chat", max_prompt_tokens),
                                    add_special_tokens=False)["input_ids"]) for _, batch in batches[1:] for r in batch]
     print(f"{work.name}: {essays} essays ({sum(prompt_tokens) / len(prompt_tokens):.0f} prompt tokens on average), "
           f"m = {args.m}")
     for side in SIDES:
         print(f"  {side}: {seconds[side]:.1f} s ({seconds[side] / essays:.2f} s an essay)")
-    print(f"  identical: constrained greedy {same_greedy}/{essays}, samples {same_samples[False]}/{essays}, "
-          f"constrained samples {same_samples[True]}/{essays}")
+    print(f"  identical: greedy {same(0, 'greedy')}/{essays}, weighted {same(0, 'weighted')}/{essays} (expected "
+          f"scores at most {expected_gap:.2g} apart), constrained greedy {same(1, 'greedy')}/{essays}, samples "
+          f"{same_samples[False]}/{essays}, constrained samples {same_samples[True]}/{essays}")
     print(f"ratio={seconds['old'] / seconds['new']:.2f}")
     return 0
 

@@ -27,28 +27,29 @@ Stages, each timed (wall seconds):
    folder that every command on this corpus and data seed shares (its dataset.json sets the short
    ``SYSTEM_PROMPT``). When the file is absent the script says so and exits 0: the shared data is
    not part of a fresh clone.
-2. train + score: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
+2. train: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
    ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
    layer, other projections with ``--target_modules``; no ``--mtl``: these corpora have no
    feedback), loss CE + 0.2 NTL (``--ablation``: CE only), training seed ``--seed``, the last
    step's weights kept (``--no-load_best_model_at_end``: on 30 validation essays the eval-loss
-   pick spread CE only's weighted QWK, README: levers);
-   greedy and weighted predictions of the test and the validation essays from its run folder
-   (predictions.jsonl, valid_predictions.jsonl); the best row is chosen on the validation essays,
-   never on the test essays.
+   pick spread CE only's weighted QWK, README: levers), ``--skip_scoring``: it trains and saves
+   the adapter, and the next stage scores.
+3. every LoRA row, on the test, validation and pick essays, from the saved adapter on the training
+   prompts (same ``max_prompt_tokens``): each essay's prompt runs through the model once and every
+   row decodes from it: greedy and weighted as ``main_pipeline.py`` scores them (the same rows
+   its predictions.jsonl holds), ``--constrained`` greedy, and ``--max_m m`` self-consistency
+   samples as ``self_consistency.py run`` draws them (its defaults, seed ``--seed``), once
+   unconstrained and once ``--constrained``; majority and average votes over all m samples of
+   each essay. The sample banks are written as that CLI writes them. Separate passes ran every
+   prompt four times (main_pipeline.py's scoring, then three passes): ``bench_one_prefill.py``.
+   With ``--replicate``: greedy and weighted only (``greedy + weighted``).
+   The best row is chosen on the validation essays, never on the test essays.
    pick essays (``--pick_essays``; asap 120, asap-traits 60, ell 0): more essays of the converted
    validation split, drawn after the three samples (so they do not change them), that training
-   never sees (not even for its eval loss); the saved adapter scores them greedy and weighted here
-   and every later stage scores them like the validation essays. The tables pick the best row on
-   the validation and pick essays together: on 30 essays alone a row's validation QWK has a
-   bootstrap sd of about 0.1, and the pick fell on a row 0.03 below the best on test (README).
-3. constrained greedy + self-consistency (skipped with ``--replicate``), on the test, validation
-   and pick essays, on the training prompts (same ``max_prompt_tokens``): each essay's prompt runs
-   through the saved adapter once, and three rows decode from it: ``--constrained`` greedy, and
-   ``--max_m m`` self-consistency samples as ``self_consistency.py run`` draws them (its defaults,
-   seed ``--seed``), once unconstrained and once ``--constrained``; majority and average votes over
-   all m samples of each essay. The sample banks are written as that CLI writes them.
-   (Three separate passes, as before, ran every prompt three times: ``bench_one_prefill.py``.)
+   never sees (not even for its eval loss), scored like the validation essays. The tables pick
+   the best row on the validation and pick essays together: on 30 essays alone a row's
+   validation QWK has a bootstrap sd of about 0.1, and the pick fell on a row 0.03 below the best
+   on test (README).
 4. baselines, on test, validation and pick essays: TF-IDF (1-2 grams) ridge per rubric fit on the same training
    essays and on all essays of the converted train split; a ridge on the essay's length alone
    (words, log words); the training mean (per rubric, rounded).
@@ -88,12 +89,14 @@ Hence:
 * asap: unchanged (800 essays, 2.5 epochs), for comparability with the earlier result;
 * asap-traits: 800 essays, 2 epochs (1,600 passes x 353 tokens: about 31 min) so that the longer
   lines' scoring (greedy and sampled lines of 10 tokens, five weighted rubrics) fits;
-* ell: 800 essays, 1.5 epochs (1,200 passes x 590 tokens) and 200 test essays. The first default,
+* ell: 800 essays, 1.25 epochs (1,000 passes x 590 tokens) and 200 test essays. The first default,
   320 essays for 2 epochs (51 min 21 s in all, 31 min of it scoring), lost to the TF-IDF ridge on
   the same essays; 800 essays for 2 epochs beat it over two seeds but needed about 75 min with
-  every row (levers/train_essays). Scoring from one prefill per essay (stage 3: 652 s, 2.8 s an
-  essay) and half an epoch less: estimated 50 min at the speed of the 2-epoch runs (6.4 s a
-  step), measured 69 min 45 s on a day whose machine trained at 9.9 s a step (README).
+  every row (levers/train_essays). 1.5 epochs with stage 3 as one prefill for the constrained and
+  sampled rows only: estimated 50 min at the speed of the 2-epoch runs (6.4 s a step), measured
+  69 min 45 s and 68 min 4 s on days whose machine trained at 9.9 and 9.5 s a step (README). Hence
+  every row from one prefill (main_pipeline.py's scoring paid a second one) and a quarter epoch
+  less (README).
   ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays (prompt budget = 1024
   minus the longest training target); a smaller budget cuts the essays' ends, which the traits
   (conventions, cohesion) are scored on.
@@ -162,7 +165,7 @@ class Corpus:
 CORPORA = {
     "asap": Corpus(ASAP7, 800, 2.5, 150, 120),
     "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", 800, 2.0, 150, 60),
-    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0),
+    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.25, 200, 0),
 }
 
 
@@ -335,10 +338,10 @@ def expected_scores(predictions: list[dict]) -> list[list[float]]:
     return [[round(float(e), 4) for e in p["weighted_expected"]] for p in predictions]
 
 
-def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: float, log: Path) -> dict:
-    """main_pipeline.py in a subprocess (as a user runs it); its per-essay greedy and weighted test scores
-    (``predictions.test``: predictions.jsonl's rows, with the weighted distributions the confidence
-    study reads; not written to the result file)."""
+def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: float, log: Path) -> dict:
+    """main_pipeline.py in a subprocess (as a user runs it), training and saving the adapter only
+    (``--skip_scoring``: the benchmark scores every row itself, from one prefill per essay); its
+    training summary and the prompt budget it trained on (``max_prompt_tokens``)."""
     cmd = [sys.executable, str(ROOT / "main_pipeline.py"), "--base_model_name", args.base_model,
            "--data_dir", str(data_dir), "--output_dir", str(run_dir), "--no_wandb", "--seed", str(args.seed),
            "--num_train_epochs", str(args.epochs), "--max_steps", str(args.max_steps),
@@ -346,22 +349,19 @@ def train_and_score(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl
            "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.learning_rate),
            "--lora_top_layers", str(args.top_layers), "--lora_target_modules", args.target_modules, "--bf16",
            "--load_best_model_at_end" if args.load_best_model_at_end else "--no-load_best_model_at_end",
-           "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0"]
+           "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0",
+           "--skip_scoring"]
     cmd += ["--group_by_length"] if args.group_by_length else []
     run_logged(cmd, log)
-    predictions = {"test": read_jsonl(run_dir / "predictions.jsonl"),
-                   "valid": read_jsonl(run_dir / "valid_predictions.jsonl")}
     manifest = read_json(run_dir / "run_manifest.json")
     history = json.loads(read_text_utf8(run_dir / "log_history.json"))  # a list: the Trainer's log entries
     train = manifest.get("train", {})
-    return {**{split: split_entry(rows) for split, rows in predictions.items()},
-            "training": {"seconds": train.get("seconds"), "global_step": train.get("global_step"),
+    return {"training": {"seconds": train.get("seconds"), "global_step": train.get("global_step"),
                          "best_checkpoint": Path(train["best_checkpoint"]).name if train.get("best_checkpoint") else None,
                          "best_eval_loss": train.get("best_eval_loss"),
                          "kept_checkpoint": Path(train["kept_checkpoint"]).name if train.get("kept_checkpoint") else None,
-                         "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h],
-                         "inference_seconds": manifest.get("inference_seconds")},
-            "max_prompt_tokens": manifest["max_prompt_tokens"], "predictions": predictions}
+                         "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h]},
+            "max_prompt_tokens": manifest["max_prompt_tokens"]}
 
 
 def split_entry(predictions: list[dict]) -> dict:
@@ -371,22 +371,19 @@ def split_entry(predictions: list[dict]) -> dict:
             "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
 
 
-def scored_splits(run: dict) -> list[str]:
-    """The splits a command scores: test and validation, and the pick essays when it has them."""
-    return [split for split in (*SCORED_SPLITS, "pick") if split in run]
-
-
-def score_split(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int, split: str) -> dict:
-    """Greedy and weighted rows of ``<data_dir>/<split>.jsonl`` (:func:`split_entry`) from the saved
-    adapter, on the training prompts, as main_pipeline.py scored test and validation."""
+def greedy_weighted(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int,
+                    splits: list[str]) -> dict[str, list[dict]]:
+    """Greedy and weighted prediction dicts (``predict_split``'s) of ``<data_dir>/<split>.jsonl`` for
+    each of ``splits`` from the saved adapter, on the training prompts, as ``main_pipeline.py`` scores
+    test and validation (the replicate's rows; without the other rows one prefill serves both anyway)."""
     from modules.data import load_split
     from modules.evaluation import predict_split
     from modules.models import load_adapter
 
     info = load_dataset_info(data_dir)
     model, tokenizer = load_adapter(args.base_model, run_dir)
-    return split_entry(predict_split(model, tokenizer, load_split(data_dir / f"{split}.jsonl", info), info,
-                                     mtl=False, max_prompt_tokens=max_prompt_tokens))
+    return {split: predict_split(model, tokenizer, load_split(data_dir / f"{split}.jsonl", info), info, mtl=False,
+                                 max_prompt_tokens=max_prompt_tokens) for split in splits}
 
 
 def sc_votes(bank_path: Path, split_path: Path, records, info, suffix: str) -> tuple[dict, dict, "np.ndarray"]:
@@ -407,18 +404,20 @@ def sc_votes(bank_path: Path, split_path: Path, records, info, suffix: str) -> t
 
 
 def one_prefill_batch(model, tokenizer, records, info, max_prompt_tokens: int, first_index: int, seed: int, m: int,
-                      sc: argparse.Namespace) -> tuple[list[dict], dict[bool, list[list[dict]]]]:
-    """Constrained greedy rows (:func:`modules.evaluation.greedy_row`) and m self-consistency samples
-    per essay, unconstrained (key False) and ``--constrained`` (key True), for ``records``, the
-    essays ``first_index``, ``first_index + 1``, ... of their split: each prompt runs through the
-    model once (:func:`modules.scoring.prefill`) and all three decode from it
-    (``greedy_from_states``, ``trie_sample(prompt_states=...)``). Sampling follows
-    ``self_consistency.py run`` with the settings ``sc`` (its parsed flags): essay i draws from
-    seed + i, so the samples are the ones the CLI draws."""
+                      sc: argparse.Namespace) -> tuple[list[dict], list[dict], dict[bool, list[list[dict]]]]:
+    """Every LoRA row's raw output for ``records``, the essays ``first_index``, ``first_index + 1``,
+    ... of their split, from one prefill of each prompt (:func:`modules.scoring.prefill`): greedy
+    and weighted predictions as ``main_pipeline.py`` scores them (:func:`modules.evaluation.
+    prediction_row`), constrained greedy rows (:func:`modules.evaluation.greedy_row`) and m
+    self-consistency samples per essay, unconstrained (key False) and ``--constrained`` (key True).
+    The batch decodes greedy together as ``predict_split`` does its batches (``sc.essay_batch`` =
+    main_pipeline's eval batch, 8), so the greedy and weighted rows are the ones it writes.
+    Sampling follows ``self_consistency.py run`` with the settings ``sc`` (its parsed flags):
+    essay i draws from seed + i, so the samples are the ones the CLI draws."""
     import torch
 
     from modules.data import build_prompt
-    from modules.evaluation import greedy_row
+    from modules.evaluation import greedy_row, prediction_row
     from modules.sampling import trie_sample
     from modules.scoring import greedy_from_states, prefill, score_line_budget
 
@@ -426,14 +425,17 @@ def one_prefill_batch(model, tokenizer, records, info, max_prompt_tokens: int, f
     fallback = [r.midpoint for r in info.rubrics]
     with torch.inference_mode():
         states = [prefill(model, tokenizer, prompt) for prompt in prompts]
-        answers = greedy_from_states(model, tokenizer, states, info.ranges, constrained=True)
+        answers = greedy_from_states(model, tokenizer, states, info.ranges)
+        predictions = [prediction_row(model, tokenizer, r, answer, state, info)
+                       for r, answer, state in zip(records, answers, states)]
+        constrained_answers = greedy_from_states(model, tokenizer, states, info.ranges, constrained=True)
         drawn = {constrained: trie_sample(model, tokenizer, prompts, info.ranges,
                                           generator_seeds=[seed + first_index + i for i in range(len(records))],
                                           max_m=m, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                                           max_new_tokens=score_line_budget(tokenizer, info.ranges, constrained),
                                           constrained=constrained, prompt_states=states)
                  for constrained in (False, True)}
-    return [greedy_row(r, answer, fallback) for r, answer in zip(records, answers)], drawn
+    return predictions, [greedy_row(r, answer, fallback) for r, answer in zip(records, constrained_answers)], drawn
 
 
 def sc_settings(run_dir: Path, base_model: str, split_path: Path) -> argparse.Namespace:
@@ -447,17 +449,19 @@ def sc_settings(run_dir: Path, base_model: str, split_path: Path) -> argparse.Na
 def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path, variant: str, info,
                      max_prompt_tokens: int, run: dict, timings: dict[str, float],
                      splits: list[str]) -> dict[str, "np.ndarray"]:
-    """Constrained greedy and self-consistency, unconstrained and ``--constrained``, on ``splits``
-    from the saved adapter, on the training prompts, batch by batch with :func:`one_prefill_batch`:
-    each essay's prompt runs through the model once for all three rows; separately each would pay
-    it again, and at ELL's prompt lengths the prompt is most of an essay's cost
-    (``benchmarks/bench_one_prefill.py``).
+    """Every LoRA row on ``splits`` from the saved adapter, on the training prompts, batch by batch
+    with :func:`one_prefill_batch`: greedy and weighted, constrained greedy, and self-consistency,
+    unconstrained and ``--constrained``. Each essay's prompt runs through the model once for all
+    of them; separately each would pay it again, and at ELL's prompt lengths the prompt is most of
+    an essay's cost (``benchmarks/bench_one_prefill.py``).
 
     Self-consistency is ``self_consistency.py run``'s at its defaults with ``--max_m m`` and
     ``--seed seed``; each bank is written in its format (``sc_<variant>_seed<k>_<split>
-    [_constrained]/samples.jsonl`` under ``out``), essay by essay as its batch ends. The rows and
-    line counts go into ``run`` (the sampler's name into ``run["sampler"]``); returns the
-    unconstrained sample bank of each split (the SC confidence signals judge its spread).
+    [_constrained]/samples.jsonl`` under ``out``), essay by essay as its batch ends. Each split's
+    entry (:func:`split_entry` plus the other rows and their line counts) goes into ``run[split]``,
+    its greedy and weighted prediction dicts into ``run["predictions"][split]``, the sampler's name
+    into ``run["sampler"]``; returns the unconstrained sample bank of each split (the SC confidence
+    signals judge its spread).
     """
     from contextlib import ExitStack
 
@@ -469,14 +473,14 @@ def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, ou
 
     model, tokenizer = load_adapter(args.base_model, run_dir)
     banks = {}
-    with stage("constrained greedy + self-consistency (one prefill)", timings):
+    with stage("every LoRA row (one prefill)", timings):
         for split in splits:
             split_path = data_dir / f"{split}.jsonl"
             sc = sc_settings(run_dir, args.base_model, split_path)
             records = load_split(split_path, info)
             folders = {constrained: out / (f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else ""))
                        for constrained in (False, True)}
-            greedy = []
+            predictions, constrained_greedy = [], []
             with ExitStack() as files:
                 handles = {}
                 for constrained, folder in folders.items():
@@ -485,14 +489,17 @@ def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, ou
                 for start in tqdm(range(0, len(records), sc.essay_batch), desc=f"{split}, one prefill", unit="batch",
                                   disable=None):
                     batch = records[start:start + sc.essay_batch]
-                    rows, drawn = one_prefill_batch(model, tokenizer, batch, info, max_prompt_tokens, start, args.seed,
-                                                    args.m, sc)
-                    greedy += rows
+                    rows, constrained_rows, drawn = one_prefill_batch(model, tokenizer, batch, info, max_prompt_tokens,
+                                                                      start, args.seed, args.m, sc)
+                    predictions += rows
+                    constrained_greedy += constrained_rows
                     for constrained, handle in handles.items():
                         for record, samples in zip(batch, drawn[constrained]):
                             append_bank_line(handle, bank_line(record.id, record.scores, samples))
-            run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in greedy]
-            run[split]["line_counts"]["greedy, constrained"] = line_counts(greedy)
+            run.setdefault("predictions", {})[split] = predictions
+            run[split] = split_entry(predictions)
+            run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in constrained_greedy]
+            run[split]["line_counts"]["greedy, constrained"] = line_counts(constrained_greedy)
             for constrained, folder in folders.items():
                 suffix = ", constrained" if constrained else ""
                 votes, counts, samples = sc_votes(folder / "samples.jsonl", split_path, records, info, suffix)
@@ -641,13 +648,14 @@ def main(argv: list[str] | None = None) -> int:
             make_subset(full, data, sizes, args.pick_essays, args.data_seed)
         meta = read_json(data / "dataset.json")
         info = load_dataset_info(data)
-        with stage("train + score", timings):
-            run = train_and_score(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
-        if args.pick_essays:
-            with stage("pick essays: greedy + weighted", timings):
-                run["pick"] = score_split(args, data, run_dir, run["max_prompt_tokens"], "pick")
-        splits = scored_splits(run)
-        if not args.replicate:
+        with stage("train", timings):
+            run = train(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
+        splits = [*SCORED_SPLITS, *(["pick"] if args.pick_essays else [])]
+        if args.replicate:
+            with stage("greedy + weighted", timings):
+                run["predictions"] = greedy_weighted(args, data, run_dir, run["max_prompt_tokens"], splits)
+                run.update({split: split_entry(rows) for split, rows in run["predictions"].items()})
+        else:
             banks = one_prefill_rows(args, data, run_dir, out, variant, info, run["max_prompt_tokens"], run, timings,
                                      splits)
         with stage("baselines", timings):

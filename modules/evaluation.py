@@ -35,6 +35,22 @@ def greedy_row(record: EssayRecord, answer: dict, fallback: Sequence[int]) -> di
             "truncated": answer.get("truncated", False)}
 
 
+def prediction_row(model, tokenizer, record: EssayRecord, answer: dict, state, info: DatasetInfo) -> dict:
+    """One essay's prediction dict (:func:`predict_split`'s rows): its greedy row from ``answer``
+    and, when ``state`` (its prompt's :class:`~modules.scoring.PromptState`) is given, the weighted
+    prediction continuing from that state, conditioned on the greedy scores when they are valid."""
+    pred = {**greedy_row(record, answer, [r.midpoint for r in info.rubrics]), "weighted": None,
+            "weighted_expected": None, "probabilities": None, "weighted_underflow": None}
+    if state is not None:
+        ranges = info.ranges
+        expected, probs, underflow = weighted_predict(model, tokenizer, state, ranges, prefix_scores=answer["scores"])
+        pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
+        pred["weighted_expected"] = expected
+        pred["probabilities"] = dict(zip(info.rubric_names, probs))
+        pred["weighted_underflow"] = [info.rubric_names[k] for k in underflow]
+    return pred
+
+
 def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, *, mtl: bool,
                   prompt_format: str = "chat", max_prompt_tokens: int | None = None, batch_size: int = 8,
                   weighted: bool = True, generate_feedback: bool = False, constrained: bool = False) -> list[dict]:
@@ -60,19 +76,8 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
                       desc="scoring", unit="essay", disable=None)
     else:
         scored = ((answer, None) for answer in greedy_predict(model, tokenizer, prompts, ranges, **greedy))
-    fallback = [r.midpoint for r in info.rubrics]
-    predictions = []
-    for record, (answer, state) in zip(records, scored):
-        parsed = answer["scores"]
-        pred = {**greedy_row(record, answer, fallback), "weighted": None, "weighted_expected": None,
-                "probabilities": None, "weighted_underflow": None}
-        if weighted:
-            expected, probs, underflow = weighted_predict(model, tokenizer, state, ranges, prefix_scores=parsed)
-            pred["weighted"] = [_round_half_up(e, lo, hi) for e, (lo, hi) in zip(expected, ranges)]
-            pred["weighted_expected"] = expected
-            pred["probabilities"] = dict(zip(info.rubric_names, probs))
-            pred["weighted_underflow"] = [info.rubric_names[k] for k in underflow]
-        predictions.append(pred)
+    predictions = [prediction_row(model, tokenizer, record, answer, state, info) for record, (answer, state) in
+                   zip(records, scored)]
     invalid = sum(not p["valid"] for p in predictions)
     if invalid:
         logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",

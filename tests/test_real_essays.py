@@ -321,7 +321,7 @@ def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> No
 
 def test_benchmark_defaults_per_corpus() -> None:
     args = bench.parse_args(["--corpus", "ell"])
-    assert (args.train_essays, args.epochs, args.test_essays) == (800, 1.5, 200)
+    assert (args.train_essays, args.epochs, args.test_essays) == (800, 1.25, 200)
     assert args.input.endswith("ell/ell_train.csv") and bench.corpus_key(args) == "ell"
     args = bench.parse_args(["--corpus", "asap-traits", "--essay_set", "8", "--train_essays", "10"])
     assert args.train_essays == 10 and args.test_essays == 150 and bench.corpus_key(args) == "asap-set8-traits"
@@ -632,9 +632,12 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     lora_rows = ["greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
                  "SC majority, constrained", "SC average, constrained"]
     assert set(saved["rows"]) == set(lora_rows)
-    assert {"convert + subset", "train + score", "constrained greedy + self-consistency (one prefill)", "baselines",
-            "confidence", "total"} <= set(saved["timings"])
-    assert saved["data"]["pick_essays"] == 2 and "pick essays: greedy + weighted" in saved["timings"]
+    assert set(saved["timings"]) == {"convert + subset", "train", "every LoRA row (one prefill)", "baselines",
+                                     "confidence", "total"}
+    # main_pipeline.py only trained (--skip_scoring): every row is the benchmark's, from one prefill
+    assert (out / "run_ce+ntl_seed0" / "adapter_model.safetensors").is_file()
+    assert not (out / "run_ce+ntl_seed0" / "predictions.jsonl").exists()
+    assert saved["data"]["pick_essays"] == 2
     valid_pool = {json.loads(line)["id"] for line in (out / "full_seed0" / "valid.jsonl").read_text().splitlines()}
     assert set(saved["splits"]["pick"]["ids"]) == valid_pool - set(saved["splits"]["valid"]["ids"])
     for split, n in (("test", 4), ("valid", 4), ("pick", 2)):
@@ -658,7 +661,8 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
             assert counts == {"lines": n * 3, "invalid": int((samples == INVALID).all(axis=2).sum()), "truncated": counts["truncated"]}
         assert entry["line_counts"]["SC samples, constrained"]["invalid"] == 0
     # The one-prefill stage gives what the separate paths give: self_consistency.py run's banks
-    # (same m and seed) and predict_split's constrained greedy rows.
+    # (same m and seed), predict_split's greedy and weighted rows (as main_pipeline.py scores them,
+    # in batches of the same size) and its constrained greedy rows.
     from modules.data import load_dataset_info, load_split
     from modules.evaluation import predict_split
     from modules.models import load_adapter
@@ -678,6 +682,14 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     alone = predict_split(model, tokenizer, load_split(test_path, info), info, mtl=False, weighted=False,
                           max_prompt_tokens=saved["data"]["max_prompt_tokens"], constrained=True)
     assert saved["splits"]["test"]["rows"]["greedy, constrained"] == [p["greedy"] for p in alone]
+    for split in ("test", "pick"):
+        scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info, mtl=False,
+                               max_prompt_tokens=saved["data"]["max_prompt_tokens"], batch_size=3)
+        entry = saved["splits"][split]
+        assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
+        assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
+        assert entry["weighted_expected"] == [[round(e, 4) for e in p["weighted_expected"]] for p in scored]
+        assert entry["line_counts"]["greedy"] == bench.line_counts(scored)
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
     # add_pick_essays.py on the file without its pick essays scores them as the benchmark did
@@ -691,8 +703,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     added = json.loads(path.read_text())
     assert added["splits"]["pick"] == saved["splits"]["pick"] and added["data"] == saved["data"]
     assert {k: v for k, v in added.items() if k != "pick_scoring"} == saved
-    assert {"validation essays again (the adapter reproduces the file)", "pick essays: greedy + weighted",
-            "constrained greedy + self-consistency (one prefill)", "baselines",
+    assert {"validation essays again (the adapter reproduces the file)", "every LoRA row (one prefill)", "baselines",
             "total"} == set(added["pick_scoring"]["timings"])
     assert add_pick.main([str(path), "--out_dir", str(out)]) == 1
     assert "already has pick essays" in capsys.readouterr().err
@@ -702,6 +713,23 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert add_pick.main([str(path), "--out_dir", str(out), "--pick_essays", "2"]) == 1
     assert "rescores 1 of 4 validation essays' greedy row differently; not this result's adapter" in capsys.readouterr().err
     assert "pick" not in json.loads(path.read_text())["splits"]
+    # a replicate seed: greedy and weighted only, scored from its own adapter, no sample banks
+    assert bench.main([*argv, "--seed", "1", "--replicate"]) == 0
+    [replicate_path] = list((out / "results" / "ell").glob("ce-ntl_seed1_*.json"))
+    replicate = json.loads(replicate_path.read_text())
+    assert replicate["replicate"] and replicate["rows"] == ["greedy", "weighted"]
+    assert set(replicate["timings"]) == {"convert + subset", "train", "greedy + weighted", "baselines", "confidence",
+                                         "total"}
+    assert not list(out.glob("sc_ce+ntl_seed1_*"))
+    assert set(replicate["confidence"]["signals"]["test"]) == {"p_pred", "neg_std", "neg_entropy", "length", "random"}
+    model, tokenizer = load_adapter("tiny-random-llama", out / "run_ce+ntl_seed1")
+    for split in ("test", "valid", "pick"):
+        entry = replicate["splits"][split]
+        scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info, mtl=False,
+                               max_prompt_tokens=replicate["data"]["max_prompt_tokens"])
+        assert set(entry["rows"]) == {"greedy", "weighted"} | set(tables.BASELINE_ROWS)
+        assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
+        assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
 
 
 def test_rubric_alone_against_sharing_its_line(tmp_path: Path, capsys) -> None:
