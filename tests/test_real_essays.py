@@ -321,7 +321,7 @@ def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> No
 
 def test_benchmark_defaults_per_corpus() -> None:
     args = bench.parse_args(["--corpus", "ell"])
-    assert (args.train_essays, args.epochs, args.test_essays) == (800, 1.25, 200)
+    assert (args.train_essays, args.epochs, args.test_essays) == (800, 1.5, 200)
     assert args.input.endswith("ell/ell_train.csv") and bench.corpus_key(args) == "ell"
     args = bench.parse_args(["--corpus", "asap-traits", "--essay_set", "8", "--train_essays", "10"])
     assert args.train_essays == 10 and args.test_essays == 150 and bench.corpus_key(args) == "asap-set8-traits"
