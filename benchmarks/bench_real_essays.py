@@ -94,9 +94,9 @@ Hence:
   the same essays; 800 essays for 2 epochs beat it over two seeds but needed about 75 min with
   every row (levers/train_essays). 1.5 epochs with one prefill for the constrained and sampled
   rows only (main_pipeline.py's scoring paid a second one): measured 69 min 45 s and 68 min 4 s
-  on days whose machine trained at 9.9 and 9.5 s a step. Every row from one prefill scores the
-  230 essays in 668 s instead of about 1,200 s, so those days' training gives about 59 min
-  (estimate, README); 1.25 epochs took 47 min 44 s but tied the TF-IDF ridge (levers/epochs).
+  on days whose machine trained at 9.9 and 9.5 s a step. With every row from one prefill: 60 min
+  36 s at 9.4 s a step (6d4d101; about 46 min at the 6.4 s a step of the 800-essay lever runs);
+  1.25 epochs took 47 min 44 s but tied the TF-IDF ridge (levers/epochs).
   ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays (prompt budget = 1024
   minus the longest training target); a smaller budget cuts the essays' ends, which the traits
   (conventions, cohesion) are scored on.
