@@ -104,8 +104,9 @@ Hence:
 The pick essays add their scoring to that (about 3.6 s an ASAP holistic essay with every row, 5.8 s
 on the traits line, 8 s on ELL, all with stage 3 as three passes): 120 essays add about 7 minutes to the ASAP holistic command (about
 45 minutes; measured 43 min 30 s), 60 essays about 6 minutes to the traits command (about 51;
-measured 41 min 12 s with every row from one prefill, 6d4d101); ELL, at the hour's edge, gets none. ``benchmarks/add_pick_essays.py`` adds them to a result recorded before they existed,
-from its run's saved adapter.
+measured 41 min 12 s with every row from one prefill, 6d4d101); ELL, at the hour's edge, gets
+none. ``benchmarks/add_pick_essays.py`` adds them to a result recorded before they existed, from
+its run's saved adapter.
 
 These are estimates from the one measured run, scaled by tokens; the recorded stage times are
 the measurement. Run it alone: the stage times are part of the result.
