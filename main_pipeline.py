@@ -764,7 +764,4 @@ def confidence_rows(rows: list[dict], job: ScoringJob) -> tuple[list[dict], None
 
 
 if __name__ == "__main__":
-    from modules.cli import keep_freed_memory
-
-    keep_freed_memory()
     sys.exit(main())

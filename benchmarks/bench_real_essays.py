@@ -703,7 +703,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from modules.cli import keep_freed_memory
-
-    keep_freed_memory()
     sys.exit(main())
