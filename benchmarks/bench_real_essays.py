@@ -420,16 +420,15 @@ def one_prefill_batch(model, tokenizer, records, info, max_prompt_tokens: int, f
     from modules.data import build_prompt
     from modules.evaluation import greedy_row, prediction_row
     from modules.sampling import trie_sample
-    from modules.scoring import greedy_from_states, prefill, score_line_budget
+    from modules.scoring import greedy_pair_from_states, prefill, score_line_budget
 
     prompts = [build_prompt(r, info, tokenizer, False, "chat", max_prompt_tokens) for r in records]
     fallback = [r.midpoint for r in info.rubrics]
     with torch.inference_mode():
         states = [prefill(model, tokenizer, prompt) for prompt in prompts]
-        answers = greedy_from_states(model, tokenizer, states, info.ranges)
+        answers, constrained_answers = greedy_pair_from_states(model, tokenizer, states, info.ranges)
         predictions = [prediction_row(model, tokenizer, r, answer, state, info)
                        for r, answer, state in zip(records, answers, states)]
-        constrained_answers = greedy_from_states(model, tokenizer, states, info.ranges, constrained=True)
         drawn = {constrained: trie_sample(model, tokenizer, prompts, info.ranges,
                                           generator_seeds=[seed + first_index + i for i in range(len(records))],
                                           max_m=m, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from modules.constrained import ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens, score_line_constraint
+from modules.constrained import (ACCEPT, ScoreLineConstraint, ScoreLineLogitsProcessor, max_line_tokens,
+                                 score_line_constraint)
 from modules.score_lines import line_sample, score_line
 from modules.tree_attention import require_tree_attention, tree_attention_mask
 
@@ -137,9 +138,9 @@ def _greedy_decoding(model, tokenizer, ranges: Sequence[tuple[int, int]], max_ne
     return _GreedyDecoding(ranges, max_new_tokens, stop, pad_id, constraint, generate_feedback)
 
 
-def _greedy_batch(model, tokenizer, rows: Sequence[Sequence[int]], decoding: _GreedyDecoding,
-                  cache=None) -> list[dict]:
-    """One batched greedy ``generate`` over tokenised prompts, left-padded to the longest.
+def _greedy_tokens(model, rows: Sequence[Sequence[int]], decoding: _GreedyDecoding, cache=None) -> torch.Tensor:
+    """The generated tokens [B, n] of one batched greedy ``generate`` over tokenised prompts,
+    left-padded to the longest; rows that stopped early are padded after their stop token.
 
     ``cache``: the batch's KV cache of every prompt token but the last, laid out as the padded ids
     are (:func:`left_padded_cache`); ``generate`` then runs only the last column. None: it runs
@@ -159,7 +160,11 @@ def _greedy_batch(model, tokenizer, rows: Sequence[Sequence[int]], decoding: _Gr
                          max_new_tokens=decoding.max_new_tokens, eos_token_id=decoding.stop,
                          pad_token_id=decoding.pad_id, temperature=None, top_p=None, top_k=None,
                          logits_processor=processors)
-    new = out[:, width:]
+    return out[:, width:]
+
+
+def _greedy_answers(tokenizer, new: torch.Tensor, decoding: _GreedyDecoding) -> list[dict]:
+    """Each row of generated tokens as a sample (:func:`greedy_predict`'s answers)."""
     texts = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     answers = []
     for ended, text in zip(ended_rows(new, decoding.stop), texts):
@@ -168,6 +173,12 @@ def _greedy_batch(model, tokenizer, rows: Sequence[Sequence[int]], decoding: _Gr
             answer["text"] = text
         answers.append(answer)
     return answers
+
+
+def _greedy_batch(model, tokenizer, rows: Sequence[Sequence[int]], decoding: _GreedyDecoding,
+                  cache=None) -> list[dict]:
+    """One batched greedy ``generate`` (:func:`_greedy_tokens`), its rows as answers."""
+    return _greedy_answers(tokenizer, _greedy_tokens(model, rows, decoding, cache), decoding)
 
 
 def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,
@@ -246,6 +257,31 @@ def greedy_from_states(model, tokenizer, states: Sequence[PromptState], ranges: 
     decoding = _greedy_decoding(model, tokenizer, ranges, max_new_tokens, generate_feedback, constrained)
     with eval_mode(model):
         return _greedy_batch(model, tokenizer, [s.ids for s in states], decoding, cache=left_padded_cache(model, states))
+
+
+def greedy_pair_from_states(model, tokenizer, states: Sequence[PromptState],
+                            ranges: Sequence[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
+    """:func:`greedy_from_states`'s answers unconstrained and ``constrained``, in that order, from
+    one set of prompt states; the constrained ``generate`` runs only when its answers can differ.
+
+    Constrained greedy takes the argmax over the allowed tokens, so at every step where the
+    unconstrained argmax is allowed both pick the same token (ties go to the lowest id either
+    way). When every row's unconstrained tokens are allowed up to the end of its line (the
+    automaton reaches its end: the line is valid and ended, not cut by the budget), the constrained
+    decode would write the same tokens, so it is skipped. Otherwise the whole batch is decoded
+    again under the constraint, as :func:`greedy_from_states` does, so that every answer is bit for
+    bit the one a separate call gives (a smaller batch could round differently).
+    Call under ``torch.inference_mode()``.
+    """
+    free = _greedy_decoding(model, tokenizer, ranges, None, False, False)
+    bound = _greedy_decoding(model, tokenizer, ranges, None, False, True)
+    rows = [s.ids for s in states]
+    with eval_mode(model):
+        new = _greedy_tokens(model, rows, free, cache=left_padded_cache(model, states))
+        answers = _greedy_answers(tokenizer, new, free)
+        if all(bound.constraint.walk(row) == ACCEPT for row in new.tolist()):
+            return answers, [dict(answer) for answer in answers]
+        return answers, _greedy_batch(model, tokenizer, rows, bound, cache=left_padded_cache(model, states))
 
 
 def greedy_with_prompt_states(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]], *,

@@ -434,6 +434,67 @@ def test_prompt_states_come_back_unchanged_and_without_weighted_the_prompt_runs_
     assert runs == [1, 1, 1, 1]
 
 
+
+def forced_lines(model, successor: dict[int, int], first: int):
+    """Hooks that make ``model`` write a chosen line: after an input ending in token t the next
+    token's logit gains 1e4 when t is in ``successor`` (``successor[t]``), else at ``first``.
+    Returns the hooks' handles."""
+    last = {}
+
+    def take_last(module, args, kwargs):
+        last["ids"] = kwargs["input_ids"][:, -1].tolist()
+
+    def push(module, args, logits):
+        nudge = torch.zeros_like(logits[:, -1])
+        for row, token in enumerate(last["ids"]):
+            nudge[row, successor.get(token, first)] = 1e4
+        logits[:, -1] += nudge
+        return logits
+
+    return [model.register_forward_pre_hook(take_last, with_kwargs=True),
+            model.get_output_embeddings().register_forward_hook(push)]
+
+
+def test_greedy_pair_decodes_the_constrained_batch_only_when_it_can_differ(tiny, monkeypatch):
+    model, tok = tiny
+    three, space, five, newline, zero, bang = (tok.convert_tokens_to_ids(t) for t in ("3", "Ġ", "5", "Ċ", "0", "!"))
+    assert tok.decode([three, space, five, newline]) == "3 5\n" and tok.decode([bang, zero]) == "!0"
+    ranges = [(1, 9), (1, 9)]
+    calls = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        calls.append(len(kwargs["logits_processor"]))
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    # Every prompt writes "3 5\n", a valid line, except one ending in "!", which writes "0\n" ("0" is
+    # not in 1-9); the untouched model writes no valid line at all.
+    hooks = forced_lines(model, {three: space, space: five, five: newline, bang: zero, zero: newline}, three)
+    try:
+        cases = {"all valid": (["Score:", "The essay is clear. Scores:"], 1, [(3, 5), (3, 5)]),
+                 "one invalid": (["Score:", "Scores!"], 2, [(3, 5), None])}
+        for prompts, generates, free_scores in cases.values():
+            calls.clear()
+            with torch.inference_mode():
+                states = [scoring.prefill(model, tok, prompt) for prompt in prompts]
+                free, bound = scoring.greedy_pair_from_states(model, tok, states, ranges)
+                assert calls == [0, 1][:generates]
+                assert [a["scores"] and tuple(a["scores"]) for a in free] == free_scores
+                assert free == scoring.greedy_from_states(model, tok, states, ranges)
+                assert bound == scoring.greedy_from_states(model, tok, states, ranges, constrained=True)
+            assert all(a["scores"] is not None for a in bound)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.inference_mode():
+        states = [scoring.prefill(model, tok, prompt) for prompt in ("Score:", "Scores!")]
+        calls.clear()
+        free, bound = scoring.greedy_pair_from_states(model, tok, states, ranges)
+    assert calls == [0, 1] and all(a["scores"] is None for a in free)
+    assert bound == greedy_predict(model, tok, ["Score:", "Scores!"], ranges, constrained=True)
+
+
 # --------------------------------------------------------------------------- splits and evaluation
 
 KEYS = {"id", "gold", "greedy", "weighted", "weighted_expected", "probabilities", "weighted_underflow", "text", "valid",
