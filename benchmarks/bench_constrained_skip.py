@@ -2,10 +2,10 @@
 
     python benchmarks/bench_constrained_skip.py --work_dir runs/real_essays/ell [--essays 48]
 
-``--work_dir`` is the work folder of a ``bench_real_essays.py`` command (its
-``runs/real_essays/<corpus>``): the saved adapter of ``run_<variant>_seed<k>`` scores the first
-``--essays`` essays of ``data_seed0/<--split>.jsonl`` with the prompts it was trained on, in
-batches of ``self_consistency.py``'s essay batch (8), each prompt prefilled once (not timed).
+The flags and the essays are ``bench_one_prefill.py``'s (``--m`` aside, which is not used here):
+the saved adapter of a ``bench_real_essays.py`` work folder scores the first ``--essays`` essays of
+its ``--split`` with the prompts it was trained on, in batches of ``self_consistency.py``'s essay
+batch (8), each prompt prefilled once (not timed).
 
 * both: :func:`modules.scoring.greedy_from_states` unconstrained, then ``constrained=True``: two
   ``generate`` calls per batch, as the benchmark's one-prefill stage made them before;
@@ -19,7 +19,6 @@ Run it alone: two cores.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,23 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_real_essays as bench  # noqa: E402
+from bench_one_prefill import load_work, parse_args  # noqa: E402
 
-from modules.data import build_prompt, load_dataset_info, load_split  # noqa: E402
-from modules.jsonio import read_json  # noqa: E402
-from modules.models import load_adapter  # noqa: E402
+from modules.data import build_prompt  # noqa: E402
 from modules.scoring import greedy_from_states, greedy_pair_from_states, prefill  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work_dir", required=True, help="a bench_real_essays.py work folder (runs/real_essays/<corpus>)")
-    p.add_argument("--variant", default="ce+ntl", choices=sorted(bench.VARIANTS))
-    p.add_argument("--seed", type=int, default=0, help="the run's training seed")
-    p.add_argument("--split", default="test")
-    p.add_argument("--essays", type=int, default=48, help="the split's first N essays (plus one warm-up batch)")
-    p.add_argument("--base_model", default="smollm2-135m")
-    return p.parse_args(argv)
 
 
 def both(model, tokenizer, states, ranges) -> tuple[list[dict], list[dict]]:
@@ -58,18 +44,12 @@ SIDES = {"both": both, "pair": greedy_pair_from_states}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    work = Path(args.work_dir)
-    run_dir, data_dir = work / f"run_{args.variant}_seed{args.seed}", work / "data_seed0"
-    if not (run_dir / "adapter_config.json").is_file():
-        print(f"error: {run_dir}: no saved adapter; run bench_real_essays.py first", file=sys.stderr)
+    args = parse_args(argv)  # bench_one_prefill.py's flags; --m is not used here
+    loaded = load_work(args)
+    if loaded is None:
         return 2
-    info = load_dataset_info(data_dir)
-    split_path = data_dir / f"{args.split}.jsonl"
-    batch_size = bench.sc_settings(run_dir, args.base_model, split_path).essay_batch
-    records = load_split(split_path, info)[:args.essays + batch_size]
-    max_prompt_tokens = read_json(run_dir / "run_manifest.json")["max_prompt_tokens"]
-    model, tokenizer = load_adapter(args.base_model, run_dir)
+    model, tokenizer, info, records, max_prompt_tokens, sc = loaded
+    batch_size = sc.essay_batch
     calls, real_generate = [], model.generate
 
     def counted_generate(**kwargs):
@@ -98,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped += generates["pair"] == 1
         print(f"batch {number}/{len(batches) - 1}: both {seconds['both']:.1f} s, pair {seconds['pair']:.1f} s",
               flush=True)
-    print(f"{work.name}: {essays} essays in {len(batches) - 1} timed batches")
+    print(f"{Path(args.work_dir).name}: {essays} essays in {len(batches) - 1} timed batches")
     for side in SIDES:
         print(f"  {side}: {seconds[side]:.1f} s ({seconds[side] / essays:.3f} s an essay)")
     print(f"  identical answers (greedy and constrained greedy): {identical}/{essays}; constrained decode "

@@ -30,6 +30,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_real_essays as bench  # noqa: E402
 
-from modules.data import build_prompt, load_dataset_info, load_split  # noqa: E402
+from modules.data import DatasetInfo, build_prompt, load_dataset_info, load_split  # noqa: E402
 from modules.evaluation import predict_split  # noqa: E402
 from modules.jsonio import read_json  # noqa: E402
 from modules.models import load_adapter  # noqa: E402
@@ -77,19 +78,39 @@ def four_passes(model, tokenizer, records, info, max_prompt_tokens: int, first_i
 SIDES = {"old": four_passes, "new": bench.one_prefill_batch}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+class Work(NamedTuple):
+    """A benchmark work folder's saved adapter, loaded, and the essays it scores here."""
+    model: object
+    tokenizer: object
+    info: DatasetInfo
+    records: list  # the split's first --essays essays plus one warm-up batch
+    max_prompt_tokens: int
+    sc: argparse.Namespace  # self_consistency.py run's flags at their defaults
+
+
+def load_work(args: argparse.Namespace) -> Work | None:
+    """:class:`Work` for ``args`` (:func:`parse_args`'s), or None after an error line when the run
+    has no saved adapter."""
     work = Path(args.work_dir)
     run_dir, data_dir = work / f"run_{args.variant}_seed{args.seed}", work / "data_seed0"
     if not (run_dir / "adapter_config.json").is_file():
         print(f"error: {run_dir}: no saved adapter; run bench_real_essays.py first", file=sys.stderr)
-        return 2
+        return None
     info = load_dataset_info(data_dir)
     split_path = data_dir / f"{args.split}.jsonl"
     sc = bench.sc_settings(run_dir, args.base_model, split_path)
     records = load_split(split_path, info)[:args.essays + sc.essay_batch]
     max_prompt_tokens = read_json(run_dir / "run_manifest.json")["max_prompt_tokens"]
-    model, tokenizer = load_adapter(args.base_model, run_dir)
+    return Work(*load_adapter(args.base_model, run_dir), info, records, max_prompt_tokens, sc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loaded = load_work(args)
+    if loaded is None:
+        return 2
+    model, tokenizer, info, records, max_prompt_tokens, sc = loaded
+    work = Path(args.work_dir)
     batches = [(start, records[start:start + sc.essay_batch]) for start in range(0, len(records), sc.essay_batch)]
     seconds = {side: 0.0 for side in SIDES}
     outputs: dict[str, list] = {side: [] for side in SIDES}
