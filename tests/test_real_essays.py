@@ -326,6 +326,7 @@ def test_benchmark_defaults_per_corpus() -> None:
     args = bench.parse_args(["--corpus", "asap-traits", "--essay_set", "8", "--train_essays", "10"])
     assert args.train_essays == 10 and args.test_essays == 150 and bench.corpus_key(args) == "asap-set8-traits"
     assert bench.corpus_key(bench.parse_args([])) == "asap-set7"
+    assert bench.parse_args(["--corpus", "asap-traits"]).train_essays == 1099  # all of set 7's training split
 
 
 def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
