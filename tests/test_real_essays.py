@@ -219,6 +219,10 @@ def test_subset_draws_keep_the_splits_and_add_unseen_validation_essays(tmp_path:
     with pytest.raises(DataError, match=r"--pick_essays 6 is more than the 5 validation essays the --valid_essays "
                                         r"sample leaves in .*valid.jsonl"):
         bench.subset_draws(tmp_path, sizes, 6, seed=3)
+    # The traits default takes every training essay: the number is the converted split's.
+    args = bench.parse_args(["--corpus", "asap-traits", "--valid_essays", "4", "--test_essays", "3"])
+    assert bench.subset_sizes(args, tmp_path) == {"train": 12, "valid": 4, "test": 3}
+    assert bench.subset_sizes(bench.parse_args(["--corpus", "ell"]), tmp_path)["train"] == 800
 
 
 def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
@@ -326,7 +330,7 @@ def test_benchmark_defaults_per_corpus() -> None:
     args = bench.parse_args(["--corpus", "asap-traits", "--essay_set", "8", "--train_essays", "10"])
     assert args.train_essays == 10 and args.test_essays == 150 and bench.corpus_key(args) == "asap-set8-traits"
     assert bench.corpus_key(bench.parse_args([])) == "asap-set7"
-    assert bench.parse_args(["--corpus", "asap-traits"]).train_essays == 1099  # all of set 7's training split
+    assert bench.parse_args(["--corpus", "asap-traits"]).train_essays is None  # every training essay
 
 
 def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
