@@ -273,8 +273,8 @@ def greedy_pair_from_states(model, tokenizer, states: Sequence[PromptState],
     bit the one a separate call gives (a smaller batch could round differently).
     Call under ``torch.inference_mode()``.
     """
-    free = _greedy_decoding(model, tokenizer, ranges, None, False, False)
-    bound = _greedy_decoding(model, tokenizer, ranges, None, False, True)
+    free = _greedy_decoding(model, tokenizer, ranges, max_new_tokens=None, generate_feedback=False, constrained=False)
+    bound = _greedy_decoding(model, tokenizer, ranges, max_new_tokens=None, generate_feedback=False, constrained=True)
     rows = [s.ids for s in states]
     with eval_mode(model):
         new = _greedy_tokens(model, rows, free, cache=left_padded_cache(model, states))

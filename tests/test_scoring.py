@@ -434,7 +434,6 @@ def test_prompt_states_come_back_unchanged_and_without_weighted_the_prompt_runs_
     assert runs == [1, 1, 1, 1]
 
 
-
 def forced_lines(model, successor: dict[int, int], first: int):
     """Hooks that make ``model`` write a chosen line: after an input ending in token t the next
     token's logit gains 1e4 when t is in ``successor`` (``successor[t]``), else at ``first``.
