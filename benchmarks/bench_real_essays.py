@@ -98,7 +98,9 @@ Hence:
   every row (levers/train_essays). 1.5 epochs with one prefill for the constrained and sampled
   rows only (main_pipeline.py's scoring paid a second one): measured 69 min 45 s and 68 min 4 s
   on days whose machine trained at 9.9 and 9.5 s a step. With every row from one prefill: 60 min
-  36 s at 9.4 s a step (6d4d101; about 46 min at the 6.4 s a step of the 800-essay lever runs);
+  36 s at 9.4 s a step (6d4d101; about 46 min at the 6.4 s a step of the 800-essay lever runs),
+  and with the constrained greedy decode skipped where it cannot differ 51 min 58 s at 8.3 s a step
+  (f6c381d);
   1.25 epochs took 47 min 44 s but tied the TF-IDF ridge (levers/epochs).
   ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays (prompt budget = 1024
   minus the longest training target); a smaller budget cuts the essays' ends, which the traits
