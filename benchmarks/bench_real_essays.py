@@ -90,8 +90,8 @@ Hence:
 * asap-traits: every essay of the training split (set 7: 1,099), 2 epochs (2,198 passes x 353
   tokens): 51 min 18 s with every row (6a65363). 800 essays for 2 epochs (1,600 passes, 41 min 12
   s) tied the TF-IDF ridge on the same essays over three seeds; more epochs of those 800 or LoRA on
-  every projection did not help, all 1,099 did (seed 0: the validation pick +0.091 [+0.024,
-  +0.155] over the ridge);
+  every projection did not help, all 1,099 did (seeds 0,1: the validation pick +0.081 [+0.009,
+  +0.152] over the ridge);
 * ell: 800 essays, 1.5 epochs (1,200 passes x 590 tokens) and 200 test essays. The first default,
   320 essays for 2 epochs (51 min 21 s in all, 31 min of it scoring), lost to the TF-IDF ridge on
   the same essays; 800 essays for 2 epochs beat it over two seeds but needed about 75 min with
