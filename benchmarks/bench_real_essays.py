@@ -220,12 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     corpus = CORPORA[args.corpus]
     args.input = args.input or str(corpus.default_input)
-    args.train_essays = args.train_essays or corpus.train_essays
-    args.test_essays = args.test_essays or corpus.test_essays
     args.epochs = args.epochs or corpus.epochs
-    args.grad_accum = args.grad_accum or corpus.grad_accum
-    args.learning_rate = args.learning_rate or corpus.learning_rate
-    args.pick_essays = corpus.pick_essays if args.pick_essays is None else args.pick_essays
+    # None, not 0, means "the corpus's": an explicit 0 reaches the checks below
+    for key in ("train_essays", "test_essays", "pick_essays", "grad_accum", "learning_rate"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(corpus, key))
     if args.pick_essays < 0:
         p.error("--pick_essays must be >= 0")
     for key in ("train_essays", "valid_essays", "test_essays", "m", "batch_size", "grad_accum", "bootstrap"):

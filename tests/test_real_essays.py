@@ -336,6 +336,9 @@ def test_benchmark_defaults_per_corpus() -> None:
         == [(4, 2, 2e-3), (4, 1, 1e-3)]
     args = bench.parse_args(["--grad_accum", "1", "--learning_rate", "1e-3"])  # the earlier recipe, for its levers
     assert (args.grad_accum, args.learning_rate) == (1, 1e-3)
+    for zero in (["--grad_accum", "0"], ["--train_essays", "0"]):  # an explicit 0 is refused, not read as the default
+        with pytest.raises(SystemExit):
+            bench.parse_args(zero)
 
 
 def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
