@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
     if args.lora_top_layers < 0:
         p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
+    if args.bf16:
+        if args.precision == "fp32":
+            p.error("--bf16 asks for --precision bf16; do not also give --precision fp32")
+        args.precision = "bf16"
     _check_confidence_flags(p, args)
     return args
 
@@ -121,9 +125,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
     p.add_argument("--lora_top_layers", type=int, default=0,
                    help="adapt only the last N decoder layers (0 = all); the backward pass stops below them")
-    p.add_argument("--bf16", action="store_true",
-                   help="train under bf16 autocast (the Trainer's bf16): on a CPU with AVX512-BF16 or AMX the matmuls "
-                        "run in bf16; weights, optimizer state and scoring stay in the model's dtype")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="training precision: auto = bf16 autocast on a GPU with bf16 or a CPU with native bf16 "
+                        "matmuls (AVX512-BF16, AMX; checked and timed), float32 elsewhere; bf16 / fp32 force it "
+                        "(modules/precision.py). Weights, optimizer state and scoring stay in the model's dtype")
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16 (older commands)")
     p.add_argument("--group_by_length", action="store_true",
                    help="batch essays of similar length together, the batches in random order "
                         "(modules.trainer.ShuffledLengthBuckets), so less of each batch is padding")
@@ -294,6 +300,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     from modules import dist
     from modules.losses import number_token_values
     from modules.models import load_base_model, load_tokenizer
+    from modules.precision import choose_precision
 
     set_seed(args.seed)
     run_dir, error = claim_run_dir(args, resume)
@@ -305,7 +312,9 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         tokenizer = load_tokenizer(args.base_model_name)
         number_values = number_token_values(tokenizer)
         encoded, max_prompt_tokens = encode_splits(args, info, splits, tokenizer, number_values)
-        model, _ = load_base_model(args.base_model_name, device=device, load_in_4bit=args.load_in_4bit)
+        precision = choose_precision(args.precision, device)
+        model, _ = load_base_model(args.base_model_name, device=device, dtype=weights_dtype(precision, device),
+                                   load_in_4bit=args.load_in_4bit)
         if creates_run_dir(args, resume) and dist.is_main():
             create_run_dir(run_dir)
     except (OSError, ValueError) as err:  # the loader's messages can span lines; the first says what
@@ -313,6 +322,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     error = dist.first_error(error)
     if error:
         return stop(error)
+    precision = report_precision(dist.broadcast(precision), device)  # rank 0's timing decides for all
     try:
         model = attach_lora(args, model)
     except ValueError as err:  # e.g. --lora_top_layers beyond the model's depth: every rank meets it
@@ -321,8 +331,8 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     if args.dry_run:
         return dry_run_forward(model, tokenizer, encoded["train"][: args.per_device_train_batch_size], loss_config,
                                device)
-    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device)
-    manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume)
+    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device, precision)
+    manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume, precision)
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
     if args.skip_scoring:
         if dist.is_main():
@@ -391,6 +401,27 @@ def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_valu
     return encoded, max_prompt_tokens
 
 
+def weights_dtype(precision, device):
+    """The dtype the base model loads in: on a GPU bf16 or float32 as the precision says; on the
+    CPU float32 always (bf16 there is autocast around float32 weights)."""
+    import torch
+
+    return (torch.bfloat16 if precision.bf16 else torch.float32) if device.type == "cuda" else None
+
+
+def report_precision(precision, device):
+    """Log the training precision once and why; warn when a forced bf16 will be slow (rank 0)."""
+    from modules import dist
+    from modules.precision import slow_bf16_warning
+
+    if dist.is_main():
+        logger.info("precision: %s (%s)", "bf16 autocast" if precision.bf16 else "float32", precision.reason)
+        warning = slow_bf16_warning(precision, device)
+        if warning:
+            logger.warning(warning)
+    return precision
+
+
 def attach_lora(args: argparse.Namespace, model):
     """The base model with LoRA adapters on --lora_target_modules (of the top --lora_top_layers)."""
     from modules.models import add_lora
@@ -426,10 +457,11 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device) -> in
     return 0
 
 
-def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device):
+def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device,
+                  precision):
     """The CustomTrainer: evaluation and a checkpoint each epoch (or --eval_steps), the best
-    checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping."""
-    import torch
+    checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping;
+    bf16 autocast as ``precision`` (modules.precision) chose."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     from modules import dist
@@ -448,7 +480,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
         load_best_model_at_end=args.load_best_model_at_end, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=setup_wandb(args, run_dir),
         label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
-        bf16=args.bf16 or model.dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
+        bf16=precision.bf16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
         # Multi-process: the process group dist.init made (gloo/NCCL); every LoRA weight gets a
         # gradient each step, so DDP need not search the graph for unused parameters.
         ddp_backend=dist.backend(), ddp_find_unused_parameters=False)
@@ -459,7 +491,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
 
 
 def start_manifest(args: argparse.Namespace, run_dir: Path, device, model, info, splits, max_prompt_tokens: int,
-                   resume) -> dict:
+                   resume, precision) -> dict:
     """The run manifest, written before training too: a killed run's flags are then on record, and
     a resume of it is checked against them (check_resume). A resumed run keeps its creation time
     and adds an entry to ``resumes``."""
@@ -470,8 +502,8 @@ def start_manifest(args: argparse.Namespace, run_dir: Path, device, model, info,
         **provenance(), "config": run_config(args), "run_dir": str(run_dir), "seed": args.seed, "device": str(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "world_size": dist.world_size(), "ddp_backend": dist.backend(),
-        "dtype": str(model.dtype), "rubrics": info.rubric_names, "max_prompt_tokens": max_prompt_tokens,
-        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "dtype": str(model.dtype), "precision": precision.record(), "rubrics": info.rubric_names,
+        "max_prompt_tokens": max_prompt_tokens, "split_sizes": {k: len(v) for k, v in splits.items()},
     }
     if resume is not None:
         checkpoint, before, forced = resume

@@ -156,6 +156,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
     assert manifest["config"]["mtl"] is True and manifest["config"]["constrained"] is True
     assert manifest["config"]["bf16"] is True and manifest["config"]["group_by_length"] is True
+    assert manifest["precision"]["requested"] == "bf16" and manifest["precision"]["chosen"] == "bf16"  # --bf16 forces it
 
     rubrics = [r["name"] for r in json.loads((small_data / "dataset.json").read_text())["rubrics"]]
     results = json.loads((run_dir / "evaluation_results.json").read_text())
