@@ -27,8 +27,9 @@ Stages, each timed (wall seconds):
    folder that every command on this corpus and data seed shares (its dataset.json sets the short
    ``SYSTEM_PROMPT``). When the file is absent the script says so and exits 0: the shared data is
    not part of a fresh clone.
-2. train: ``main_pipeline.py`` as a subprocess with the CPU recipe (``--bf16`` autocast,
-   ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
+2. train: ``main_pipeline.py`` as a subprocess with the CPU recipe (its default ``--precision
+   auto``: bf16 autocast where the CPU has native bf16, float32 elsewhere, recorded in the result
+   file; ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
    layer, other projections with ``--target_modules``; no ``--mtl``: these corpora have no
    feedback), loss CE + 0.2 NTL (``--ablation``: CE only), training seed ``--seed``, the last
    step's weights kept (``--no-load_best_model_at_end``: on 30 validation essays the eval-loss
@@ -365,7 +366,7 @@ def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: f
            "--num_train_epochs", str(args.epochs), "--max_steps", str(args.max_steps),
            "--per_device_train_batch_size", str(args.batch_size),
            "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.learning_rate),
-           "--lora_top_layers", str(args.top_layers), "--lora_target_modules", args.target_modules, "--bf16",
+           "--lora_top_layers", str(args.top_layers), "--lora_target_modules", args.target_modules,
            "--load_best_model_at_end" if args.load_best_model_at_end else "--no-load_best_model_at_end",
            "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0",
            "--skip_scoring"]
@@ -378,7 +379,8 @@ def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: f
                          "best_checkpoint": Path(train["best_checkpoint"]).name if train.get("best_checkpoint") else None,
                          "best_eval_loss": train.get("best_eval_loss"),
                          "kept_checkpoint": Path(train["kept_checkpoint"]).name if train.get("kept_checkpoint") else None,
-                         "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h]},
+                         "eval_loss": [[h.get("epoch"), h["eval_loss"]] for h in history if "eval_loss" in h],
+                         "precision": manifest.get("precision")},
             "max_prompt_tokens": manifest["max_prompt_tokens"]}
 
 

@@ -337,11 +337,20 @@ def minutes(seconds: float | None) -> str:
     return f"{whole // 60} min {whole % 60} s"
 
 
+def training_precision(result: dict) -> str:
+    """How a result's LoRA trained: ``bf16 (auto)``, ``fp32 (auto)``, or a forced choice. Files from
+    before main_pipeline.py's --precision trained with the --bf16 the benchmark then passed."""
+    record = (result.get("training") or {}).get("precision")
+    if not record:
+        return "bf16 (--bf16)"
+    return f"{record['chosen']} ({record['requested'] if record['requested'] == 'auto' else 'forced'})"
+
+
 def runs_table(group: Group) -> list[str]:
     """Markdown lines: one row per result file, what it ran (rows, wall time, training, checkpoint
-    kept), where (CPU, torch, commit) and the command."""
-    lines = ["| run | rows | wall | training | eval loss per epoch (kept) | CPU, torch | commit | command |",
-             "|---|---|---|---|---|---|---|---|"]
+    kept), where (CPU, torch, precision, commit) and the command."""
+    lines = ["| run | rows | wall | training | eval loss per epoch (kept) | CPU, torch | precision | commit | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(group.results, key=lambda r: (list(VARIANT_NAMES).index(r["variant"]), r["seed"])):
         train = r.get("training", {})
         losses = ", ".join(f"{loss:.3f}" for _, loss in train.get("eval_loss", []))
@@ -350,7 +359,7 @@ def runs_table(group: Group) -> list[str]:
         lines.append(f"| {VARIANT_NAMES[r['variant']]}, seed {r['seed']} | {rows} | {minutes(r.get('timings', {}).get('total'))} "
                      f"| {minutes(train.get('seconds'))}, {train.get('global_step')} steps | {losses} "
                      f"({train.get('kept_checkpoint') or train.get('best_checkpoint')}) | {machine.get('cpu')}, {machine.get('torch')} "
-                     f"| {git.get('commit')}{' (dirty)' if git.get('dirty') else ''} | `{r.get('command')}` |")
+                     f"| {training_precision(r)} | {git.get('commit')}{' (dirty)' if git.get('dirty') else ''} | `{r.get('command')}` |")
     return lines
 
 

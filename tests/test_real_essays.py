@@ -234,7 +234,9 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     replicate_run = {**result("ce+ntl", 1, replicate, valid), "replicate": True, "timings": {"total": 1806.4},
                      "training": {"seconds": 1636.4, "global_step": 500, "best_checkpoint": "checkpoint-400",
                                   "kept_checkpoint": "checkpoint-500",
-                                  "eval_loss": [[1.0, 1.81187], [2.0, 1.8207], [2.5, 1.7688]]},
+                                  "eval_loss": [[1.0, 1.81187], [2.0, 1.8207], [2.5, 1.7688]],
+                                  "precision": {"requested": "auto", "chosen": "fp32", "native_bf16": False,
+                                                "reason": "this CPU has neither AVX512-BF16 nor AMX"}},
                      "machine": {"cpu": "AMD EPYC", "torch": "2.13.0+cpu"}, "git": {"commit": "ba22d2f", "dirty": False},
                      "command": "bench_real_essays.py --corpus asap --seed 1 --replicate"}
     for i, content in enumerate([result("ce+ntl", 0, full, valid), replicate_run, result("ce", 0, ce, valid),
@@ -266,8 +268,11 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     assert "LoRA CE+NTL, greedy seed 0: 1 invalid, 1 truncated of 8" in first
     # one line per result file: what ran, how long, where, and the command
     assert ("| LoRA CE+NTL, seed 1 | greedy, weighted | 30 min 6 s | 27 min 16 s, 500 steps | 1.812, 1.821, 1.769 "
-            "(checkpoint-500) | AMD EPYC, 2.13.0+cpu | ba22d2f | `bench_real_essays.py --corpus asap --seed 1 --replicate` |"
-            in first.splitlines())
+            "(checkpoint-500) | AMD EPYC, 2.13.0+cpu | fp32 (auto) | ba22d2f | "
+            "`bench_real_essays.py --corpus asap --seed 1 --replicate` |" in first.splitlines())
+    # a file from before --precision trained with the --bf16 the benchmark passed then
+    [seed0] = [line for line in first.splitlines() if line.startswith("| LoRA CE+NTL, seed 0 |")]
+    assert seed0.split(" | ")[6] == "bf16 (--bf16)"
     assert first.index("| LoRA CE+NTL, seed 0 | all |") < first.index("| LoRA CE+NTL, seed 1 |") \
         < first.index("| LoRA CE only, seed 0 | all |")
 
@@ -638,6 +643,10 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert saved["corpus"] == "ell" and saved["variant"] == "ce+ntl" and not saved["replicate"]
     # the recipe keeps the last step's weights: main_pipeline.py's run folder says which checkpoint
     assert saved["config"]["load_best_model_at_end"] is False and saved["training"]["kept_checkpoint"] == "checkpoint-2"
+    # the precision main_pipeline.py chose by the machine (no --bf16 passed) is recorded as its manifest says
+    run_manifest = json.loads((out / "run_ce+ntl_seed0" / "run_manifest.json").read_text())
+    assert run_manifest["config"]["bf16"] is False and run_manifest["config"]["precision"] == "auto"
+    assert saved["training"]["precision"] == run_manifest["precision"] and saved["training"]["precision"]["chosen"]
     # --target_modules reaches main_pipeline.py: the saved adapter adapts those projections
     adapter_config = json.loads((out / "run_ce+ntl_seed0" / "adapter_config.json").read_text())
     assert sorted(adapter_config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
