@@ -16,14 +16,19 @@ width, so its padding is the epoch's (each line prints both). Throughput is essa
 
 - ``default``: what ``main_pipeline.py`` does without the recipe flags: LoRA on q/v of every
   layer, random batches padded to their longest essay, float32.
-- ``recipe``: the flags ``bench_real_essays.py`` trains with (``CPU_RECIPE`` below).
+- ``recipe``: the flags ``bench_real_essays.py`` trains with (``CPU_RECIPE`` below), in the precision
+  ``main_pipeline.py --precision auto`` picks on this machine (``modules.precision``).
+- precision: float32 against bf16 autocast, the default setting on the same ``--precision_essays``
+  essays (fewer than ``--essays``: where bf16 is emulated a step takes minutes), and which one
+  ``auto`` picks here and why.
 - ``--levers``: also each lever (or the ones named) alone on top of ``default``; the prompt levers
   (``short system prompt``, ``no writing prompt``: dataset.json's writing prompt left out of every
   prompt, ``prompt <= 256 tokens``) show what a shorter prompt buys.
 
 Prints, per prompt variant, the mean tokens per training example (prompt without its essay, essay,
-target + EOS), then one line per setting (essays/s, padded tokens per essay, final loss) and ends with
-``ratio=<recipe essays/s / default essays/s>``. Run it alone: two cores, so anything running beside
+target + EOS), then one line per setting (essays/s, padded tokens per essay, final loss), the
+bf16/float32 throughput ratio with auto's pick, and ends with ``ratio=<recipe essays/s / default
+essays/s>``. Run it alone: two cores, so anything running beside
 it shows up in the figures. When the corpus file is absent it says so and exits 0.
 """
 from __future__ import annotations
@@ -40,18 +45,17 @@ sys.path.insert(0, str(ROOT))
 import bench_real_essays  # noqa: E402
 from bench_real_essays import SYSTEM_PROMPT, shared_file_missing  # noqa: E402
 
-# The CPU recipe of "Results on real essays" (README): bf16 autocast, length-bucketed batches in
-# random order (--bf16 --group_by_length) and bench_real_essays.py's short system message. LoRA stays on
-# q/v of every layer: fewer adapted layers trained faster but learned the score line far more
-# slowly (see the README).
-CPU_RECIPE = {"bf16": True, "group_by_length": True, "system_prompt": SYSTEM_PROMPT}
+# The CPU recipe of "Results on real essays" (README): length-bucketed batches in random order
+# (--group_by_length) and bench_real_essays.py's short system message, in auto's precision (main()).
+# LoRA stays on q/v of every layer: fewer adapted layers trained faster but learned the score line
+# far more slowly (see the README).
+CPU_RECIPE = {"group_by_length": True, "system_prompt": SYSTEM_PROMPT}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEVERS = {
     "group_by_length": {"group_by_length": True},
     "top_layers=8": {"top_layers": 8},
     "top_layers=16": {"top_layers": 16},
     "top_layers=8, all linear": {"top_layers": 8, "target_modules": ALL_LINEAR},
-    "bf16 autocast": {"bf16": True},
     "torch.compile": {"compile": True},
     "1 thread": {"threads": 1},
     "prompt <= 256 tokens": {"max_prompt_tokens": 256},
@@ -65,12 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", choices=sorted(bench_real_essays.CORPORA), default="asap")
     p.add_argument("--input", default=None, help="corpus file in the corpus's layout (default: its file in ../shared/data)")
     p.add_argument("--essays", type=int, default=48, help="essays per setting (one epoch; a multiple of 4)")
+    p.add_argument("--precision_essays", type=int, default=8,
+                   help="essays of the float32 / bf16 comparison (a multiple of 4, at most --essays)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levers", nargs="*", default=None, choices=list(LEVERS), metavar="LEVER",
                    help=f"also time these levers (default: all) each alone on top of the default: {', '.join(LEVERS)}")
     args = p.parse_args(argv)
-    if args.essays < 4 or args.essays % 4:
-        p.error("--essays must be a positive multiple of the batch size 4")
+    for key in ("essays", "precision_essays"):
+        if getattr(args, key) < 4 or getattr(args, key) % 4:
+            p.error(f"--{key} must be a positive multiple of the batch size 4")
+    if args.precision_essays > args.essays:
+        p.error("--precision_essays must be at most --essays")
     args.input = args.input or str(bench_real_essays.CORPORA[args.corpus].default_input)
     return args
 
@@ -188,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
+    import torch
+
+    from modules.precision import choose_precision
+
+    auto = choose_precision("auto", torch.device("cpu"))
+    print(f"--precision auto picks {'bf16 autocast' if auto.bf16 else 'float32'} here: {auto.reason}", flush=True)
     levers = [] if args.levers is None else args.levers or list(LEVERS)
-    settings = {"default": {}, **{name: LEVERS[name] for name in levers}, "recipe": CPU_RECIPE}
+    settings = {"default": {}, **{name: LEVERS[name] for name in levers}, "recipe": {**CPU_RECIPE, "bf16": auto.bf16}}
     encoded = {}
     results = {}
     started = time.perf_counter()
@@ -206,6 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:26s} {row['essays_per_s']:.3f} essays/s  ({row['seconds']:.1f} s for {args.essays} essays, "
               f"{row['padded_tokens']:.0f} padded tokens/essay, whole epoch {padded_tokens(examples, epoch):.0f}; "
               f"loss {row['loss']:.3f})", flush=True)
+    examples, values, _ = encoded[(None, None, True)]
+    batches = sampled_batches(examples, epoch_batches(examples, False, args.seed), args.essays // 4)
+    batches = batches[:: args.essays // args.precision_essays][: args.precision_essays // 4]
+    speed = {}
+    for bf16, name in ((False, "float32"), (True, "bf16 autocast")):
+        speed[bf16] = row = time_setting(examples, batches, values, args.seed, bf16=bf16)
+        print(f"precision: {name:14s} {row['essays_per_s']:.3f} essays/s  ({row['seconds']:.1f} s for "
+              f"{args.precision_essays} essays, {row['padded_tokens']:.0f} padded tokens/essay)", flush=True)
+    print(f"bf16/float32 training throughput: {speed[True]['essays_per_s'] / speed[False]['essays_per_s']:.2f}x; "
+          f"--precision auto picks {auto.chosen}")
     print(f"total {time.perf_counter() - started:.0f} s")
     print(f"ratio={results['recipe']['essays_per_s'] / results['default']['essays_per_s']:.2f}")
     return 0
