@@ -65,14 +65,16 @@ def bf16_matmul_speedup(shape: tuple[int, int, int] = PROBE_SHAPE, reps: int = 3
     (``shape`` = rows, in, out): above 1 where bf16 is the faster path. Each side is timed after one
     warm-up, as the best of ``reps`` (the minimum is the least disturbed by other processes)."""
     rows, d_in, d_out = shape
+    # A generator of its own: the global RNG, seeded by the run, must stay as it was (LoRA's init
+    # and dropout draw from it after this check).
     generator = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(d_in, d_out)
-    x = torch.randn(rows, d_in, generator=generator, requires_grad=True)
+    weight, bias, x = (torch.randn(*size, generator=generator).requires_grad_()
+                       for size in ((d_out, d_in), (d_out,), (rows, d_in)))
 
     def step(bf16: bool) -> float:
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = layer(x)
+            out = torch.nn.functional.linear(x, weight, bias)
         out.float().sum().backward()
         return time.perf_counter() - started
 
