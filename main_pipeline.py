@@ -336,6 +336,9 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
     if args.skip_scoring:
         if dist.is_main():
+            from modules.run_card import write_run_card
+
+            write_run_card(run_dir, manifest, info)
             print(f"adapter saved in {run_dir}; scoring skipped (--skip_scoring)")
         return 0
     model = scoring_model(args, trainer, model, run_dir, device)
@@ -618,9 +621,10 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
     predictions.jsonl, the manifest and, when every essay has gold scores, evaluation_results.json
     (QWK, and the report under "confidence") and the printed tables."""
     from modules import dist
-    from modules.confidence import format_confidence_report
+    from modules.confidence_report import format_confidence_report
     from modules.evaluation import evaluate_predictions, format_results_table
     from modules.jsonio import write_json_atomic, write_jsonl_atomic
+    from modules.run_card import write_run_card
 
     started = time.time()
     predictions = predict_records(args, model, tokenizer, records, info, mtl=mtl, prompt_format=prompt_format,
@@ -631,6 +635,7 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
         manifest["inference_seconds"] = round(time.time() - started, 1)
         write_json_atomic(run_dir / MANIFEST, manifest)
         graded = sum(p["gold"] is not None for p in predictions)
+        results = None
         if graded == len(predictions):
             results = evaluate_predictions(predictions, info)
             if report is not None:
@@ -642,6 +647,7 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
         else:
             print(f"scored {len(predictions)} essays ({graded} with gold scores; QWK is reported when every essay "
                   f"has them): {run_dir / 'predictions.jsonl'}")
+        write_run_card(run_dir, manifest, info, results, n_essays=len(predictions))
         print(f"run folder: {run_dir}")
     dist.barrier()
     return 0
@@ -786,7 +792,8 @@ def scoring_manifest(args: argparse.Namespace, job: ScoringJob, run_dir: Path, m
 def confidence_rows(rows: list[dict], job: ScoringJob) -> tuple[list[dict], None]:
     """The prediction rows with their confidence: under the adapter's calibration also the
     conformal score sets and the review flag; without one, the signals alone."""
-    from modules.confidence import apply_calibration, attach_confidence
+    from modules.confidence import attach_confidence
+    from modules.confidence_report import apply_calibration
 
     essays = [r.essay for r in job.records]
     if job.calibration is not None:

@@ -265,7 +265,8 @@ def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, 
     """
     import numpy as np
 
-    from modules.confidence import sample_bank_report, with_confidence
+    from modules.confidence import with_confidence
+    from modules.confidence_report import sample_bank_report
     from modules.jsonio import write_jsonl_atomic
     from modules.plots import plot_average, plot_overall, plot_per_rubric, plot_risk_coverage
     from modules.curves import bootstrap_curves, qwk_curves
@@ -312,7 +313,7 @@ def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> Non
           f"{curves.get('truncated_samples', 0)} of them cut by the token budget")
     print(f"decoding: {decoding}")
     if (out_dir / "confidence.json").is_file():
-        from modules.confidence import format_confidence_report
+        from modules.confidence_report import format_confidence_report
 
         print(format_confidence_report(read_json(out_dir / "confidence.json")))
     print(f"outputs: {out_dir}")

@@ -8,22 +8,19 @@ from modules.curves, best of --repeats runs.  For comparison it also times the d
 rubric and pooled) on --baseline_orderings orderings, extrapolates that to B + 1 curves and
 prints the ratio.  The last line is `seconds=<wall-clock seconds of the fast path>`.
 
-    python benchmarks/bench_analysis.py [--essays 1000] [--max_m 50] [--rubrics 8]
+    python -m benchmarks.bench_analysis [--essays 1000] [--max_m 50] [--rubrics 8]
                                         [--bootstrap 200] [--repeats 3] [--baseline_orderings 2]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.curves import bootstrap_curves, qwk_curves  # noqa: E402
-from modules.voting import average_vote, default_fallback, majority_vote, qwk  # noqa: E402
+from modules.curves import bootstrap_curves, qwk_curves
+from modules.voting import average_vote, default_fallback, majority_vote, qwk
 
 
 def make_bank(n_essays: int, m: int, k: int, lo: int = 1, hi: int = 9, invalid: float = 0.03,

@@ -1,6 +1,6 @@
 """Step time and peak memory of a CE-only training step vs CE + NTL + EMO, on the same batch.
 
-    python benchmarks/bench_losses.py [--models smollm2-135m,tiny-llama3-vocab] [--seq_len 512]
+    python -m benchmarks.bench_losses [--models smollm2-135m,tiny-llama3-vocab] [--seq_len 512]
 
 Models: ``smollm2-135m`` (vocabulary 49,152), ``tiny-llama3-vocab`` (a random tiny LLaMA with
 Llama-3's vocabulary of 128,256, where the LM head dominates), ``tiny-random-llama``. Each step is
@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.losses import IGNORE_INDEX, number_token_values  # noqa: E402
-from modules.models import add_lora, load_base_model  # noqa: E402
-from modules.trainer import LossConfig, compute_loss_terms  # noqa: E402
+from modules.losses import IGNORE_INDEX, number_token_values
+from modules.models import add_lora, load_base_model
+from modules.trainer import LossConfig, compute_loss_terms
 
 LLAMA3_VOCAB = 128_256
 

@@ -8,7 +8,7 @@ Each measurement runs in this process, fresh cache for the first:
 * smollm2-135m loaded from its converted cache (target: about a second; built first if missing),
 * an unknown hub id failing (target: seconds, not the hub client's minutes of retries).
 
-    python benchmarks/bench_model_load.py [--repeats 3] [--no_smollm2]
+    python -m benchmarks.bench_model_load [--repeats 3] [--no_smollm2]
 
 Prints one line per measurement, ``<name> seconds=<best of repeats> target=<s>``.
 """
@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from modules import models  # noqa: E402
-from modules.builtin_models import SMOL_NAME, TINY_NAME  # noqa: E402
+from modules import models
+from modules.builtin_models import SMOL_NAME, TINY_NAME
 
 
 def best_of(repeats: int, fn) -> float:

@@ -1,125 +1,45 @@
-"""Real-essay benchmark: LoRA-fine-tune smollm2-135m on a real corpus with the CPU recipe and compare
-its QWK (greedy, weighted, self-consistency votes; unconstrained and ``--constrained``) with four
-baselines fit on the same essays, recording every per-essay prediction in a tracked result file.
+"""Real-essay benchmark: LoRA-fine-tune smollm2-135m on a real corpus and compare every row it
+scores with baselines fit on the same essays, recording every per-essay prediction in a tracked
+result file. The recipes, their tables and the levers tried are in docs/results.md.
 
-    python benchmarks/bench_real_essays.py --corpus asap          # ASAP set 7, holistic 0-30
-    python benchmarks/bench_real_essays.py --corpus asap-traits   # ASAP set 7, holistic + 4 traits
-    python benchmarks/bench_real_essays.py --corpus ell           # ELL, six traits 1.0-5.0
-    python benchmarks/bench_real_essays.py --corpus asap --ablation          # LoRA CE only
-    python benchmarks/bench_real_essays.py --corpus asap --seed 1 --replicate  # greedy + weighted only
-    python benchmarks/real_essay_tables.py                         # the README's tables from every result
+    python -m benchmarks.bench_real_essays --corpus asap          # ASAP set 7, holistic 0-30
+    python -m benchmarks.bench_real_essays --corpus asap-traits   # ASAP set 7, holistic + 4 traits
+    python -m benchmarks.bench_real_essays --corpus ell           # ELL, six traits 1.0-5.0
+    python -m benchmarks.bench_real_essays --corpus asap --ablation            # LoRA CE only
+    python -m benchmarks.bench_real_essays --corpus asap --seed 1 --replicate  # greedy + weighted only
+    python -m benchmarks.real_essay_tables                          # the tables from every result
 
-Corpora (``--input`` takes any file in the corpus's layout; ``--essay_set N`` any ASAP set, its
-rubrics and ranges from ``modules.convert.corpora``):
+Corpora (``--input`` takes any file in the corpus's layout; ``--essay_set N`` any ASAP set):
+``asap`` is ``../shared/data/asap/asap_set7.tsv`` (holistic score), ``asap-traits`` the same set
+with its traits in one line, ``ell`` ``../shared/data/ell/ell_train.csv`` (six traits stored doubled,
+``"scale": 2``; its table adds MCRMSE in 1.0-5.0 units). When the file is absent the script says
+so and exits 0: the shared data is not part of a clone.
 
-* ``asap``: ``../shared/data/asap/asap_set7.tsv`` (ASAP ``training_set_rel3.tsv`` layout), the
-  holistic score only;
-* ``asap-traits``: ``../shared/data/asap/asap_set7_traits.tsv``, the holistic score and the set's
-  traits in one score line (set 7: five rubrics);
-* ``ell``: ``../shared/data/ell/ell_train.csv`` (or the ELLIPSE release layout), six traits
-  1.0-5.0 stored doubled (2-10, ``"scale": 2``); its table adds MCRMSE in 1.0-5.0 units (the
-  weighted row with its unrounded expected scores).
+Stages, each timed:
 
-Stages, each timed (wall seconds):
+1. convert + subset: the corpus's converter (seeded split, ``--data_seed``), then a seeded sample
+   of ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` and ``--pick_essays`` more
+   validation essays (drawn last, so they change no other sample), written as one dataset folder
+   that every command on this corpus and data seed shares (``"system_prompt": SYSTEM_PROMPT``).
+2. train: ``main_pipeline.py`` as a subprocess, as a user runs it, with ``--skip_scoring``: CE +
+   0.2 NTL (``--ablation``: CE only), LoRA on ``--target_modules`` of every layer, length-bucketed
+   batches, the last step's weights, and its default ``--precision auto`` (recorded per result).
+3. every LoRA row on the test, validation and pick essays from the saved adapter on the training
+   prompts, each prompt prefilled once: greedy and weighted as ``main_pipeline.py`` scores them,
+   ``--constrained`` greedy, and ``--m`` self-consistency samples as ``self_consistency.py run``
+   draws them (unconstrained and constrained; banks written in its format), majority and average
+   votes. ``--replicate``: greedy and weighted only.
+4. baselines: TF-IDF (1-2 grams) ridge on the same training essays and on every training essay,
+   an essay-length ridge, the training mean.
+5. confidence: the weighted row's signals (``modules.confidence.essay_signals``) on test and
+   validation, the conformal sets and review rule calibrated on validation, and the figures.
 
-1. convert + subset: the corpus's converter (seeded 70/15/15 split, ``--data_seed``), then a seeded
-   sample of ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` written as one dataset
-   folder that every command on this corpus and data seed shares (its dataset.json sets the short
-   ``SYSTEM_PROMPT``). When the file is absent the script says so and exits 0: the shared data is
-   not part of a fresh clone.
-2. train: ``main_pipeline.py`` as a subprocess with the CPU recipe (its default ``--precision
-   auto``: bf16 autocast where the CPU has native bf16, float32 elsewhere, recorded in the result
-   file; ``--group_by_length``: length-bucketed batches in random order; LoRA r 16 on q/v of every
-   layer, other projections with ``--target_modules``; no ``--mtl``: these corpora have no
-   feedback), loss CE + 0.2 NTL (``--ablation``: CE only), training seed ``--seed``, the last
-   step's weights kept (``--no-load_best_model_at_end``: on 30 validation essays the eval-loss
-   pick spread CE only's weighted QWK, README: levers), ``--skip_scoring``: it trains and saves
-   the adapter, and the next stage scores.
-3. every LoRA row, on the test, validation and pick essays, from the saved adapter on the training
-   prompts (same ``max_prompt_tokens``): each essay's prompt runs through the model once and every
-   row decodes from it: greedy and weighted as ``main_pipeline.py`` scores them (the same rows
-   its predictions.jsonl holds), ``--constrained`` greedy, and ``--max_m m`` self-consistency
-   samples as ``self_consistency.py run`` draws them (its defaults, seed ``--seed``), once
-   unconstrained and once ``--constrained``; majority and average votes over all m samples of
-   each essay. The sample banks are written as that CLI writes them. Separate passes ran every
-   prompt four times (main_pipeline.py's scoring, then three passes): ``bench_one_prefill.py``.
-   With ``--replicate``: greedy and weighted only (``greedy + weighted``).
-   The best row is chosen on the validation essays, never on the test essays.
-   pick essays (``--pick_essays``; asap 120, asap-traits 60, ell 0): more essays of the converted
-   validation split, drawn after the three samples (so they do not change them), that training
-   never sees (not even for its eval loss), scored like the validation essays. The tables pick
-   the best row on the validation and pick essays together: on 30 essays alone a row's
-   validation QWK has a bootstrap sd of about 0.1, and the pick fell on a row 0.03 below the best
-   on test (README).
-4. baselines, on test, validation and pick essays: TF-IDF (1-2 grams) ridge per rubric fit on the same training
-   essays and on all essays of the converted train split; a ridge on the essay's length alone
-   (words, log words); the training mean (per rubric, rounded).
-5. confidence (issue 20 part 4; no extra training): which of the judged row's scores to trust.
-   The judged prediction is the weighted row (the strongest single-pass row). Per essay, on test
-   and validation, every signal of ``modules.confidence.essay_signals``: p_pred, neg_std,
-   neg_entropy from the weighted distributions; sc_agreement and neg_sc_std from the unconstrained
-   sample bank (not with ``--replicate``); length; random order. ``confidence_report`` calibrates
-   the conformal score sets (LAC, 90%) and the review rule (20% to review) on validation and
-   measures them on test; the risk-coverage PNG and the reliability diagram go to ``--out_dir``
-   (``risk_coverage_<variant>_seed<k>.png``, ``reliability_<variant>_seed<k>.png``). The result
-   file keeps the per-essay signal values (6 decimals) so that ``real_essay_tables.py`` recomputes
-   the study, pooled over seeds: per signal the AUROC for large errors, QWK at 100% and 80%
-   coverage and their difference with a paired bootstrap interval; the signal picked on the
-   validation essays (lowest mean validation AURC) against random order.
-
-Each command writes one result file into ``--results_dir`` (default the tracked
-``benchmarks/results/<corpus>/``; a smoke run with fewer test essays than the corpus's minimum
-writes under ``<out_dir>/results`` instead): corpus, variant, seed, the rows it has, per-essay
-predictions of every row on test and validation (ids, gold, scores, the weighted row's unrounded
-``weighted_expected``), the confidence study (per-essay signals, conformal and review outcome), invalid and truncated line counts, stage times, CPU model, torch version,
-git commit and config. Then it prints the tables of every result of the same corpus and data
+Each command writes one result file into ``--results_dir`` (default ``benchmarks/results/<corpus>/``;
+a smoke run with fewer test essays than the corpus's minimum writes under ``<out_dir>/results``;
+fields: ``benchmarks/results/README.md``), prints the tables of every result of its group
 (``real_essay_tables.py``) and ends with ``best_lora_qwk=<x>``: the test average QWK of the LoRA
-row that is best on the validation essays, mean over seeds.
-
-Default sizes, chosen so each corpus's default command fits 60 minutes alone on the 2-core CPU.
-The ASAP holistic command (800 training essays, 2.5 epochs, 150 test) took 47 min on the AMD EPYC
-(training 35.6 min for 2,000 essay passes of about 324 tokens: about 300 tokens/s; test scoring
-4.1 min, constrained greedy 2.4 min, each self-consistency run 2.5 min, i.e. scoring about
-1.6 + 1.0 + 2 x 1.0 s per essay at 322 prompt tokens, when stage 3 was three passes; now
-``bench_one_prefill.py``); validation scoring adds 30 essays to every
-scoring stage (about 2.5 min). Prompt + target tokens per example with SmolLM2's tokenizer and the
-short system message (mean over 300 training essays): ASAP holistic 322 + 2, ASAP traits 343 + 10
-(longer rubric text, a five-number line), ELL 579 + 11 (essays of 478 tokens on average, p90 746).
-Hence:
-
-* asap: 800 essays, 2.5 epochs, batch 4 at learning rate 1e-3 (500 steps). Batch 8 (4 x
-  ``--grad_accum 2``) at 2e-3 was the default for a day: over CE+NTL seeds 0-2 its weighted QWK sd
-  was 0.012 against 0.032, but CE only's three seeds then spread 0.058 (0.010 at batch 4), and over
-  all six runs of each recipe batch 4 had the higher mean and the smaller spread (weighted 0.726, sd
-  0.021, against 0.721, sd 0.038; README: levers);
-* asap-traits: every essay of the training split (set 7: 1,099), 2 epochs (2,198 passes x 353
-  tokens): 51 min 18 s with every row (6a65363). 800 essays for 2 epochs (1,600 passes, 41 min 12
-  s) tied the TF-IDF ridge on the same essays over three seeds; more epochs of those 800 or LoRA on
-  every projection did not help, all 1,099 did (seeds 0,1: the validation pick +0.081 [+0.009,
-  +0.152] over the ridge);
-* ell: 800 essays, 1.5 epochs (1,200 passes x 590 tokens) and 200 test essays. The first default,
-  320 essays for 2 epochs (51 min 21 s in all, 31 min of it scoring), lost to the TF-IDF ridge on
-  the same essays; 800 essays for 2 epochs beat it over two seeds but needed about 75 min with
-  every row (levers/train_essays). 1.5 epochs with one prefill for the constrained and sampled
-  rows only (main_pipeline.py's scoring paid a second one): measured 69 min 45 s and 68 min 4 s
-  on days whose machine trained at 9.9 and 9.5 s a step. With every row from one prefill: 60 min
-  36 s at 9.4 s a step (6d4d101; about 46 min at the 6.4 s a step of the 800-essay lever runs),
-  and with the constrained greedy decode skipped where it cannot differ 51 min 58 s at 8.3 s a step
-  (f6c381d);
-  1.25 epochs took 47 min 44 s but tied the TF-IDF ridge (levers/epochs).
-  ``--max_seq_length 1024`` keeps the whole essay for about 95% of ELL essays (prompt budget = 1024
-  minus the longest training target); a smaller budget cuts the essays' ends, which the traits
-  (conventions, cohesion) are scored on.
-
-The pick essays add their scoring to that (about 3.6 s an ASAP holistic essay with every row, 5.8 s
-on the traits line, 8 s on ELL, all with stage 3 as three passes): 120 essays add about 7 minutes to the ASAP holistic command (about
-45 minutes; measured 43 min 30 s), 60 essays about 6 minutes to the traits command (about 51;
-measured 41 min 12 s with every row from one prefill, 6d4d101); ELL, at the hour's edge, gets
-none. ``benchmarks/add_pick_essays.py`` adds them to a result recorded before they existed, from
-its run's saved adapter.
-
-These are estimates from the one measured run, scaled by tokens; the recorded stage times are
-the measurement. Run it alone: the stage times are part of the result.
+row best on the validation and pick essays, mean over seeds. Run it alone: the stage times are
+part of the result.
 """
 from __future__ import annotations
 
@@ -138,16 +58,15 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import real_essay_tables as tables  # noqa: E402
+from benchmarks import real_essay_tables as tables
 
-from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions  # noqa: E402
-from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse  # noqa: E402
-from modules.convert.pipeline import read_table  # noqa: E402
-from modules.data import SPLITS, load_dataset_info  # noqa: E402
-from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,  # noqa: E402
+from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions
+from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse
+from modules.convert.pipeline import read_table
+from modules.data import SPLITS, load_dataset_info
+from modules.metrics import mean_qwk
+from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,
                            write_jsonl_atomic)
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -472,7 +391,7 @@ def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, ou
     with :func:`one_prefill_batch`: greedy and weighted, constrained greedy, and self-consistency,
     unconstrained and ``--constrained``. Each essay's prompt runs through the model once for all
     of them; separately each would pay it again, and at ELL's prompt lengths the prompt is most of
-    an essay's cost (``benchmarks/bench_one_prefill.py``).
+    an essay's cost.
 
     Self-consistency is ``self_consistency.py run``'s at its defaults with ``--max_m m`` and
     ``--seed seed``; each bank is written in its format (``sc_<variant>_seed<k>_<split>
@@ -552,11 +471,12 @@ def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: 
     :func:`modules.confidence.essay_signals` (valid seeded ``seed + 1``, test ``seed``, as
     ``confidence_report`` seeds them; SC signals only when ``banks`` holds the split's sample bank),
     rounded to 6 decimals, in the rows' order; and the compact report of
-    :func:`modules.confidence.confidence_report` (conformal sets and the review rule calibrated on
+    :func:`modules.confidence_report.confidence_report` (conformal sets and the review rule calibrated on
     validation, measured on test). Saves the risk-coverage PNG and the reliability diagram in ``out``."""
     import numpy as np
 
-    from modules.confidence import confidence_report, essay_signals
+    from modules.confidence import essay_signals
+    from modules.confidence_report import confidence_report
     from modules.plots import plot_reliability, plot_risk_coverage
 
     names = [r["name"] for r in meta["rubrics"]]
@@ -601,6 +521,18 @@ def baselines(data_dir: Path, full_train: list[dict], split: str) -> dict[str, l
             "TF-IDF ridge, all train essays": rows(ridge_predictions(full_train, scored, rubrics)),
             "essay-length ridge": rows(length_predictions(train, scored, rubrics)),
             "training mean": rows(mean_predictions(train, scored, rubrics))}
+
+
+# The flags that name files or folders: a result file records them relative to the repository, so
+# that it holds no machine's absolute paths (the input is also named, with its sha256, under "data").
+PATH_FLAGS = ("input", "out_dir", "results_dir")
+
+
+def repo_relative(value: str | None) -> str | None:
+    """An absolute path as the path relative to the repository; anything else as it is."""
+    if value is None or not os.path.isabs(value):
+        return value
+    return os.path.relpath(value, ROOT)
 
 
 def git_state() -> dict:
@@ -701,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                  "max_prompt_tokens": run["max_prompt_tokens"]},
         "splits": {split: run[split] for split in splits}, "confidence": study,
         "training": run["training"], "timings": timings, "sampler": run.get("sampler"), "machine": machine(), "git": state,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "config": vars(args)}
+        "command": " ".join([Path(sys.argv[0]).name, *map(repo_relative, argv if argv is not None else sys.argv[1:])]),
+        "config": {**vars(args), **{key: repo_relative(getattr(args, key)) for key in PATH_FLAGS}}}
     path = tables.write_result(tables.result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
     print(f"results: {path}")
     try:
@@ -716,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     best = group.best_on_validation()
     if best:
         per_seed = group.lora(best[0], best[1], "test")
-        score = sum(tables.mean_qwk(group.gold["test"], p, group.ranges) for p in per_seed.values()) / len(per_seed)
+        score = sum(mean_qwk(group.gold["test"], p, group.ranges) for p in per_seed.values()) / len(per_seed)
         print(f"best_lora_qwk={score:.3f}")
     return 0
 

@@ -1,6 +1,6 @@
 """Self-consistency sampling speed: the original ``generate`` sampler vs the trie sampler, in one process.
 
-    python benchmarks/bench_sampling.py [--essays 4] [--max_m 50] [--chunk_m 10] [--adapter_dir DIR]
+    python -m benchmarks.bench_sampling [--essays 4] [--max_m 50] [--chunk_m 10] [--adapter_dir DIR]
 
 Both samplers draw ``max_m`` samples for the same essays from ``smollm2-135m`` (with the LoRA
 adapter in ``--adapter_dir`` when given, else the instruct model itself), with the CLI's sampling
@@ -16,7 +16,6 @@ same thing (the distributional test is ``tests/test_self_consistency.py``). The 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +23,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from modules.convert.corpora import convert_asap  # noqa: E402
-from modules.data import build_prompt, load_splits  # noqa: E402
-from modules.models import load_adapter, load_base_model  # noqa: E402
-from modules.sampling import SAMPLERS  # noqa: E402
+from modules.convert.corpora import convert_asap
+from modules.data import build_prompt, load_splits
+from modules.models import load_adapter, load_base_model
+from modules.sampling import SAMPLERS
 
 ASAP_SET7 = ROOT.parent / "shared" / "data" / "asap" / "asap_set7.tsv"
 MODEL = "smollm2-135m"

@@ -1,6 +1,6 @@
 """Whole test-split scoring time: each prompt run twice (greedy, then weighted) vs once (shared), in one process.
 
-    python benchmarks/bench_scoring.py [--limit N] [--adapter_dir DIR] [--asap_adapter_dir DIR] [--batch_size 8]
+    python -m benchmarks.bench_scoring [--limit N] [--adapter_dir DIR] [--asap_adapter_dir DIR] [--batch_size 8]
 
 Both sides call ``modules.evaluation.predict_split`` (greedy and weighted predictions, the CLI's
 defaults: unconstrained, no feedback, batches of ``--batch_size`` essays) on ``smollm2-135m``
@@ -34,7 +34,6 @@ workloads' ratios.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -44,15 +43,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench_sampling import ASAP_SET7, MODEL  # noqa: E402
-from benchmarks.reference_scoring import two_pass_scoring  # noqa: E402
-from modules.convert.corpora import convert_asap  # noqa: E402
-from modules.data import build_prompt, load_splits  # noqa: E402
-from modules.jsonio import read_json  # noqa: E402
-from modules.evaluation import predict_split  # noqa: E402
-from modules.models import load_adapter, load_base_model  # noqa: E402
+from benchmarks.bench_sampling import ASAP_SET7, MODEL
+from tests.reference_scoring import two_pass_scoring
+from modules.convert.corpora import convert_asap
+from modules.data import build_prompt, load_splits
+from modules.jsonio import read_json
+from modules.evaluation import predict_split
+from modules.models import load_adapter, load_base_model
 
 SHIPPED = ROOT / "aes_dataset_mtl"
 SIDES = {"old": two_pass_scoring, "new": nullcontext}

@@ -1,7 +1,7 @@
 """Training throughput on the CPU: SmolLM2-135M LoRA steps on real essays, today's default settings
 against the CPU recipe, in one process.
 
-    python benchmarks/bench_training.py [--corpus asap] [--essays 48] [--levers [LEVER ...]]
+    python -m benchmarks.bench_training [--corpus asap] [--essays 48] [--levers [LEVER ...]]
 
 ``--corpus`` is one of ``bench_real_essays.py``'s (``asap``: ASAP set 7 holistic 0-30;
 ``asap-traits``: with its four traits on the same line; ``ell``: six traits), converted by its
@@ -39,11 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import bench_real_essays  # noqa: E402
-from bench_real_essays import SYSTEM_PROMPT, shared_file_missing  # noqa: E402
+from benchmarks import bench_real_essays
+from benchmarks.bench_real_essays import SYSTEM_PROMPT, shared_file_missing
 
 # The CPU recipe of "Results on real essays" (README): length-bucketed batches in random order
 # (--group_by_length) and bench_real_essays.py's short system message, in auto's precision (main()).

@@ -1,7 +1,7 @@
 """Weighted-prediction speed and memory: the candidate scorer before and after the tree-attention
 rewrite, in one process.
 
-    python benchmarks/bench_weighted.py [--essays 10] [--adapter_dir DIR] [--threads N]
+    python -m benchmarks.bench_weighted [--essays 10] [--adapter_dir DIR] [--threads N]
 
 Both sides call the same ``modules.scoring.weighted_predict`` on ``smollm2-135m`` (with the LoRA
 adapter in ``--adapter_dir`` when given); the old side swaps in the previous candidate scorer
@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -56,13 +55,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench_sampling import ASAP_SET7, MODEL, load_essays  # noqa: E402
-from benchmarks.reference_weighted import reference_scorer  # noqa: E402
-from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits  # noqa: E402
-from modules.models import load_adapter, load_base_model  # noqa: E402
-from modules.scoring import weighted_predict  # noqa: E402
+from benchmarks.bench_sampling import ASAP_SET7, MODEL, load_essays
+from tests.reference_weighted import reference_scorer
+from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
+from modules.models import load_adapter, load_base_model
+from modules.scoring import weighted_predict
 
 SHIPPED = ROOT / "aes_dataset_mtl"
 SIDES = {"old": reference_scorer, "new": nullcontext}

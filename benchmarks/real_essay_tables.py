@@ -2,7 +2,7 @@
 ``benchmarks/bench_real_essays.py`` records (one small JSON file per command, in the tracked
 ``benchmarks/results/<corpus>/`` folder, so runs from different days and machines accumulate).
 
-    python benchmarks/real_essay_tables.py [--results benchmarks/results] [--bootstrap 2000]
+    python -m benchmarks.real_essay_tables [--results benchmarks/results] [--bootstrap 2000]
 
 Per corpus (and per data split and recipe: results are pooled only when their test essays and
 their training and sampling options, ``RECIPE_KEYS``, are the same; one file per variant and seed),
@@ -26,12 +26,13 @@ weighted one): per signal, on test, the AUROC for large errors, the average QWK 
 (QWK@100%) and of the 80% most confident (QWK@80%), and their difference with the same
 hierarchical bootstrap, paired: each essay resample keeps its own 80% most confident essays by the
 signal and compares their QWK with that of the whole resample. The signal is picked on the
-validation essays only: the lowest validation AURC (modules.confidence.aurc), averaged over seeds,
+validation essays only: the lowest validation AURC (modules.metrics.aurc), averaged over seeds,
 among the signals every seed has (random order excluded). Then the picked signal minus random
 order at 80% coverage (both kept sets from the same resample), each seed's conformal coverage and
 set size and review outcome (calibrated on validation), and one plain sentence for users.
 
-This module also holds what the benchmark writes with (``write_result``), and the metrics.
+This module also holds what the benchmark writes with (``write_result``); the metrics are
+:mod:`modules.metrics`'.
 """
 from __future__ import annotations
 
@@ -41,17 +42,17 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from modules import confidence as conf  # noqa: E402
-from modules.jsonio import DataError, read_json, write_text_atomic  # noqa: E402
-from modules.curves import _kappa_from_moments  # noqa: E402
-from modules.voting import qwk  # noqa: E402
+from modules import confidence as conf
+from modules.confidence_report import LARGE_ERROR_RULE, kept_count, large_errors
+from modules.jsonio import DataError, read_json, write_text_atomic
+from modules.metrics import (aurc, auroc, batched_mean_qwk, hierarchical_bootstrap, mcrmse, mean_qwk, rubric_qwks,
+                             seed_essay_interval)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = 1
@@ -62,83 +63,13 @@ REPLICATE_ROWS = ("greedy", "weighted")
 TRUST_COVERAGE = 0.8  # the confidence study's coverage: the 80% most confident essays are auto-scored
 BASELINE_ROWS = ("TF-IDF ridge, same essays", "TF-IDF ridge, all train essays", "essay-length ridge", "training mean")
 
-BatchedMetric = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-# --------------------------------------------------------------------------- metrics
-
-def rubric_qwks(gold, pred, ranges: Sequence[tuple[int, int]]) -> list[float]:
-    """QWK of each rubric k on its full range: ``qwk(gold[:, k], pred[:, k], lo_k, hi_k)``."""
-    gold, pred = np.asarray(gold), np.rint(np.asarray(pred)).astype(np.int64)
-    return [qwk(gold[:, k], pred[:, k], lo, hi) for k, (lo, hi) in enumerate(ranges)]
-
-
-def mean_qwk(gold, pred, ranges: Sequence[tuple[int, int]]) -> float:
-    """The README's "average": the mean over rubrics of :func:`rubric_qwks`."""
-    return float(np.mean(rubric_qwks(gold, pred, ranges)))
-
-
-def mcrmse(gold, pred, scales: Sequence[float]) -> float:
-    """Mean columnwise RMSE in the corpus's units: mean_k sqrt(mean_i ((pred_ik - gold_ik) / scale_k)^2).
-
-    Scores are stored as value * scale (ELL: 1.0-5.0 in halves stored 2-10, scale 2), so dividing
-    by the scale gives the competition's units; ``pred`` may be continuous (weighted expected scores).
-    """
-    diff = (np.asarray(pred, dtype=np.float64) - np.asarray(gold, dtype=np.float64)) / np.asarray(scales, dtype=np.float64)
-    return float(np.mean(np.sqrt(np.mean(diff ** 2, axis=0))))
-
+# --------------------------------------------------------------------------- per-seed values
 
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Mean, sample sd (n - 1; nan for one value), min and max of per-seed values."""
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else math.nan,
             "min": float(arr.min()), "max": float(arr.max())}
-
-
-def batched_mean_qwk(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Average-over-rubrics QWK of each of B resamples: ``gold``, ``pred`` [B, N, K] -> [B].
-
-    From the moments per rubric (``modules.curves._kappa_from_moments``):
-    kappa = 1 - N (sum g^2 - 2 sum g p + sum p^2) / (N sum g^2 + N sum p^2 - 2 sum g sum p),
-    0 where the denominator is 0 (as ``modules.voting.qwk``); the same value as ``mean_qwk``,
-    thousands of resamples at once.
-    """
-    g, p = np.asarray(gold, dtype=np.float64), np.asarray(pred, dtype=np.float64)
-    kappa = _kappa_from_moments(g.shape[1], g.sum(1), (g * g).sum(1), p.sum(1), (p * p).sum(1), (g * p).sum(1))
-    return kappa.mean(axis=1)
-
-
-def hierarchical_bootstrap(gold, a: Sequence, b: Sequence, metric: BatchedMetric, n: int,
-                           seed: int = 0) -> tuple[float, float, float]:
-    """Paired difference metric(A) - metric(B) over seeds and essays (module docstring).
-
-    ``gold``: [N, K], the test essays every seed scored; ``a``, ``b``: per seed [N, K] predictions
-    of the two rows (seed s of A paired with seed s of B); ``metric`` maps gold and predictions
-    [B, N, K] to [B] (e.g. :func:`batched_mean_qwk`). Returns (point, lo, hi).
-    """
-    if len(a) != len(b) or not len(a):
-        raise ValueError(f"need the same, non-zero number of seeds on both sides, got {len(a)} and {len(b)}")
-    gold = np.asarray(gold)
-    a, b = np.stack([np.asarray(x) for x in a]), np.stack([np.asarray(x) for x in b])  # [S, N, K]
-    seeds, essays = a.shape[:2]
-    golds = np.broadcast_to(gold, a.shape)
-    point = float(np.mean(metric(golds, a) - metric(golds, b)))
-    lo, hi = seed_essay_interval(lambda s, idx: metric(gold[idx], a[s][idx]) - metric(gold[idx], b[s][idx]),
-                                 seeds, essays, n, seed)
-    return point, lo, hi
-
-
-def seed_essay_interval(per_seed: Callable[[int, np.ndarray], np.ndarray], seeds: int, essays: int, n: int,
-                        seed: int = 0) -> tuple[float, float]:
-    """The 95% interval of the hierarchical bootstrap (module docstring): ``per_seed(s, idx)`` is
-    seed s's statistic [B] on the essay resamples ``idx`` [B, N]; resample b averages its drawn seeds."""
-    rng = np.random.default_rng(seed)
-    seed_draws = rng.integers(0, seeds, (n, seeds))
-    idx = rng.integers(0, essays, (n, essays))
-    per = np.stack([per_seed(s, idx) for s in range(seeds)])  # [S, B]
-    diffs = per[seed_draws, np.arange(n)[:, None]].mean(axis=1)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- result files
@@ -395,12 +326,12 @@ def kept_qwk(confidence, gold: np.ndarray, pred: np.ndarray, idx: np.ndarray,
              coverage: float = TRUST_COVERAGE) -> np.ndarray:
     """[B]: average QWK of the ``coverage`` most confident essays of each resample ``idx[b]``
     (essay indices [B, N]); ``confidence`` None keeps every resampled essay. Within a resample the
-    order is :func:`modules.confidence.confidence_order`'s (stable: ties keep resample order) and
-    the kept count is :func:`modules.confidence.kept_count` of the resample's size."""
+    order is :func:`modules.metrics.confidence_order`'s (stable: ties keep resample order) and
+    the kept count is :func:`modules.confidence_report.kept_count` of the resample's size."""
     if confidence is None:
         return batched_mean_qwk(gold[idx], pred[idx])
     order = np.argsort(-np.asarray(confidence, dtype=np.float64)[idx], axis=1, kind="stable")
-    kept = np.take_along_axis(idx, order[:, :conf.kept_count(coverage, idx.shape[1])], axis=1)
+    kept = np.take_along_axis(idx, order[:, :kept_count(coverage, idx.shape[1])], axis=1)
     return batched_mean_qwk(gold[kept], pred[kept])
 
 
@@ -443,14 +374,14 @@ def trust_seeds(group: Group, variant: str) -> dict[int, dict]:
 
 
 def pick_signal(valid: Sequence[tuple[dict, np.ndarray, np.ndarray]]) -> tuple[str, dict[str, float]]:
-    """The signal with the lowest validation AURC (:func:`modules.confidence.aurc`), averaged over
+    """The signal with the lowest validation AURC (:func:`modules.metrics.aurc`), averaged over
     seeds; ``valid``: per seed (signals, gold, pred) of the validation essays. Candidates: the signals
     every seed has, random order excluded; ties go to the earlier name in ``confidence.SIGNALS``
     (with one seed the same choice as ``confidence.choose_signal``). Returns (signal, mean AURCs)."""
     names = [s for s in conf.SIGNALS if s != "random" and all(s in signals for signals, _, _ in valid)]
     if not names:
         raise ValueError("no confidence signal other than random order to pick from")
-    aurcs = {s: float(np.mean([conf.aurc(signals[s], gold, pred) for signals, gold, pred in valid])) for s in names}
+    aurcs = {s: float(np.mean([aurc(signals[s], gold, pred) for signals, gold, pred in valid])) for s in names}
     return min(names, key=aurcs.__getitem__), aurcs
 
 
@@ -468,11 +399,11 @@ def trust_lines(group: Group, variant: str, n: int, seed: int) -> list[str]:
     prediction = by_seed[seeds[0]]["prediction"]
     picked, aurcs = pick_signal([(by_seed[s]["valid"]["signals"], gold_v, by_seed[s]["valid"]["pred"]) for s in seeds])
     n_test = gold_t.shape[0]
-    n_kept = conf.kept_count(TRUST_COVERAGE, n_test)
+    n_kept = kept_count(TRUST_COVERAGE, n_test)
     cover = f"{100 * TRUST_COVERAGE:.0f}%"
     lines = [f"### Which scores to trust: {row_name(variant, prediction)} (seeds {','.join(map(str, seeds))})", "",
              f"Signals per essay (higher = more confident; modules/confidence.py); at {cover} coverage the {n_kept} "
-             f"most confident of {n_test} test essays are kept. Large error: {conf.LARGE_ERROR_RULE}.", "",
+             f"most confident of {n_test} test essays are kept. Large error: {LARGE_ERROR_RULE}.", "",
              f"| signal | seeds | AUROC (large error) | QWK@100% | QWK@{cover} | QWK@{cover} - QWK@100% | 95% interval |",
              "|---|---|---|---|---|---|---|"]
     whole = np.arange(n_test)[None, :]
@@ -481,7 +412,7 @@ def trust_lines(group: Group, variant: str, n: int, seed: int) -> list[str]:
         have = [k for k in seeds if name in by_seed[k]["test"]["signals"]]
         sig = {k: by_seed[k]["test"]["signals"][name] for k in have}
         pred = {k: by_seed[k]["test"]["pred"] for k in have}
-        auc = {k: conf.auroc(sig[k], conf.large_errors(gold_t, pred[k], group.ranges)) for k in have}
+        auc = {k: auroc(sig[k], large_errors(gold_t, pred[k], group.ranges)) for k in have}
         q100 = {k: float(kept_qwk(None, gold_t, pred[k], whole)[0]) for k in have}
         q80 = {k: float(kept_qwk(sig[k], gold_t, pred[k], whole)[0]) for k in have}
         point, lo, hi = gain_with_interval(gold_t, [sig[k] for k in have], [pred[k] for k in have], n, seed)

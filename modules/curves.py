@@ -41,6 +41,7 @@ from typing import Iterable
 import numpy as np
 
 from modules.curve_engine import CurveEngine
+from modules.metrics import kappa_from_moments
 from modules.voting import (
     INVALID,
     as_int_array,
@@ -116,22 +117,6 @@ def _prepare(samples, gold, ranges, fallback, max_m, rubric_names):
     return s, g, lo, hi, fb, mm, names
 
 
-# ----------------------------------------------------------------------------- QWK from moments
-
-def _kappa_from_moments(n, g1, g2, p1, p2, x):
-    """Quadratic kappa from moments (exact integers held in float64).
-
-    n pairs; g1 = sum gold, g2 = sum gold^2, p1 = sum pred, p2 = sum pred^2, x = sum gold*pred.
-    sum_ij (i-j)^2 O_ij = g2 - 2x + p2 and sum_ij (i-j)^2 E_ij = g2 + p2 - 2 g1 p1 / n, so
-    kappa = 1 - n (g2 - 2x + p2) / (n g2 + n p2 - 2 g1 p1); 0/0 -> 0.0 as in qwk().
-    """
-    num = n * (g2 - 2.0 * x + p2)
-    den = n * (g2 + p2) - 2.0 * g1 * p1
-    ok = den != 0
-    kappa = 1.0 - num / np.where(ok, den, 1.0)
-    return np.where(ok, kappa, 0.0)
-
-
 def _kappas(engine: CurveEngine, mom: np.ndarray, lo: np.ndarray):
     """Per-rubric, overall (pooled) and rubric-average QWK from engine moments.
 
@@ -141,7 +126,7 @@ def _kappas(engine: CurveEngine, mom: np.ndarray, lo: np.ndarray):
     g = engine.gold.astype(np.float64)                      # [K, N] offsets
     g1, g2 = g.sum(axis=1), (g * g).sum(axis=1)             # [K]
     p1, p2, x = mom[0], mom[1], mom[2]                      # [2, B, mm, K]
-    per = _kappa_from_moments(N, g1, g2, p1, p2, x)
+    per = kappa_from_moments(N, g1, g2, p1, p2, x)
     # pooled over rubrics: back to actual scores (QWK is shift invariant per rubric, but the
     # pooled one mixes rubrics with different offsets)
     L = lo.astype(np.float64)
@@ -150,7 +135,7 @@ def _kappas(engine: CurveEngine, mom: np.ndarray, lo: np.ndarray):
     X = x + L * p1 + L * g1 + N * L * L
     G1 = g1 + N * L
     G2 = g2 + 2 * L * g1 + N * L * L
-    overall = _kappa_from_moments(N * engine.K, G1.sum(), G2.sum(), P1.sum(-1), P2.sum(-1), X.sum(-1))
+    overall = kappa_from_moments(N * engine.K, G1.sum(), G2.sum(), P1.sum(-1), P2.sum(-1), X.sum(-1))
     return per, overall, per.mean(axis=-1)
 
 

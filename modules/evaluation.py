@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from modules.data import DatasetInfo, EssayRecord, build_prompt
 from modules.score_lines import decoding_mode
 from modules.scoring import greedy_predict, greedy_with_prompt_states, weighted_predict
-from modules.voting import qwk
+from modules.metrics import mean_qwk, qwk, rubric_qwks
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,10 @@ def _underflow_count(predictions: list[dict]) -> int:
 def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
     gold = np.array([p["gold"] for p in predictions], dtype=int).reshape(len(predictions), -1)
     pred = np.array([p[key] for p in predictions], dtype=int).reshape(len(predictions), -1)
-    block = {r.name: qwk(gold[:, k], pred[:, k], r.min, r.max) for k, r in enumerate(info.rubrics)}
+    block = dict(zip(info.rubric_names, rubric_qwks(gold, pred, info.ranges)))
     lo, hi = min(r.min for r in info.rubrics), max(r.max for r in info.rubrics)
-    per_rubric = list(block.values())
     block["overall"] = qwk(gold.ravel(), pred.ravel(), lo, hi)
-    block["average"] = float(np.mean(per_rubric))
+    block["average"] = mean_qwk(gold, pred, info.ranges)
     return block
 
 
@@ -154,11 +153,11 @@ def evaluate_confidence(valid_predictions: list[dict], test_predictions: list[di
     Returns (the test rows with ``confidence``, conformal ``score_sets`` and ``review`` flag, as
     predictions.jsonl stores them; the report for ``evaluation_results.json["confidence"]``; the
     calibration). Writes the calibration to ``out_dir/confidence_calibration.json``, to be applied to
-    new essays with :func:`modules.confidence.apply_calibration`, and the figures
+    new essays with :func:`modules.confidence_report.apply_calibration`, and the figures
     ``risk_coverage.png`` and (with weighted distributions) ``reliability_diagram.png``.
     ``test_samples``: an optional sample bank [N, m, K] in test-row order for the SC signals.
     """
-    from modules.confidence import apply_calibration, confidence_report
+    from modules.confidence_report import apply_calibration, confidence_report
     from modules.jsonio import write_json_atomic
     from modules.plots import plot_reliability, plot_risk_coverage
 

@@ -167,7 +167,7 @@ SIGNAL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
 
 def plot_risk_coverage(signals: dict, path: str | Path, title: str) -> Figure:
     """Left: risk (MAE of the kept essays) against coverage, one line per signal, from each
-    signal's ``curve_coverage`` / ``curve_mae`` (modules.confidence.signal_summaries); random order
+    signal's ``curve_coverage`` / ``curve_mae`` (modules.confidence_report.signal_summaries); random order
     is the dashed grey reference. Right: average QWK of the kept essays at the table's coverages."""
     fig, (risk_ax, qwk_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = iter(SIGNAL_COLORS)
@@ -195,7 +195,7 @@ def plot_risk_coverage(signals: dict, path: str | Path, title: str) -> Figure:
 def plot_reliability(calibration: dict, path: str | Path, title: str) -> Figure:
     """Reliability diagram of p(predicted score): per bin, the share of exact predictions against
     the bin's mean probability (bars at the bin, dots at the mean), the diagonal as perfect
-    calibration, the pairs per bin below and the ECE in the title (modules.confidence.calibration_summary)."""
+    calibration, the pairs per bin below and the ECE in the title (modules.confidence_report.calibration_summary)."""
     bins = calibration["bins"]
     fig, (ax, count_ax) = plt.subplots(2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
     filled = [b for b in bins if b["count"]]

@@ -1,8 +1,8 @@
-"""Voting rules over sampled scores, and quadratic weighted kappa (SPEC §6, §10).
+"""Voting rules over sampled scores (SPEC §6, §10).
 
-This module is the place to check what a vote, a QWK value or a best m means; the QWK-vs-m
-curves and their bootstrap, computed fast from these same rules, are in :mod:`modules.curves`
-(engine: :mod:`modules.curve_engine`).
+This module is the place to check what a vote or a best m means (a QWK value:
+:mod:`modules.metrics`); the QWK-vs-m curves and their bootstrap, computed fast from these same
+rules, are in :mod:`modules.curves` (engine: :mod:`modules.curve_engine`).
 Everything here is plain numpy; no model or torch is needed, so a saved sample bank can be
 re-analysed anywhere.
 
@@ -25,29 +25,26 @@ Votes
 
 QWK
 ---
-:func:`qwk` is Cohen's quadratically weighted kappa over the explicit label range
-``min_rating..max_rating``; it equals ``sklearn.metrics.cohen_kappa_score(y_true, y_pred,
-weights="quadratic", labels=list(range(min_rating, max_rating + 1)))`` with two deliberate
-differences:
-
-* where sklearn returns ``nan`` (kappa is 0/0: both raters gave one and the same score to
-  every item) this returns ``0.0``, so curves and averages stay finite;
-* values outside ``min_rating..max_rating`` raise ``ValueError`` (sklearn silently drops
-  them), and so does an empty input (as in sklearn).
+:func:`qwk` is :func:`modules.metrics.qwk`, kept here as part of the pinned API (SPEC §10):
+Cohen's quadratic kappa over the full range, 0.0 where it is undefined (sklearn: nan).
 
 Best m
 ------
 :func:`best_scores` picks the m with the highest overall QWK on a curve; a tie goes to the
 smallest m.
 
-The input checks (:func:`as_int_array`, :func:`as_sample_bank`, :func:`fallback_vector`,
-:func:`rubric_bounds`) are public because :mod:`modules.curves` applies the same ones.
+The sample-bank checks (:func:`as_sample_bank`, :func:`fallback_vector`) are public because
+:mod:`modules.curves` applies the same ones; the integer and range checks live in
+:mod:`modules.checks`.
 """
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from modules.checks import as_int_array, rubric_bounds
+from modules.metrics import qwk
 
 __all__ = [
     "INVALID",
@@ -67,23 +64,6 @@ INVALID = -1
 
 # ----------------------------------------------------------------------------- input checks
 
-def as_int_array(x, name: str) -> np.ndarray:
-    """Integer ndarray from `x`; integral floats are accepted, anything else raises."""
-    a = np.asarray(x)
-    if a.dtype == bool:
-        raise TypeError(f"{name}: expected integers, got booleans")
-    if np.issubdtype(a.dtype, np.integer):
-        return a.astype(np.int64, copy=False)
-    if a.size == 0:
-        return a.astype(np.int64)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"{name}: expected integers, got dtype {a.dtype}")
-    if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-        bad = a[~(np.isfinite(a) & (a == np.round(a)))].ravel()[0]
-        raise ValueError(f"{name}: expected integer values, got {bad!r}")
-    return a.astype(np.int64)
-
-
 def as_sample_bank(samples) -> np.ndarray:
     """int64 [N, m, K] from `samples`; anything else (wrong rank, non-integers) raises."""
     s = as_int_array(samples, "samples")
@@ -100,21 +80,6 @@ def fallback_vector(fallback, K: int) -> np.ndarray:
     if fb.shape != (K,):
         raise ValueError(f"fallback must be an int or have length K={K}, got shape {fb.shape}")
     return fb.copy()
-
-
-def rubric_bounds(ranges, K: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(lo [K], hi [K]) int64 from K (lo, hi) pairs; K, when given, must match."""
-    r = as_int_array(ranges, "ranges")
-    if r.ndim != 2 or r.shape[1] != 2 or r.shape[0] == 0:
-        raise ValueError(f"ranges must be a non-empty sequence of (lo, hi) pairs, got shape {r.shape}")
-    if K is not None and r.shape[0] != K:
-        raise ValueError(f"ranges has {r.shape[0]} rubrics but the data has K={K}")
-    lo, hi = r[:, 0].copy(), r[:, 1].copy()
-    bad = np.flatnonzero(lo > hi)
-    if bad.size:
-        k = int(bad[0])
-        raise ValueError(f"rubric {k}: range ({lo[k]}, {hi[k]}) has lo > hi")
-    return lo, hi
 
 
 def _sums(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,42 +140,6 @@ def majority_vote(samples: np.ndarray, fallback) -> np.ndarray:
     key = np.where(counts > 0, key, np.iinfo(np.int64).min)
     vote = values[np.argmax(key, axis=2)]
     return np.where(count > 0, vote, fb[None, :]).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- QWK
-
-def qwk(y_true, y_pred, min_rating: int, max_rating: int) -> float:
-    """Quadratic weighted kappa over the labels min_rating..max_rating.
-
-    Same value as sklearn's ``cohen_kappa_score(..., weights="quadratic", labels=range)``,
-    except 0.0 instead of nan where kappa is undefined (every item got one and the same score
-    from both raters).  Values outside the range, empty or mismatched inputs raise ValueError.
-    """
-    t = as_int_array(y_true, "y_true").ravel()
-    p = as_int_array(y_pred, "y_pred").ravel()
-    lo, hi = int(min_rating), int(max_rating)
-    if lo > hi:
-        raise ValueError(f"min_rating {lo} > max_rating {hi}")
-    if t.size != p.size:
-        raise ValueError(f"y_true and y_pred differ in length: {t.size} vs {p.size}")
-    if t.size == 0:
-        raise ValueError("qwk needs at least one rating pair")
-    for name, a in (("y_true", t), ("y_pred", p)):
-        out = (a < lo) | (a > hi)
-        if out.any():
-            i = int(np.flatnonzero(out)[0])
-            raise ValueError(f"{name}[{i}] = {int(a[i])} is outside the rating range {lo}..{hi}")
-    L = hi - lo + 1
-    confusion = np.bincount((t - lo) * L + (p - lo), minlength=L * L).reshape(L, L).astype(np.float64)
-    rows = confusion.sum(axis=1)   # y_true histogram
-    cols = confusion.sum(axis=0)   # y_pred histogram
-    expected = np.outer(rows, cols) / confusion.sum()
-    grid = np.arange(L, dtype=np.float64)
-    weights = (grid[:, None] - grid[None, :]) ** 2
-    denominator = float((weights * expected).sum())
-    if denominator == 0.0:
-        return 0.0
-    return float(1.0 - (weights * confusion).sum() / denominator)
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -1,5 +1,5 @@
-"""Confidence signals, risk-coverage, AUROC, ECE, conformal sets and the review rule, each against an
-oracle: hand-computed values, sklearn's cohen_kappa_score and roc_auc_score."""
+"""Confidence signals, risk-coverage tables, conformal sets and the review rule, each against an
+oracle: hand-computed values, sklearn's cohen_kappa_score (the metrics themselves: test_metrics.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +10,9 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from modules import confidence as C
+from modules import confidence_report as CR
+from modules import review as R
+from modules.metrics import agreement, auroc, expected_calibration_error
 from modules.voting import INVALID
 
 NAMES = ["content", "language"]
@@ -89,12 +92,8 @@ def test_attach_confidence_works_without_gold_and_stores_every_signal():
 def test_risk_coverage_by_hand_with_the_tie_rule():
     conf = np.array([0.9, 0.1, 0.5, 0.5])
     gold = np.array([[3], [1], [2], [4]])
-    pred = np.array([[3], [4], [3], [4]])  # |errors| 0, 3, 1, 0
-    # order 0, 2, 3, 1 (tie 2/3 keeps file order); MAE of the top k: 0, 1/2, 1/3, 1
-    np.testing.assert_array_equal(C.confidence_order(conf), [0, 2, 3, 1])
-    np.testing.assert_allclose(C.risk_curve(conf, gold, pred), [0, 0.5, 1 / 3, 1.0])
-    assert C.aurc(conf, gold, pred) == pytest.approx((0 + 0.5 + 1 / 3 + 1) / 4)
-    table = C.risk_coverage_table(conf, gold, pred, [(1, 6)])
+    pred = np.array([[3], [4], [3], [4]])  # |errors| 0, 3, 1, 0; order 0, 2, 3, 1 (ties keep file order)
+    table = CR.risk_coverage_table(conf, gold, pred, [(1, 6)])
     assert table["n_kept"] == [4, 4, 3, 3, 2, 2]  # floor(c * 4 + 0.5)
     assert table["mae"][4] == 0.5 and table["exact"][4] == 0.5 and table["adjacent"][4] == 1.0
     assert table["mae"][2] == pytest.approx(1 / 3) and table["adjacent"][0] == 0.75
@@ -105,8 +104,8 @@ def test_risk_coverage_qwk_matches_sklearn_on_the_kept_essays():
     gold = C.rows_scores(rows, "gold", 2)
     pred = C.rows_scores(rows, "weighted", 2)
     conf = np.random.default_rng(5).random(40)
-    table = C.risk_coverage_table(conf, gold, pred, RANGES)
-    for i, c in enumerate(C.COVERAGES):
+    table = CR.risk_coverage_table(conf, gold, pred, RANGES)
+    for i, c in enumerate(CR.COVERAGES):
         kept = np.argsort(-conf)[:round(c * 40)]
         expected = np.mean([sklearn_qwk(gold[kept, k], pred[kept, k], lo, hi) for k, (lo, hi) in enumerate(RANGES)])
         assert table["qwk"][i] == pytest.approx(expected, abs=1e-12), c
@@ -116,50 +115,23 @@ def test_risk_coverage_qwk_matches_sklearn_on_the_kept_essays():
 # ----------------------------------------------------------------------------- large errors and AUROC
 
 def test_large_errors_by_hand():
-    assert C.large_error_thresholds([(1, 6), (0, 60), (0, 20)]).tolist() == [2.0, 6.0, 2.0]
+    assert CR.large_error_thresholds([(1, 6), (0, 60), (0, 20)]).tolist() == [2.0, 6.0, 2.0]
     gold = np.array([[3, 30], [3, 30], [3, 30], [3, 30]])
     pred = np.array([[4, 35], [5, 30], [3, 36], [2, 24]])
-    np.testing.assert_array_equal(C.large_errors(gold, pred, [(1, 6), (0, 60)]), [False, True, True, True])
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_auroc_matches_sklearn_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    conf = rng.integers(0, 6, 50).astype(float)  # many ties
-    errors = rng.random(50) < 0.3
-    assert C.auroc(conf, errors) == pytest.approx(roc_auc_score(errors, -conf), abs=1e-12)
-
-
-def test_auroc_by_hand_and_undefined():
-    # errors at confidences 0.1 and 0.5; correct at 0.5 and 0.9: pairs (0.1<0.5 win, 0.1<0.9 win,
-    # 0.5=0.5 half, 0.5<0.9 win) -> 3.5 / 4
-    assert C.auroc(np.array([0.1, 0.5, 0.5, 0.9]), np.array([True, True, False, False])) == 0.875
-    assert C.auroc(np.array([0.1, 0.2]), np.array([False, False])) is None
-
-
-# ----------------------------------------------------------------------------- calibration
-
-def test_ece_and_reliability_bins_by_hand():
-    p = np.array([0.05, 0.15, 0.95, 1.0, 0.92])
-    correct = np.array([0, 1, 1, 1, 0])
-    # bins: [0, .1): .05 vs 0; [.1, .2): .15 vs 1; [.9, 1]: mean .95667 vs 2/3
-    assert C.expected_calibration_error(p, correct) == pytest.approx(0.2 * 0.05 + 0.2 * 0.85 + 0.6 * 0.29)
-    bins = C.reliability_bins(p, correct)
-    assert [b["count"] for b in bins] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 3]
-    assert bins[9]["accuracy"] == pytest.approx(2 / 3) and bins[2]["accuracy"] is None
+    np.testing.assert_array_equal(CR.large_errors(gold, pred, [(1, 6), (0, 60)]), [False, True, True, True])
 
 
 # ----------------------------------------------------------------------------- conformal sets
 
 def test_conformal_quantile_and_sets_by_hand():
-    assert C.conformal_quantile(np.arange(1, 20) / 20, 0.9) == 0.9   # rank ceil(20 * 0.9) = 18 of 19
-    assert C.conformal_quantile(np.arange(1, 11) / 10, 0.9) == 1.0   # rank ceil(11 * 0.9) = 10 of 10
-    assert C.conformal_quantile(np.arange(1, 6) / 10, 0.9) == 1.0    # rank 6 > 5: every score
+    assert R.conformal_quantile(np.arange(1, 20) / 20, 0.9) == 0.9   # rank ceil(20 * 0.9) = 18 of 19
+    assert R.conformal_quantile(np.arange(1, 11) / 10, 0.9) == 1.0   # rank ceil(11 * 0.9) = 10 of 10
+    assert R.conformal_quantile(np.arange(1, 6) / 10, 0.9) == 1.0    # rank 6 > 5: every score
     probs = np.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]])
-    assert C.score_sets(probs, 0.75, 1) == [[1, 2], [4]]
-    assert C.score_sets(probs, 0.1, 1) == [[1], [4]]  # nothing reaches p >= 0.9: the argmax alone
-    assert C.score_sets(np.array([[0.25, 0.75]]), 0.75, 0) == [[0, 1]]  # 1 - p = quantile is inside
-    assert C.set_coverage([[1, 2], [4]], np.array([2, 3])) == (0.5, 1.5)
+    assert R.score_sets(probs, 0.75, 1) == [[1, 2], [4]]
+    assert R.score_sets(probs, 0.1, 1) == [[1], [4]]  # nothing reaches p >= 0.9: the argmax alone
+    assert R.score_sets(np.array([[0.25, 0.75]]), 0.75, 0) == [[0, 1]]  # 1 - p = quantile is inside
+    assert R.set_coverage([[1, 2], [4]], np.array([2, 3])) == (0.5, 1.5)
 
 
 def test_conformal_sets_keep_their_coverage_guarantee():
@@ -171,8 +143,8 @@ def test_conformal_sets_keep_their_coverage_guarantee():
     for _ in range(300):
         probs = rng.dirichlet(np.full(6, 0.5), size=220)
         gold = np.array([rng.choice(6, p=p) for p in probs])
-        q = C.conformal_quantile(C.lac_scores(probs[:20], gold[:20], 0), 0.9)
-        reached.append(C.set_coverage(C.score_sets(probs[20:], q, 0), gold[20:])[0])
+        q = R.conformal_quantile(R.lac_scores(probs[:20], gold[:20], 0), 0.9)
+        reached.append(R.set_coverage(R.score_sets(probs[20:], q, 0), gold[20:])[0])
     assert 0.9 - 0.01 <= np.mean(reached) <= 0.93
 
 
@@ -180,39 +152,39 @@ def test_conformal_sets_keep_their_coverage_guarantee():
 
 def test_review_threshold_for_a_fraction_by_hand():
     conf = np.array([0.9, 0.1, 0.5, 0.7, 0.3])
-    t = C.threshold_for_review_fraction(conf, 0.4)  # keep 3: the 3rd highest is 0.5
+    t = R.threshold_for_review_fraction(conf, 0.4)  # keep 3: the 3rd highest is 0.5
     assert t == 0.5
-    np.testing.assert_array_equal(C.review_flags(conf, t), [False, True, False, False, True])
-    assert C.threshold_for_review_fraction(conf, 1.0) is None
-    assert C.review_flags(conf, None).all()
+    np.testing.assert_array_equal(R.review_flags(conf, t), [False, True, False, False, True])
+    assert R.threshold_for_review_fraction(conf, 1.0) is None
+    assert R.review_flags(conf, None).all()
 
 
 def test_review_threshold_for_a_minimum_qwk_keeps_the_most_essays_that_reach_it():
     rows = synthetic_rows(60, seed=4)
     gold, pred = C.rows_scores(rows, "gold", 2), C.rows_scores(rows, "weighted", 2)
     conf = -np.abs(gold - pred).sum(axis=1) + np.random.default_rng(1).random(60) * 0.5  # informative
-    qwk_all = C.agreement_metrics(gold, pred, RANGES)["qwk"]
-    t = C.threshold_for_min_qwk(conf, gold, pred, RANGES, qwk_all + 0.05)
+    qwk_all = agreement(gold, pred, RANGES)["qwk"]
+    t = R.threshold_for_min_qwk(conf, gold, pred, RANGES, qwk_all + 0.05)
     kept = conf >= t
     assert 0 < kept.sum() < 60
-    assert C.agreement_metrics(gold[kept], pred[kept], RANGES)["qwk"] >= qwk_all + 0.05
+    assert agreement(gold[kept], pred[kept], RANGES)["qwk"] >= qwk_all + 0.05
     lower = np.unique(conf)[np.unique(conf) < t]  # every threshold keeping more essays fails
-    assert all(C.agreement_metrics(gold[conf >= u], pred[conf >= u], RANGES)["qwk"] < qwk_all + 0.05 for u in lower)
-    assert C.threshold_for_min_qwk(conf, gold, pred, RANGES, 1.01) is None
+    assert all(agreement(gold[conf >= u], pred[conf >= u], RANGES)["qwk"] < qwk_all + 0.05 for u in lower)
+    assert R.threshold_for_min_qwk(conf, gold, pred, RANGES, 1.01) is None
 
 
 @pytest.mark.parametrize("target", [{"review_fraction": 0.3}, {"min_qwk": 0.5}])
 def test_review_threshold_never_looks_at_test_gold(target):
     valid, test = synthetic_rows(50, seed=6), synthetic_rows(40, seed=7)
-    report, calibration = C.confidence_report(valid, test, NAMES, RANGES, **target)
-    flags = [r["review"] for r in C.apply_calibration(test, calibration)]
+    report, calibration = CR.confidence_report(valid, test, NAMES, RANGES, **target)
+    flags = [r["review"] for r in CR.apply_calibration(test, calibration)]
     scrambled = copy.deepcopy(test)
     rng = np.random.default_rng(0)
     for row in scrambled:
         row["gold"] = [int(rng.integers(lo, hi + 1)) for lo, hi in RANGES]
-    report2, calibration2 = C.confidence_report(valid, scrambled, NAMES, RANGES, **target)
+    report2, calibration2 = CR.confidence_report(valid, scrambled, NAMES, RANGES, **target)
     assert calibration2 == calibration
-    assert [r["review"] for r in C.apply_calibration(scrambled, calibration2)] == flags
+    assert [r["review"] for r in CR.apply_calibration(scrambled, calibration2)] == flags
     assert report2["review"]["test"]["review_share"] == report["review"]["test"]["review_share"]
     assert report2["signals"] != report["signals"]  # the test gold did change what is measured
 
@@ -223,7 +195,7 @@ def test_confidence_report_end_to_end():
     valid, test = synthetic_rows(80, seed=8), synthetic_rows(60, seed=9)
     essays = [" ".join(["w"] * (i + 1)) for i in range(60)]
     samples = np.random.default_rng(2).integers(-1, 4, size=(60, 4, 2))
-    report, calibration = C.confidence_report(valid, test, NAMES, RANGES, test_essays=essays,
+    report, calibration = CR.confidence_report(valid, test, NAMES, RANGES, test_essays=essays,
                                               valid_essays=essays[:50] + essays[:30], test_samples=samples)
     assert set(report["signals"]) == set(C.SIGNALS)
     assert calibration["signal"] in {"p_pred", "neg_std", "neg_entropy", "length"}  # picked on validation
@@ -237,18 +209,18 @@ def test_confidence_report_end_to_end():
     for k, (name, (lo, hi)) in enumerate(zip(NAMES, RANGES)):
         p_v = np.array([r["probabilities"][name] for r in valid])
         q = calibration["conformal"]["quantiles"][name]
-        assert q == C.conformal_quantile(1 - p_v[np.arange(80), gold_v[:, k] - lo], 0.9)
+        assert q == R.conformal_quantile(1 - p_v[np.arange(80), gold_v[:, k] - lo], 0.9)
         p_t = np.array([r["probabilities"][name] for r in test])
         inside = [(1 - p_t[i, gold[i, k] - lo] <= q) or p_t[i].argmax() == gold[i, k] - lo for i in range(60)]
         assert report["conformal"]["coverage"][name] == pytest.approx(np.mean(inside))
     p_pred = np.array([[r["probabilities"][n][r["weighted"][k] - RANGES[k][0]] for k, n in enumerate(NAMES)]
                        for r in test])
-    assert report["calibration"]["ece"] == pytest.approx(C.expected_calibration_error(p_pred, pred == gold))
-    text = C.format_confidence_report(report)
+    assert report["calibration"]["ece"] == pytest.approx(expected_calibration_error(p_pred, pred == gold))
+    text = CR.format_confidence_report(report)
     for needle in ("p_pred: AURC", "sc_agreement: AURC", "ECE of p(predicted score)", "conformal score sets (LAC",
                    "review (review 20% on validation"):
         assert needle in text, needle
-    applied = C.apply_calibration(synthetic_rows(7, seed=10, with_gold=False), calibration,
+    applied = CR.apply_calibration(synthetic_rows(7, seed=10, with_gold=False), calibration,
                                   essays=essays[:7])
     assert all(isinstance(r["review"], bool) and set(r["score_sets"]) == set(NAMES) for r in applied)
 
@@ -256,23 +228,23 @@ def test_confidence_report_end_to_end():
 def test_report_refuses_rows_without_gold_and_apply_needs_its_signal_inputs():
     valid, test = synthetic_rows(10, seed=1), synthetic_rows(10, seed=2, with_gold=False)
     with pytest.raises(ValueError, match="needs gold"):
-        C.confidence_report(valid, test, NAMES, RANGES)
-    calibration = C.confidence_report(valid, synthetic_rows(10, seed=3), NAMES, RANGES)[1]
+        CR.confidence_report(valid, test, NAMES, RANGES)
+    calibration = CR.confidence_report(valid, synthetic_rows(10, seed=3), NAMES, RANGES)[1]
     with pytest.raises(ValueError, match="sample bank"):
-        C.apply_calibration(test, {**calibration, "signal": "sc_agreement"})
+        CR.apply_calibration(test, {**calibration, "signal": "sc_agreement"})
     with pytest.raises(ValueError, match="weighted distributions"):
-        C.apply_calibration([{**r, "probabilities": None} for r in test], {**calibration, "signal": "neg_std"})
+        CR.apply_calibration([{**r, "probabilities": None} for r in test], {**calibration, "signal": "neg_std"})
 
 
 def test_sample_bank_report_judges_the_majority_vote():
     rng = np.random.default_rng(3)
     gold = np.stack([rng.integers(lo, hi + 1, 30) for lo, hi in RANGES], axis=1)
     samples = np.clip(gold[:, None, :] + rng.integers(-2, 3, size=(30, 5, 2)), [1, 0], [6, 3])
-    report, signals, measures = C.sample_bank_report(samples, gold, RANGES, [3, 1], essays=["a b"] * 30, seed=0)
+    report, signals, measures = CR.sample_bank_report(samples, gold, RANGES, [3, 1], essays=["a b"] * 30, seed=0)
     assert set(report["signals"]) == {"sc_agreement", "neg_sc_std", "length", "random"}
     vote = measures["sc_vote"]
     assert report["signals"]["random"]["mae"][0] == pytest.approx(np.abs(vote - gold).mean())
-    errors = C.large_errors(gold, vote, RANGES)
+    errors = CR.large_errors(gold, vote, RANGES)
     assert report["signals"]["sc_agreement"]["auroc"] == pytest.approx(
         roc_auc_score(errors, -signals["sc_agreement"]))
 
@@ -284,7 +256,7 @@ def test_confidence_figures_are_real_pngs(tmp_path):
 
     from modules.plots import plot_reliability, plot_risk_coverage
 
-    report, _ = C.confidence_report(synthetic_rows(40, seed=11), synthetic_rows(30, seed=12), NAMES, RANGES)
+    report, _ = CR.confidence_report(synthetic_rows(40, seed=11), synthetic_rows(30, seed=12), NAMES, RANGES)
     for name, draw, data in (("risk.png", plot_risk_coverage, report["signals"]),
                              ("reliability.png", plot_reliability, report["calibration"])):
         fig = draw(data, tmp_path / name, "synthetic")
@@ -315,11 +287,11 @@ def test_evaluate_confidence_writes_the_calibration_and_figures(tmp_path):
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # the stored rows are what applying the saved calibration to the test essays gives, gold unused
     no_gold = [{**r, "gold": None} for r in test]
-    again = C.apply_calibration(no_gold, saved, essays=essays[:30])
+    again = CR.apply_calibration(no_gold, saved, essays=essays[:30])
     assert [r["review"] for r in rows] == [r["review"] for r in again]
     assert [r["score_sets"] for r in rows] == [r["score_sets"] for r in again]
     assert sum(r["review"] for r in rows) / 30 == report["review"]["test"]["review_share"]
     # the stored random order is the one the report measured
-    random_auroc = C.auroc(np.array([r["confidence"]["essay"]["random"] for r in rows]),
-                           C.large_errors(C.rows_scores(test, "gold", 2), C.rows_scores(test, "weighted", 2), RANGES))
+    random_auroc = auroc(np.array([r["confidence"]["essay"]["random"] for r in rows]),
+                           CR.large_errors(C.rows_scores(test, "gold", 2), C.rows_scores(test, "weighted", 2), RANGES))
     assert random_auroc == report["signals"]["random"]["auroc"]

@@ -178,7 +178,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     assert [p["weighted_expected"] for p in again] == [pytest.approx(r["weighted_expected"], abs=1e-5) for r in rows]
     # The confidence outputs are chosen on the validation essays' predictions, which the run keeps:
     # recomputed from those files they give the report, the calibration and the test rows' flags.
-    from modules.confidence import apply_calibration, confidence_report
+    from modules.confidence_report import apply_calibration, confidence_report
 
     valid_rows = [json.loads(l) for l in (run_dir / "valid_predictions.jsonl").read_text().splitlines()]
     valid = load_split(small_data / "valid.jsonl", info)
@@ -209,6 +209,16 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
         assert all(abs(sum(p) - 1) < 1e-4 and len(p) == 9 for p in row["probabilities"].values())
         assert "text" in row and row["valid"] is True  # constrained: always a valid score line
     assert "overall" in result.stdout and "average" in result.stdout and "decoding: constrained" in result.stdout
+    # The run folder explains itself: its README.md is a filled model card, not PEFT's empty one.
+    card = (run_dir / "README.md").read_text()
+    assert "[More Information Needed]" not in card and "base_model: tiny-random-llama" in card
+    assert all(f"| {name} | 1-9 |" in card for name in rubrics) and "Essays: train 8, valid 4, test 4." in card
+    assert f"| average | {results['token']['average']:.3f} | {results['weighted']['average']:.3f} |" in card
+    assert "Loss: CE + 2 NTL-MSE (score tokens) + 0.1 EMO (feedback tokens)." in card
+    assert "Precision: bf16 autocast (`--precision bf16`" in card
+    assert f"Signal chosen on the 4 validation essays: `{results['confidence']['review']['signal']}`" in card
+    assert (f"python main_pipeline.py --base_model_name tiny-random-llama --adapter_dir {run_dir} "
+            f"--score_path new_essays.jsonl") in card
 
     # Resume from the newest checkpoint (where early stopping ended the run) up to 8 steps: step
     # count, log history, optimizer state and the best checkpoint so far come back, and the

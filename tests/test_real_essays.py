@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import cohen_kappa_score, mean_squared_error
 
-from benchmarks import add_pick_essays as add_pick
 from benchmarks import bench_real_essays as bench
 from benchmarks import real_essay_tables as tables
 from modules.convert.baseline import mean_predictions
 from modules.jsonio import DataError
+from modules.metrics import mcrmse, mean_qwk, rubric_qwks
 
+ROOT = Path(__file__).resolve().parents[1]
 RANGES = [(0, 4), (0, 4)]
 RUBRICS = [{"name": "ideas", "min": 0, "max": 4}, {"name": "style", "min": 0, "max": 4}]
 GOLD_TEST = [[0, 1], [1, 1], [2, 2], [3, 3], [4, 4], [2, 3], [1, 0], [3, 4]]
@@ -40,37 +40,7 @@ def shifted(gold, k: int, step: int = 1, lo: int = 0, hi: int = 4) -> list[list[
     return [[min(max(g[0] + (k if i % step == 0 else 0), lo), hi), g[1]] for i, g in enumerate(gold)]
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def test_rubric_qwks_match_sklearn() -> None:
-    pred = shifted(GOLD_TEST, 1, step=2)
-    expected = [cohen_kappa_score(np.array(GOLD_TEST)[:, k], np.array(pred)[:, k], weights="quadratic",
-                                  labels=list(range(0, 5))) for k in range(2)]
-    assert tables.rubric_qwks(GOLD_TEST, pred, RANGES) == pytest.approx(expected)
-    assert tables.mean_qwk(GOLD_TEST, pred, RANGES) == pytest.approx(np.mean(expected))
-
-
-def test_batched_qwk_matches_qwk_on_resamples() -> None:
-    rng = np.random.default_rng(3)
-    gold = rng.integers(0, 5, (40, 2))
-    pred = np.clip(gold + rng.integers(-1, 2, (40, 2)), 0, 4)
-    idx = rng.integers(0, 40, (25, 40))
-    batched = tables.batched_mean_qwk(gold[idx], pred[idx])
-    assert batched == pytest.approx([tables.mean_qwk(gold[i], pred[i], RANGES) for i in idx])
-    constant = np.full((1, 5, 1), 2)  # kappa undefined: 0, as modules.voting.qwk
-    assert tables.batched_mean_qwk(constant, constant).tolist() == [0.0]
-
-
-def test_mcrmse_by_hand_and_sklearn() -> None:
-    gold = [[2, 4], [6, 10]]           # stored doubled: 1.0 2.0 / 3.0 5.0
-    pred = [[3.0, 4.0], [6.0, 7.0]]    # 1.5 2.0 / 3.0 3.5
-    # column 0: errors 0.5, 0 -> sqrt(0.125); column 1: 0, -1.5 -> sqrt(1.125)
-    by_hand = (math.sqrt(0.125) + math.sqrt(1.125)) / 2
-    assert tables.mcrmse(gold, pred, [2, 2]) == pytest.approx(by_hand)
-    oracle = np.mean([math.sqrt(mean_squared_error(np.array(gold)[:, k] / 2, np.array(pred)[:, k] / 2)) for k in range(2)])
-    assert tables.mcrmse(gold, pred, [2, 2]) == pytest.approx(oracle)
-    assert tables.mcrmse(gold, pred, [1, 1]) == pytest.approx(2 * by_hand)  # scale 1: stored units
+# --------------------------------------------------------------------------- baselines and per-seed values
 
 
 def test_training_mean_baseline_rounds_half_up_and_clips() -> None:
@@ -93,48 +63,9 @@ def test_spread() -> None:
     assert one["mean"] == 0.5 and math.isnan(one["sd"])
 
 
-# --------------------------------------------------------------------------- hierarchical bootstrap
-
-
-def mean_pred(gold, pred) -> np.ndarray:
-    """A batched metric whose differences are known by hand: the mean prediction of each resample."""
-    return np.asarray(pred, dtype=np.float64).mean(axis=(1, 2))
-
-
 def test_minutes_round_before_splitting() -> None:
     assert [tables.minutes(s) for s in (None, 0.4, 59.5, 1139.5, 1806.2, 3075.2)] == \
         ["-", "0 min 0 s", "1 min 0 s", "19 min 0 s", "30 min 6 s", "51 min 15 s"]
-
-
-def test_bootstrap_identical_methods_give_zero() -> None:
-    preds = [shifted(GOLD_TEST, 1, step=2), shifted(GOLD_TEST, -1, step=3)]
-
-    assert tables.hierarchical_bootstrap(GOLD_TEST, preds, preds, tables.batched_mean_qwk, 200) == (0.0, 0.0, 0.0)
-
-
-def test_bootstrap_constant_offset_gives_it_with_zero_width() -> None:
-    b = [np.array(GOLD_TEST, dtype=float), np.array(GOLD_TEST, dtype=float) + 1.0]
-    a = [x + 0.25 for x in b]
-    point, lo, hi = tables.hierarchical_bootstrap(GOLD_TEST, a, b, mean_pred, 300)
-    assert point == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
-
-
-def test_bootstrap_interval_covers_the_seeds() -> None:
-    # Two seeds whose differences are constant over essays, 0.2 and 0.6: the seed draw gives
-    # 0.2 (p 1/4), 0.4 (1/2) or 0.6 (1/4), so the 95% interval is [0.2, 0.6] around the mean 0.4.
-    b = [np.zeros((8, 2)), np.zeros((8, 2))]
-    a = [np.full((8, 2), 0.2), np.full((8, 2), 0.6)]
-    point, lo, hi = tables.hierarchical_bootstrap(GOLD_TEST, a, b, mean_pred, 2000, seed=1)
-    assert point == pytest.approx(0.4) and lo == pytest.approx(0.2) and hi == pytest.approx(0.6)
-
-
-def test_bootstrap_one_seed_covers_essays() -> None:
-    b = [np.zeros((8, 1))]
-    a = [np.arange(8, dtype=float).reshape(8, 1)]  # per-essay differences 0..7, mean 3.5
-    point, lo, hi = tables.hierarchical_bootstrap(np.zeros((8, 1)), a, b, mean_pred, 2000)
-    assert point == pytest.approx(3.5) and 0 <= lo < 3.5 < hi <= 7 and hi - lo > 1
-    with pytest.raises(ValueError, match="same, non-zero number of seeds"):
-        tables.hierarchical_bootstrap(GOLD_TEST, a, [], mean_pred, 10)
 
 
 # --------------------------------------------------------------------------- result files and tables
@@ -160,7 +91,7 @@ def test_best_row_is_chosen_on_validation_not_test() -> None:
     test_rows = {"greedy": GOLD_TEST, "weighted": shifted(GOLD_TEST, 2)}
     valid_rows = {"greedy": shifted(GOLD_VALID, 2), "weighted": GOLD_VALID}
     group = tables.Group([{**result("ce+ntl", 0, test_rows, valid_rows), "_path": "a"}])
-    assert tables.mean_qwk(GOLD_TEST, test_rows["greedy"], RANGES) > tables.mean_qwk(GOLD_TEST, test_rows["weighted"], RANGES)
+    assert mean_qwk(GOLD_TEST, test_rows["greedy"], RANGES) > mean_qwk(GOLD_TEST, test_rows["weighted"], RANGES)
     variant, row, value = group.best_on_validation()
     assert (variant, row) == ("ce+ntl", "weighted") and value == pytest.approx(1.0)
 
@@ -183,9 +114,9 @@ def test_pick_essays_join_the_validation_essays_for_the_row_pick(tmp_path: Path,
     group = tables.Group(tables.read_results(tmp_path))
     assert group.validation_splits() == ["valid", "pick"]
     gold = GOLD_VALID + gold_pick
-    weighted = tables.mean_qwk(gold, valid_rows["weighted"] + gold_pick, RANGES)
-    greedy = tables.mean_qwk(gold, GOLD_VALID + pick_rows["greedy"], RANGES)
-    assert weighted > greedy and tables.mean_qwk(GOLD_VALID, valid_rows["weighted"], RANGES) < 1.0
+    weighted = mean_qwk(gold, valid_rows["weighted"] + gold_pick, RANGES)
+    greedy = mean_qwk(gold, GOLD_VALID + pick_rows["greedy"], RANGES)
+    assert weighted > greedy and mean_qwk(GOLD_VALID, valid_rows["weighted"], RANGES) < 1.0
     assert group.validation_means() == {("ce+ntl", "greedy"): pytest.approx(greedy),
                                         ("ce+ntl", "weighted"): pytest.approx(weighted)}
     assert group.best_on_validation() == ("ce+ntl", "weighted", pytest.approx(weighted))
@@ -250,18 +181,18 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     assert rows["LoRA CE+NTL, greedy"].split(" | ")[1] == "0,1"
     assert rows["LoRA CE+NTL, SC average"].split(" | ")[1] == "0"  # only seed 0 ran self-consistency
     assert "LoRA CE+NTL, SC majority" not in rows and "TF-IDF ridge, same essays" not in rows
-    g0 = tables.mean_qwk(GOLD_TEST, full["greedy"], RANGES)
-    g1 = tables.mean_qwk(GOLD_TEST, replicate["greedy"], RANGES)
+    g0 = mean_qwk(GOLD_TEST, full["greedy"], RANGES)
+    g1 = mean_qwk(GOLD_TEST, replicate["greedy"], RANGES)
     s = tables.spread([g0, g1])
     assert f"{s['mean']:.3f} (sd {s['sd']:.3f}, {s['min']:.3f}-{s['max']:.3f}) [s0: {g0:.3f}, s1: {g1:.3f}]" \
         in rows["LoRA CE+NTL, greedy"]
     assert "MCRMSE" not in first  # scale 1: QWK only
     mean_row = rows["training mean"].split(" | ")
-    assert mean_row[1:3] == ["-", f"{tables.rubric_qwks(GOLD_TEST, [[2, 2]] * 8, RANGES)[0]:.3f}"]
+    assert mean_row[1:3] == ["-", f"{rubric_qwks(GOLD_TEST, [[2, 2]] * 8, RANGES)[0]:.3f}"]
     # CE+NTL minus CE only pairs seed 0 with seed 0 only, and says it covers the essays only
     ntl = rows["CE+NTL minus CE only, greedy"]
     assert " | 0 | " in ntl and "essays only (one seed)" in ntl
-    diff = g0 - tables.mean_qwk(GOLD_TEST, ce["greedy"], RANGES)
+    diff = g0 - mean_qwk(GOLD_TEST, ce["greedy"], RANGES)
     assert f"| {diff:+.3f} |" in ntl
     assert "seeds and essays" in rows["LoRA CE+NTL, greedy minus training mean"]
     assert "best LoRA row on the validation essays (6 validation): LoRA CE+NTL, greedy" in first  # ties: table order
@@ -320,7 +251,7 @@ def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> No
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("| LoRA CE+NTL, weighted"))
-    expected = tables.mcrmse(gold, content["splits"]["test"]["weighted_expected"], [2])  # unrounded, not [[3], ...]
+    expected = mcrmse(gold, content["splits"]["test"]["weighted_expected"], [2])  # unrounded, not [[3], ...]
     assert expected == pytest.approx(math.sqrt((0.25 ** 2 * 2) / 6))
     assert line.rstrip(" |").endswith(f"{expected:.3f} (1 seed) [s0: {expected:.3f}]")
 
@@ -407,7 +338,7 @@ WRONG_40 = set(range(3, 40, 5))
 
 
 def test_selective_gain_matches_the_risk_coverage_table_on_resamples() -> None:
-    from modules.confidence import risk_coverage_table
+    from modules.confidence_report import risk_coverage_table
 
     rng = np.random.default_rng(5)
     gold = rng.integers(0, 5, (30, 2))
@@ -430,7 +361,7 @@ def test_coverage_gain_bootstrap_on_a_hand_made_case() -> None:
     good = ranks_wrong_last(20, WRONG_TEST)
     point, lo, hi = tables.gain_with_interval(gold, [good], [pred], 1000, seed=0)
     # the 16 kept essays are exactly the correct ones: QWK 1 on them
-    assert point == pytest.approx(1.0 - tables.mean_qwk(gold, pred, RANGES)) and point > 0.05
+    assert point == pytest.approx(1.0 - mean_qwk(gold, pred, RANGES)) and point > 0.05
     assert 0 < lo < point < hi
     point, lo, hi = tables.gain_with_interval(gold, [-good], [pred], 1000, seed=0)  # wrong essays first
     assert point < 0 and hi < 0
@@ -487,7 +418,7 @@ def test_signal_is_picked_on_validation_and_never_looks_at_test_gold() -> None:
 
 
 def test_pick_signal_matches_choose_signal_and_pools_seeds() -> None:
-    from modules.confidence import choose_signal
+    from modules.review import choose_signal
 
     rng = np.random.default_rng(2)
     gold = rng.integers(0, 5, (25, 2))
@@ -533,7 +464,7 @@ def test_trust_table_from_result_files(tmp_path: Path, capsys) -> None:
     section = out.split("### Which scores to trust: LoRA CE+NTL, weighted (seeds 0,1)")[1]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in section.splitlines() if line.startswith("| ")}
     assert list(rows)[1:] == ["neg_std (picked)", "sc_agreement", "length", "random"]  # confidence.SIGNALS order
-    q100 = tables.mean_qwk(gold_t, pred_t, RANGES)
+    q100 = mean_qwk(gold_t, pred_t, RANGES)
     assert rows["neg_std (picked)"][1] == "0,1" and rows["sc_agreement"][1] == "0"  # SC only where it ran
     assert rows["neg_std (picked)"][2].startswith("1.000 (sd 0.000")  # AUROC: the errors ranked last
     assert rows["sc_agreement"][2] == "0.000 (1 seed) [s0: 0.000]"
@@ -643,6 +574,10 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert saved["corpus"] == "ell" and saved["variant"] == "ce+ntl" and not saved["replicate"]
     # the recipe keeps the last step's weights: main_pipeline.py's run folder says which checkpoint
     assert saved["config"]["load_best_model_at_end"] is False and saved["training"]["kept_checkpoint"] == "checkpoint-2"
+    # no machine paths: the input file and every folder relative to the repository
+    assert saved["config"]["input"] == os.path.relpath(tmp_path / "ell.csv", ROOT) and saved["data"]["input"] == "ell.csv"
+    assert not [token for token in saved["command"].split() if os.path.isabs(token)]
+    assert not any(os.path.isabs(saved["config"][key]) for key in bench.PATH_FLAGS if saved["config"][key])
     # the precision main_pipeline.py chose by the machine (no --bf16 passed) is recorded as its manifest says
     run_manifest = json.loads((out / "run_ce+ntl_seed0" / "run_manifest.json").read_text())
     assert run_manifest["config"]["bf16"] is False and run_manifest["config"]["precision"] == "auto"
@@ -714,27 +649,6 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert entry["line_counts"]["greedy"] == bench.line_counts(scored)
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
-    # add_pick_essays.py on the file without its pick essays scores them as the benchmark did
-    older = {**saved, "splits": {k: v for k, v in saved["splits"].items() if k != "pick"},
-             "data": {k: v for k, v in saved["data"].items() if k != "pick_essays"}}
-    path.write_text(json.dumps(older))
-    (out / "data_seed0" / "pick.jsonl").unlink()
-    for folder in ("sc_ce+ntl_seed0_pick", "sc_ce+ntl_seed0_pick_constrained"):  # an older run has neither
-        shutil.rmtree(out / folder)
-    assert add_pick.main([str(path), "--out_dir", str(out), "--pick_essays", "2"]) == 0
-    added = json.loads(path.read_text())
-    assert added["splits"]["pick"] == saved["splits"]["pick"] and added["data"] == saved["data"]
-    assert {k: v for k, v in added.items() if k != "pick_scoring"} == saved
-    assert {"validation essays again (the adapter reproduces the file)", "every LoRA row (one prefill)", "baselines",
-            "total"} == set(added["pick_scoring"]["timings"])
-    assert add_pick.main([str(path), "--out_dir", str(out)]) == 1
-    assert "already has pick essays" in capsys.readouterr().err
-    # rows the adapter does not reproduce: refused before anything is added
-    older["splits"]["valid"]["rows"]["greedy"][0] = [v + 1 if v < 10 else v - 1 for v in older["splits"]["valid"]["rows"]["greedy"][0]]
-    path.write_text(json.dumps(older))
-    assert add_pick.main([str(path), "--out_dir", str(out), "--pick_essays", "2"]) == 1
-    assert "rescores 1 of 4 validation essays' greedy row differently; not this result's adapter" in capsys.readouterr().err
-    assert "pick" not in json.loads(path.read_text())["splits"]
     # a replicate seed: greedy and weighted only, scored from its own adapter, no sample banks
     assert bench.main([*argv, "--seed", "1", "--replicate"]) == 0
     [replicate_path] = list((out / "results" / "ell").glob("ce-ntl_seed1_*.json"))
@@ -764,8 +678,8 @@ def test_rubric_alone_against_sharing_its_line(tmp_path: Path, capsys) -> None:
     tables.write_result(tmp_path / "b.json", result("ce+ntl", 0, {"greedy": shared_pred}, {"greedy": GOLD_VALID}))
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "200"]) == 0
     out = capsys.readouterr().out.split("## A rubric alone and sharing its line")[1]
-    alone = tables.mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in alone_pred], RANGES[:1])
-    shared = tables.mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in shared_pred], RANGES[:1])
+    alone = mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in alone_pred], RANGES[:1])
+    shared = mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in shared_pred], RANGES[:1])
     [line] = [x for x in out.splitlines() if x.startswith("| ideas:")]
     cells = line.split(" | ")
     assert cells[0] == "| ideas: toy-ideas minus toy" and cells[1:4] == ["LoRA CE+NTL, greedy", "0", f"{alone:.3f}"]

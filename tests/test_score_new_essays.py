@@ -84,6 +84,9 @@ def test_scores_ungraded_essays_as_the_training_run_scored_them(trained, ungrade
     trained_manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["prompt_settings"] == {"mtl": True, "prompt_format": "chat",
                                            "max_prompt_tokens": trained_manifest["max_prompt_tokens"]}
+    card = (out / "README.md").read_text()  # the scoring run's card names the adapter that scored
+    assert f"by the LoRA adapter in `{run_dir}` on `tiny-random-llama`" in card and "4 essays, 2 with gold" in card
+    assert f"--adapter_dir {run_dir} --score_path new_essays.jsonl" in card and "## Results" not in card
     assert snapshot(run_dir) == adapter_before and ungraded_file.read_bytes() == essays_before
 
 

@@ -12,8 +12,8 @@ from sklearn.metrics import cohen_kappa_score
 
 import modules.evaluation as evaluation
 import modules.scoring as scoring
-from benchmarks.reference_scoring import two_pass_scoring
-from benchmarks.reference_weighted import reference_candidate_log_scores, reference_scorer
+from reference_scoring import two_pass_scoring
+from reference_weighted import reference_candidate_log_scores, reference_scorer
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
 from modules.evaluation import evaluate_predictions, format_results_table, predict_split
 from modules.scoring import WeightedPrediction, greedy_predict, stop_token_ids, weighted_predict
@@ -204,7 +204,7 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
 
 
 
-# The tree-attention scorer against the scorer it replaced (benchmarks/reference_weighted.py: a
+# The tree-attention scorer against the scorer it replaced (tests/reference_weighted.py: a
 # padded batch row per candidate over a repeated copy of the prompt cache), on every model family.
 
 @pytest.fixture(scope="module")
@@ -390,7 +390,7 @@ def varied_essays() -> list[EssayRecord]:
                          + [("smollm2", False, False), ("smollm2", True, False)])
 def test_predict_split_runs_each_prompt_once_and_matches_the_two_pass_path(name, constrained, feedback, request):
     """The shared path (each prompt prefilled once, greedy and weighted continuing from its cache)
-    against the path before it (benchmarks/reference_scoring.py: greedy over padded batches, then
+    against the path before it (tests/reference_scoring.py: greedy over padded batches, then
     the weighted scorer running the prompt again): the same greedy answers exactly, the same
     weighted expectations and probabilities to 1e-5. Constrained, the lines are valid and the
     weighted scorer conditions on them; unconstrained, the random models' lines are invalid and

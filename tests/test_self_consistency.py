@@ -259,7 +259,7 @@ def test_analyze_handcrafted_bank_matches_voting(setup, tmp_path):
     pooled = cohen_kappa_score(gold.ravel(), first.ravel(), weights="quadratic", labels=list(range(1, 10)))
     assert curves["overall_avg"][0] == curves["overall_maj"][0] == pytest.approx(pooled, abs=1e-9)
     # confidence of the majority vote: the self-consistency signals as modules.confidence computes them
-    from modules.confidence import sample_bank_report
+    from modules.confidence_report import sample_bank_report
 
     report, signals, _ = sample_bank_report(samples, gold, [(1, 9)] * k, 4, seed=7)
     saved = json.loads((tmp_path / "confidence.json").read_text())
