@@ -58,11 +58,13 @@ def _training_lines(manifest: dict) -> list[str]:
              f"{c.get('gradient_accumulation_steps')} accumulation, {length}, seed {c.get('seed')}.",
              f"- Precision: {'bf16 autocast' if precision.get('chosen') == 'bf16' else 'float32'} "
              f"(`--precision {precision.get('requested', '?')}`: {precision.get('reason', 'not recorded')}).",
-             f"- Device {manifest.get('device')}, {manifest.get('world_size', 1)} process(es)."]
+             f"- Device {manifest.get('device')}, {manifest.get('world_size', 1)} process"
+             f"{'es' if manifest.get('world_size', 1) > 1 else ''}."]
     if train:
-        lines.append(f"- Trained {train.get('global_step')} steps in {train.get('seconds')} s; kept "
-                     f"`{Path(str(train.get('kept_checkpoint') or train.get('best_checkpoint'))).name}` "
-                     f"(best eval loss {train.get('best_eval_loss')}).")
+        kept = Path(str(train.get("kept_checkpoint") or train.get("best_checkpoint"))).name
+        best = train.get("best_eval_loss")
+        lines.append(f"- Trained {train.get('global_step')} steps in {train.get('seconds')} s; kept `{kept}`"
+                     + (f" (best eval loss {best:.4f})." if best is not None else "."))
     return lines
 
 
