@@ -1,4 +1,4 @@
-"""Model loading times the README promises, measured here instead of asserted in tests (a loaded
+"""Model loading times docs/performance.md lists, measured here instead of asserted in tests (a loaded
 2-core CI machine makes wall-clock assertions flaky).
 
 Each measurement runs in this process, fresh cache for the first:

@@ -65,9 +65,9 @@ from modules.convert.baseline import length_predictions, mean_predictions, ridge
 from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse
 from modules.convert.pipeline import read_table
 from modules.data import SPLITS, load_dataset_info
-from modules.metrics import mean_qwk
 from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,
                            write_jsonl_atomic)
+from modules.metrics import mean_qwk
 
 SHARED = ROOT.parent / "shared" / "data"
 ASAP7 = SHARED / "asap" / "asap_set7.tsv"
@@ -75,7 +75,7 @@ ASAP7 = SHARED / "asap" / "asap_set7.tsv"
 # (18 tokens naming the assistant), which every training step would pay for.
 SYSTEM_PROMPT = "You score essays."
 # NTL weight of each command's LoRA: 0.2, the quickstart's scale; at the original tool's 2.0, NTL's
-# gradients dwarf CE's and the hour's training learned far less (README).
+# gradients dwarf CE's and the hour's training learned far less (docs/guide.md, the quickstart's settings).
 VARIANTS = {"ce+ntl": 0.2, "ce": 0.0}
 SCORED_SPLITS = ("test", "valid")
 SIGNAL_DIGITS = 6  # decimals of the stored confidence signals: the study is recomputed from these values
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer step")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=False,
-                   help="main_pipeline.py's flag; the recipe keeps the last step's weights (README: levers)")
+                   help="main_pipeline.py's flag; the recipe keeps the last step's weights (docs/results.md, levers)")
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
     p.add_argument("--target_modules", default=tables.DEFAULT_TARGET_MODULES,
                    help="main_pipeline.py --lora_target_modules: the projections LoRA adapts")

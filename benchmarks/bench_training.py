@@ -43,10 +43,10 @@ from pathlib import Path
 from benchmarks import bench_real_essays
 from benchmarks.bench_real_essays import SYSTEM_PROMPT, shared_file_missing
 
-# The CPU recipe of "Results on real essays" (README): length-bucketed batches in random order
+# The CPU recipe of the real-essay runs (docs/results.md): length-bucketed batches in random order
 # (--group_by_length) and bench_real_essays.py's short system message, in auto's precision (main()).
 # LoRA stays on q/v of every layer: fewer adapted layers trained faster but learned the score line
-# far more slowly (see the README).
+# far more slowly (docs/performance.md, training levers).
 CPU_RECIPE = {"group_by_length": True, "system_prompt": SYSTEM_PROMPT}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEVERS = {

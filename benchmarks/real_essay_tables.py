@@ -1,4 +1,4 @@
-"""The README's real-essay tables, printed from the result files that
+"""The real-essay tables (docs/results.md), printed from the result files that
 ``benchmarks/bench_real_essays.py`` records (one small JSON file per command, in the tracked
 ``benchmarks/results/<corpus>/`` folder, so runs from different days and machines accumulate).
 
@@ -470,7 +470,7 @@ def trust_sentence(signal: str, figures: dict, beat: tuple[float, float, float] 
 
 
 def group_report(group: Group, n: int, seed: int) -> str:
-    """Everything the README shows for one corpus: sizes, the metric table, the best row, the differences."""
+    """Everything docs/results.md shows for one corpus: sizes, the metric table, the best row, the differences."""
     first = group.results[0]
     sizes = first["data"].get("sizes", {})
     seeds = defaultdict(list)
