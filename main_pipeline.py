@@ -23,12 +23,11 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error,
-                          plan_and_load_adapter, provenance, resume_entry, setup_logging, stop, timestamp)
+from modules.runs import (MANIFEST, PromptSettings, create_run_dir, occupied_dir_error, plan_and_load_adapter,
+                          provenance, resume_entry, setup_logging, stop, timestamp, uncreatable_dir_error)
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("main_pipeline")
@@ -189,7 +188,6 @@ RESUME_KEYS = ("base_model_name", "data_dir", "mtl", "ratio", "seed", "ntl_weigh
                "emo_topk", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                "warmup_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                "lora_top_layers", "group_by_length", "load_in_4bit", "prompt_format")
-MANIFEST = "run_manifest.json"
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -342,13 +340,13 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
             print(f"adapter saved in {run_dir}; scoring skipped (--skip_scoring)")
         return 0
     model = scoring_model(args, trainer, model, run_dir, device)
+    settings = PromptSettings(args.mtl, args.prompt_format, max_prompt_tokens)
     test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
     annotate = None
     if not args.no_weighted:
-        valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, max_prompt_tokens)
+        valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, settings)
         annotate = lambda rows: calibrated_rows(rows, valid_rows, splits["valid"], test_records, info, run_dir, args)
-    return score_and_report(args, model, tokenizer, test_records, info, run_dir, manifest,
-                            mtl=args.mtl, prompt_format=args.prompt_format, max_prompt_tokens=max_prompt_tokens,
+    return score_and_report(args, model, tokenizer, test_records, info, run_dir, manifest, settings,
                             annotate=annotate)
 
 
@@ -372,19 +370,6 @@ def claim_run_dir(args: argparse.Namespace, resume) -> tuple[Path, str | None]:
     error = (occupied_dir_error(run_dir, "run folder", "use --resume_checkpoint to continue it")
              or uncreatable_dir_error(run_dir)) if dist.is_main() else None
     return dist.broadcast((run_dir, error))
-
-
-def uncreatable_dir_error(path: Path) -> str | None:
-    """The error ``create_run_dir`` would give for ``path``, found without writing: its nearest
-    existing ancestor is not a folder, or one this user may not write into; else None."""
-    parent = path.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if parent == path.absolute():
-        return None
-    problem = ("Not a directory" if not parent.is_dir()
-               else None if os.access(parent, os.W_OK | os.X_OK) else "Permission denied")
-    return f"{path}: cannot create the run folder ({problem})" if problem else None
 
 
 def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_values) -> tuple[dict[str, list], int]:
@@ -572,28 +557,26 @@ def scoring_model(args: argparse.Namespace, trainer, model, run_dir: Path, devic
     return model
 
 
-def predict_records(args: argparse.Namespace, model, tokenizer, records: list, info, *, mtl: bool, prompt_format: str,
-                    max_prompt_tokens: int | None) -> list[dict]:
-    """Greedy and weighted predictions of ``records``, prompted exactly as in training: each process
-    scores every world_size-th essay and rank 0 gets them all back in file order."""
+def predict_records(args: argparse.Namespace, model, tokenizer, records: list, info,
+                    settings: PromptSettings) -> list[dict]:
+    """Greedy and weighted predictions of ``records``, prompted exactly as in training (``settings``):
+    each process scores every world_size-th essay and rank 0 gets them all back in file order."""
     from modules import dist
-    from modules.evaluation import predict_split
+    from modules.predict import predict_split
 
     return dist.gather(predict_split(
-        model, tokenizer, dist.shard(records), info, mtl=mtl, prompt_format=prompt_format,
-        max_prompt_tokens=max_prompt_tokens, batch_size=args.per_device_eval_batch_size, weighted=not args.no_weighted,
-        generate_feedback=args.generate_feedback, constrained=args.constrained))
+        model, tokenizer, dist.shard(records), info, settings, batch_size=args.per_device_eval_batch_size,
+        weighted=not args.no_weighted, generate_feedback=args.generate_feedback, constrained=args.constrained))
 
 
 def score_valid(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path,
-                max_prompt_tokens: int) -> list[dict]:
+                settings: PromptSettings) -> list[dict]:
     """The validation essays' predictions (valid_predictions.jsonl): what the confidence signal, the
     conformal quantiles and the review threshold are chosen on, so that test gold never is."""
     from modules import dist
     from modules.jsonio import write_jsonl_atomic
 
-    rows = predict_records(args, model, tokenizer, records, info, mtl=args.mtl, prompt_format=args.prompt_format,
-                           max_prompt_tokens=max_prompt_tokens)
+    rows = predict_records(args, model, tokenizer, records, info, settings)
     if dist.is_main():
         write_jsonl_atomic(run_dir / "valid_predictions.jsonl", rows)
     return rows
@@ -614,7 +597,7 @@ def calibrated_rows(test_rows: list[dict], valid_rows: list[dict], valid_records
 
 
 def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path, manifest: dict,
-                     *, mtl: bool, prompt_format: str, max_prompt_tokens: int | None,
+                     settings: PromptSettings, *,
                      annotate: Callable[[list[dict]], tuple[list[dict], dict | None]] | None = None) -> int:
     """Greedy and weighted scores of ``records`` (:func:`predict_records`); on rank 0, ``annotate``
     adds the confidence to the rows (and may return a confidence report), then it writes
@@ -627,8 +610,7 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
     from modules.run_card import write_run_card
 
     started = time.time()
-    predictions = predict_records(args, model, tokenizer, records, info, mtl=mtl, prompt_format=prompt_format,
-                                  max_prompt_tokens=max_prompt_tokens)
+    predictions = predict_records(args, model, tokenizer, records, info, settings)
     if dist.is_main():
         predictions, report = annotate(predictions) if annotate else (predictions, None)
         write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)
@@ -655,19 +637,6 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
 
 # --------------------------------------------------------------------------- scoring without training
 
-@dataclass
-class ScoringJob:
-    """What scoring with --score_path has checked before it loads the adapter."""
-    info: object  # the DatasetInfo of the essays, whose rubrics are the adapter's
-    records: list
-    data_dir: str  # where dataset.json was read
-    mtl: bool
-    prompt_format: str
-    max_prompt_tokens: int | None
-    calibration: dict | None  # the adapter's confidence_calibration.json, when training wrote one
-    out_dir: Path | None  # --output_dir, else None (a new runs/<adapter>_scored_<time>)
-
-
 def score_main(args: argparse.Namespace, device) -> int:
     """Score the essays of --score_path with a trained adapter, without training, stage by stage:
     check the adapter's run manifest, the essays' schema and records, and the output folder ->
@@ -675,6 +644,7 @@ def score_main(args: argparse.Namespace, device) -> int:
     training run's prompts -> attach the confidence -> write the predictions (and the QWK when
     every essay has gold scores)."""
     from modules import dist
+    from modules.scoring_job import confidence_rows, new_scoring_dir, plan_scoring, scoring_manifest
 
     job, model, tokenizer, error = plan_and_load_adapter(lambda: plan_scoring(args), args, device)
     if error:
@@ -683,123 +653,8 @@ def score_main(args: argparse.Namespace, device) -> int:
     if error:
         return stop(error)
     manifest = scoring_manifest(args, job, run_dir, model)
-    return score_and_report(args, model, tokenizer, job.records, job.info, run_dir, manifest, mtl=job.mtl,
-                            prompt_format=job.prompt_format, max_prompt_tokens=job.max_prompt_tokens,
+    return score_and_report(args, model, tokenizer, job.records, job.info, run_dir, manifest, job.settings,
                             annotate=lambda rows: confidence_rows(rows, job))
-
-
-def plan_scoring(args: argparse.Namespace) -> ScoringJob:
-    """Every check of a scoring run's input, before any model loads; DataError as one line."""
-    from modules.data import load_split
-    from modules.jsonio import DataError, read_json
-
-    adapter = Path(args.adapter_dir)
-    if not adapter.is_dir():
-        raise DataError(f"--adapter_dir {adapter}: adapter folder not found")
-    manifest_path = adapter / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"{adapter}: no {MANIFEST}, so the prompts its adapter was trained on are unknown (score "
-                        f"with a run folder main_pipeline.py wrote)")
-    manifest = read_json(manifest_path)
-    mtl, prompt_format, max_prompt_tokens = manifest_prompt_settings(manifest, manifest_path)
-    for name, value in (("mtl", mtl), ("prompt_format", prompt_format)):
-        if value is None:
-            raise DataError(f"{manifest_path}: field 'config.{name}': missing")
-    data_dir, info = scoring_schema(args, manifest, manifest_path)
-    records = load_split(args.score_path, info, scores_optional=True)
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    error = out_dir and (occupied_dir_error(out_dir, "output folder", "scoring writes a new run folder")
-                         or uncreatable_dir_error(out_dir))
-    if error:
-        raise DataError(error)
-    return ScoringJob(info, records[: args.test_limit] if args.test_limit else records, data_dir, mtl, prompt_format,
-                      max_prompt_tokens, read_calibration(args, adapter, info), out_dir)
-
-
-def scoring_schema(args: argparse.Namespace, manifest: dict, manifest_path: Path):
-    """(folder, DatasetInfo) of the essays to score: dataset.json in --data_dir, else in the
-    adapter's training data folder (its run manifest), else beside --score_path. Its rubrics must
-    be the ones the adapter was trained to score, in the same order."""
-    from modules.data import load_dataset_info
-    from modules.jsonio import DataError
-
-    trained_on = (manifest.get("config") or {}).get("data_dir")
-    if args.data_dir:
-        data_dir = args.data_dir
-    elif trained_on and (Path(trained_on) / "dataset.json").is_file():
-        data_dir = trained_on
-    else:
-        data_dir = str(Path(args.score_path).parent)
-    info = load_dataset_info(data_dir)
-    rubrics = manifest.get("rubrics")
-    if rubrics and info.rubric_names != rubrics:
-        raise DataError(f"{Path(data_dir) / 'dataset.json'}: rubrics {info.rubric_names} are not the ones the adapter "
-                        f"was trained to score, {rubrics} ({manifest_path})")
-    return data_dir, info
-
-
-def read_calibration(args: argparse.Namespace, adapter: Path, info) -> dict | None:
-    """The adapter's confidence calibration (chosen on its validation essays), None without one;
-    DataError when it cannot judge these predictions."""
-    from modules.confidence import SAMPLE_SIGNALS
-    from modules.evaluation import CONFIDENCE_CALIBRATION
-    from modules.jsonio import DataError, read_json
-
-    path = adapter / CONFIDENCE_CALIBRATION
-    if not path.is_file():
-        return None
-    calibration = read_json(path)
-    if calibration.get("rubrics") != info.rubric_names:
-        raise DataError(f"{path}: field 'rubrics': {calibration.get('rubrics')} are not {info.rubric_names}")
-    if calibration.get("signal") in SAMPLE_SIGNALS:
-        raise DataError(f"{path}: field 'signal': {calibration['signal']!r} needs a sample bank; scoring has none")
-    if calibration.get("prediction") == "weighted" and args.no_weighted:
-        logger.warning("--no_weighted: %s judges the weighted prediction, so these rows get no score sets or review "
-                       "flags", path)
-        return None
-    return calibration
-
-
-def new_scoring_dir(args: argparse.Namespace, job: ScoringJob) -> tuple[Path | None, str | None]:
-    """Rank 0: create the scoring run's folder, --output_dir or a new runs/<adapter>_scored_<time>."""
-    try:
-        prefix = f"{Path(args.adapter_dir).resolve().name}_scored"
-        return create_run_dir(job.out_dir, ROOT / "runs", prefix), None
-    except RunDirError as err:
-        return None, str(err)
-
-
-def scoring_manifest(args: argparse.Namespace, job: ScoringJob, run_dir: Path, model) -> dict:
-    """The scoring run's manifest: how it was made, the adapter, the essays, the prompt settings
-    it took from the adapter's run, and whether a confidence calibration applied."""
-    from modules import dist
-    from modules.jsonio import write_json_atomic
-
-    param = next(model.parameters())
-    manifest = {**provenance(), "mode": "score", "config": vars(args), "run_dir": str(run_dir),
-                "adapter_dir": str(Path(args.adapter_dir).resolve()), "score_path": str(Path(args.score_path).resolve()),
-                "data_dir": str(Path(job.data_dir).resolve()), "device": str(param.device), "dtype": str(param.dtype),
-                "world_size": dist.world_size(), "rubrics": job.info.rubric_names,
-                "prompt_settings": {"mtl": job.mtl, "prompt_format": job.prompt_format,
-                                    "max_prompt_tokens": job.max_prompt_tokens},
-                "n_essays": len(job.records), "n_with_gold": sum(r.scores is not None for r in job.records),
-                "confidence_calibration": job.calibration is not None}
-    if dist.is_main():
-        write_json_atomic(run_dir / MANIFEST, manifest)
-    return manifest
-
-
-def confidence_rows(rows: list[dict], job: ScoringJob) -> tuple[list[dict], None]:
-    """The prediction rows with their confidence: under the adapter's calibration also the
-    conformal score sets and the review flag; without one, the signals alone."""
-    from modules.confidence import attach_confidence
-    from modules.confidence_report import apply_calibration
-
-    essays = [r.essay for r in job.records]
-    if job.calibration is not None:
-        return apply_calibration(rows, job.calibration, essays=essays), None
-    logger.info("the adapter has no confidence calibration: confidence signals without score sets or review flags")
-    return attach_confidence(rows, job.info.rubric_names, job.info.ranges, essays=essays), None
 
 
 if __name__ == "__main__":

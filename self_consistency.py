@@ -19,36 +19,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Only torch-free modules at the top: analyze runs where torch and transformers are not installed.
-from modules.bank import (BANK, append_bank_line, bank_files, bank_line, merge_banks, own_bank_name, read_bank,
-                          sampled_ids)
+from modules.bank import BANK, append_bank_line, bank_files, merge_banks
 from modules.jsonio import DataError, read_json, write_json_atomic
-from modules.runs import (RunDirError, create_run_dir, manifest_prompt_settings, occupied_dir_error,
-                          plan_and_load_adapter, setup_logging, stop)
+from modules.runs import RunDirError, create_run_dir, plan_and_load_adapter, setup_logging, stop
+from modules.sc_run import (ANALYSIS_DEFAULTS, CONFIG, SamplingPlan, UsageError, load_records, plan_sampling,
+                            resolve_fallback, run_prefix)
+
+if TYPE_CHECKING:
+    from modules.sampling import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("self_consistency")
 
-CONFIG = "run_config.json"
-# The flags that decide which samples get drawn: a resumed run must use the same ones.
-SAMPLING_KEYS = ("adapter_dir", "base_model_name", "test_path", "max_m", "chunk_m", "temperature", "top_k",
-                 "top_p", "max_new_tokens", "seed", "sampler", "mtl", "prompt_format", "max_prompt_tokens",
-                 "constrained")
-# Sampling flags added after runs were first written, with the value an older run_config.json that
-# lacks them was drawn with; resuming such a run compares against that value.
-LATER_SAMPLING_DEFAULTS = {"constrained": False}
-ANALYSIS_DEFAULTS = {"fallback_score": None, "bootstrap": 200, "seed": 42, "baselines_json": None, "limit": None}
 DRY_RUN_LINES = 40
-
-
-class CliError(Exception):
-    """A usage problem reported as one line on stderr (exit 2)."""
 
 
 # --------------------------------------------------------------------------- arguments
@@ -84,15 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The sampler registry imports torch, which analyze must not need; an analyze command line (the
     # subcommand comes first) is never parsed by the sampling flags, which alone use the registry.
     if argv[:1] == ["analyze"]:
-        samplers = []
+        samplers, defaults = [], None
     else:
-        from modules.sampling import SAMPLERS
+        from modules.sampling import SAMPLERS, SamplerSettings
 
-        samplers = list(SAMPLERS)
+        samplers, defaults = list(SAMPLERS), SamplerSettings()
 
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sampling = _sampling_flags(samplers)
+    sampling = _sampling_flags(samplers, defaults)
     sub.add_parser("run", parents=[sampling], help="sample, then analyze")
     sub.add_parser("sample", parents=[sampling], help="write the sample bank only")
     analyze = sub.add_parser("analyze", help="recompute curves, best scores and figures from a bank")
@@ -115,9 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sampling_flags(samplers: list[str]) -> argparse.ArgumentParser:
-    """The flags of ``run`` and ``sample`` (a parent parser): adapter, test file, sampling settings,
+def _sampling_flags(samplers: list[str], defaults: SamplerSettings | None) -> argparse.ArgumentParser:
+    """The flags of ``run`` and ``sample`` (a parent parser): adapter, test file, sampling settings
+    (defaulting to ``defaults``' fields; None for an analyze command line, which never parses them),
     run folder, prompt settings and the analysis flags."""
+    def default(name: str):
+        return getattr(defaults, name, None)
+
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--adapter_dir", required=True, help="trained LoRA adapter folder (runs/<name>)")
     sampling.add_argument("--base_model_name", required=True, help="the adapter's base: hub id, local dir or built-in")
@@ -126,20 +120,21 @@ def _sampling_flags(samplers: list[str]) -> argparse.ArgumentParser:
                           help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
                                "first GPU, else the CPU); a GPU that is not there is an error")
     sampling.add_argument("--dry_run", action="store_true", help="load everything, print one prompt, exit")
-    sampling.add_argument("--max_m", type=int, default=50, help="samples per essay")
-    sampling.add_argument("--chunk_m", type=int, default=10, help="samples per generate call")
-    sampling.add_argument("--temperature", type=float, default=0.7)
-    sampling.add_argument("--top_k", type=int, default=9)
-    sampling.add_argument("--top_p", type=float, default=None, help="nucleus filter (default: the model's generation config)")
-    sampling.add_argument("--max_new_tokens", type=int, default=None,
+    sampling.add_argument("--max_m", type=int, default=default("max_m"), help="samples per essay")
+    sampling.add_argument("--chunk_m", type=int, default=default("chunk_m"), help="samples per generate call")
+    sampling.add_argument("--temperature", type=float, default=default("temperature"))
+    sampling.add_argument("--top_k", type=int, default=default("top_k"))
+    sampling.add_argument("--top_p", type=float, default=default("top_p"),
+                          help="nucleus filter (default: the model's generation config)")
+    sampling.add_argument("--max_new_tokens", type=int, default=default("max_new_tokens"),
                           help="token budget per sample (default: what a valid score line can take for this "
                                "tokenizer and these rubrics); a sample cut by it is invalid")
-    sampling.add_argument("--sampler", choices=samplers, default=samplers[0] if samplers else None,
+    sampling.add_argument("--sampler", choices=samplers, default=default("sampler"),
                           help="trie: exact and fast (default); generate: the original's HF generate loop")
-    sampling.add_argument("--constrained", action="store_true",
+    sampling.add_argument("--constrained", action="store_true", default=default("constrained"),
                           help="allow only tokens that keep each sample a prefix of a valid score line "
                                "(the model's distribution restricted and renormalised, then the warpers)")
-    sampling.add_argument("--essay_batch", type=int, default=8,
+    sampling.add_argument("--essay_batch", type=int, default=default("essay_batch"),
                           help="essays sampled together (trie sampler); lower it when memory is short")
     sampling.add_argument("--output_root", default="./consistency_results")
     sampling.add_argument("--output_dir", default=None, help="run folder (default <output_root>/<tag or adapter>_<time>)")
@@ -153,153 +148,10 @@ def _sampling_flags(samplers: list[str]) -> argparse.ArgumentParser:
     return sampling
 
 
-# --------------------------------------------------------------------------- settings
-
-def prompt_settings(args: argparse.Namespace) -> tuple[bool, str, int | None, str]:
-    """mtl and prompt_format as in training (flags, else the adapter's run_manifest.json, else
-    defaults), the training run's prompt budget (essays are shortened to it, as in training), and
-    where the settings came from.
-
-    The prompt must be rendered exactly as in training, or the adapter scores a prompt it never saw.
-    """
-    manifest = Path(args.adapter_dir) / "run_manifest.json"
-    saved = read_json(manifest) if manifest.is_file() else {}
-    try:
-        saved_mtl, saved_format, max_prompt_tokens = manifest_prompt_settings(saved, manifest)
-    except ValueError as err:
-        raise CliError(str(err)) from None
-    mtl = args.mtl if args.mtl is not None else bool(saved_mtl)
-    fmt = args.prompt_format or saved_format or "chat"
-    given = [args.mtl is not None, args.prompt_format is not None]
-    parts = ["flags"] if any(given) else []
-    if not all(given):
-        config = saved.get("config")
-        parts.append("run_manifest.json" if isinstance(config, dict) and config else "defaults")  # cmd_sample warns
-    return mtl, fmt, max_prompt_tokens, " + ".join(parts)
-
-
-def resolve_fallback(values: list[int] | None, info) -> list[int]:
-    """Per-rubric fallback vote: one int for all rubrics, one per rubric, or the midpoints."""
-    if values is None:
-        return [r.midpoint for r in info.rubrics]
-    if len(values) == 1:
-        values = values * len(info.rubrics)
-    if len(values) != len(info.rubrics):
-        raise CliError(f"--fallback_score has {len(values)} values; give 1 or {len(info.rubrics)} (one per rubric)")
-    for v, r in zip(values, info.rubrics):
-        if not r.min <= v <= r.max:
-            raise CliError(f"--fallback_score {v} is outside rubric '{r.name}' range {r.min}-{r.max}")
-    return list(values)
-
+# --------------------------------------------------------------------------- analysis
 
 def load_baselines(path: str | None) -> dict | None:
     return read_json(Path(path)) if path else None
-
-
-def load_records(test_path: str, limit: int | None):
-    from modules.data import dataset_info_for, load_split
-
-    info = dataset_info_for(test_path)
-    records = load_split(test_path, info)
-    return info, records[:limit] if limit else records
-
-
-def make_title(config_args: dict, m: int) -> str:
-    """Model, sampling settings and m for the figures; parts the config does not know are left out."""
-    parts = []
-    if config_args.get("adapter_dir"):
-        parts.append(f"{Path(config_args['adapter_dir']).name} on {config_args.get('base_model_name', '?')}")
-    parts += [f"{label}={config_args[key]}" for key, label in (("temperature", "T"), ("top_k", "top_k"), ("top_p", "top_p"))
-              if config_args.get(key) is not None]
-    if config_args.get("constrained"):
-        parts.append("constrained")
-    return ", ".join(parts + [f"max m={m}"])
-
-
-# --------------------------------------------------------------------------- analysis
-
-def bank_samples(bank_path: Path, test_path: str, records, info) -> tuple["np.ndarray", int]:
-    """The bank's scores as int [N, m, K] in test-file order (-1 = invalid sample) and its number of
-    truncated samples; a DataError (one line) when its essays, sample counts or gold scores do not
-    match the test file's."""
-    import numpy as np
-
-    from modules.voting import INVALID
-
-    rows = {row["id"]: row for row in read_bank(bank_path, info.ranges)}
-    expected = [r.id for r in records]
-    missing = [i for i in expected if i not in rows]
-    unknown = sorted(set(rows) - set(expected))
-    if missing or unknown:
-        detail = [f"{len(missing)} essays missing (first {missing[0]!r}; an unfinished run? continue it with "
-                  f"--resume)"] if missing else []
-        detail += [f"{len(unknown)} not among the {len(expected)} test essays (first {unknown[0]!r})"] if unknown else []
-        raise DataError(f"{bank_path}: essay ids do not match {test_path}: " + ", ".join(detail))
-    counts = sorted({len(rows[i]["samples"]) for i in expected})
-    if len(counts) > 1:
-        raise DataError(f"{bank_path}: essays hold different numbers of samples {counts}; finish the run with --resume")
-    n, m, k = len(records), counts[0], len(info.rubrics)
-    samples = np.full((n, m, k), INVALID, dtype=np.int64)
-    for e, record in enumerate(records):
-        row = rows[record.id]
-        if row["gold"] != list(record.scores):
-            raise DataError(f"{bank_path}: essay {record.id!r}: gold {row['gold']} differs from {test_path} "
-                            f"({list(record.scores)})")
-        for j, sample in enumerate(row["samples"]):
-            if sample["scores"] is not None:
-                samples[e, j] = sample["scores"]
-    truncated = sum(bool(sample.get("truncated")) for r in records for sample in rows[r.id]["samples"])
-    return samples, truncated
-
-
-def analyze_bank(bank_path: Path, test_path: str, records, info, out_dir: Path, *, fallback: list[int],
-                 n_bootstrap: int, seed: int, baselines: dict | None, config_args: dict) -> tuple[dict, dict]:
-    """Votes, curves, bootstrap bands, best scores and figures of a bank; writes them into out_dir.
-
-    Also the confidence of the majority vote over all samples (modules.confidence): per essay in
-    ``confidence.jsonl``, the risk-coverage tables with AURC and AUROC of the self-consistency signals
-    (agreement share, sample std) against essay length and random order in ``confidence.json``, and
-    ``risk_coverage.png``.
-
-    Essays are taken in test-file order, so the result does not depend on the bank's line order.
-    """
-    import numpy as np
-
-    from modules.confidence import with_confidence
-    from modules.confidence_report import sample_bank_report
-    from modules.jsonio import write_jsonl_atomic
-    from modules.plots import plot_average, plot_overall, plot_per_rubric, plot_risk_coverage
-    from modules.curves import bootstrap_curves, qwk_curves
-    from modules.voting import INVALID, best_scores
-
-    samples, truncated = bank_samples(bank_path, test_path, records, info)
-    n, m, _ = samples.shape
-    gold = np.array([r.scores for r in records], dtype=np.int64)
-
-    curves = qwk_curves(samples, gold, info.ranges, fallback, rubric_names=info.rubric_names)
-    if n_bootstrap:
-        curves["bootstrap"] = bootstrap_curves(samples, gold, info.ranges, fallback, n_orderings=n_bootstrap,
-                                               seed=seed, rubric_names=info.rubric_names)
-    invalid = int((samples == INVALID).all(axis=2).sum())
-    curves.update(invalid_rate=invalid / (n * m), invalid_samples=invalid, truncated_samples=truncated,
-                  fallback=list(fallback))
-    best = best_scores(curves)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "curves.json", curves)
-    write_json_atomic(out_dir / "best_qwk_scores.json", best)
-    title = make_title(config_args, m)
-    plot_overall(curves, baselines, out_dir / "overall_qwk_vs_m.png", title)
-    plot_average(curves, baselines, out_dir / "average_qwk_vs_m.png", title)
-    plot_per_rubric(curves, baselines, out_dir / "per_rubric_qwk_vs_m.png", title)
-
-    report, signals, measures = sample_bank_report(samples, gold, info.ranges, fallback,
-                                                   essays=[r.essay for r in records], seed=seed)
-    write_json_atomic(out_dir / "confidence.json", report)
-    write_jsonl_atomic(out_dir / "confidence.jsonl",
-                       with_confidence([{"id": r.id} for r in records], info.rubric_names, signals, measures))
-    plot_risk_coverage(report["signals"], out_dir / "risk_coverage.png", title)
-    return curves, best
 
 
 def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> None:
@@ -320,6 +172,7 @@ def print_summary(curves: dict, best: dict, out_dir: Path, decoding: str) -> Non
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from modules.sc_analysis import analyze_bank
     from modules.score_lines import decoding_mode
 
     bank = Path(args.bank_path)
@@ -346,103 +199,31 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- sampling
 
-def check_output_dir(args: argparse.Namespace) -> Path | None:
-    """The run folder to continue or create; never an existing non-empty one unless resuming."""
-    if args.resume:
-        if not args.output_dir:
-            raise CliError("--resume needs --output_dir naming the run folder to continue")
-        out = Path(args.output_dir)
-        if not (out / CONFIG).is_file():
-            raise CliError(f"{out}: no {CONFIG} there; not a self-consistency run to resume")
-        return out
-    if args.output_dir:
-        out = Path(args.output_dir)
-        error = occupied_dir_error(out, "output folder", "use --resume to continue that run")
-        if error:
-            raise CliError(error)
-        return out
-    return None
-
-
-def run_prefix(args: argparse.Namespace) -> str:
-    """The name a new run folder starts with: --tag, else the adapter folder's name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", args.tag or Path(args.adapter_dir).resolve().name)
-
-
-@dataclass
-class SamplingPlan:
-    """What a sampling run has checked before it loads the model: the essays, the prompt settings
-    as in training, the fallback votes, the run folder and, when resuming, what is already drawn."""
-    info: object
-    records: list
-    fallback: list[int]
-    mtl: bool
-    prompt_format: str
-    max_prompt_tokens: int | None
-    prompt_source: str
-    baselines_path: str | None
-    out_dir: Path | None
-    resolved: dict  # the flags as run_config.json records them
-    own_bank: str
-    saved: dict | None = None  # the run_config.json of the run being resumed
-    done: set = field(default_factory=set)  # ids already in this process's bank
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     """``sample`` and ``run``, stage by stage: check every input -> load the adapter -> (dry run:
     print one prompt, exit) -> create the run folder and its config -> draw the samples into the
     bank -> merge the processes' banks -> (``run``) analyze and print."""
     from modules import dist
-    from modules.scoring import score_line_budget
 
     # Under a launcher each process takes its LOCAL_RANK's GPU and joins the process group first, so
     # that the checks end with one verdict for all. Everything that can be wrong with the input
     # fails in plan_sampling, before minutes of model loading.
     device = dist.join(args.device_id)
-    plan, model, tokenizer, error = plan_and_load_adapter(lambda: plan_sampling(args), args, device, (CliError,))
+    plan, model, tokenizer, error = plan_and_load_adapter(lambda: plan_sampling(args), args, device, (UsageError,))
     if error:
         return stop(error)
     if dist.is_main():  # only now: a run that stops on an input error prints that error line alone
         log_prompt_source(args, plan)
-    token_budget = args.max_new_tokens or score_line_budget(tokenizer, plan.info.ranges, args.constrained)
+    settings = sampler_settings(args)
+    token_budget = settings.token_budget(tokenizer, plan.info.ranges)
     if args.dry_run:
         return print_dry_run(args, plan, model, tokenizer, token_budget) if dist.is_main() else 0
     error = open_run_dir(args, plan, model, token_budget)
     if error:
         return stop(error)
-    draw_samples(args, plan, model, tokenizer, token_budget)
+    draw_samples(args, plan, model, tokenizer, settings)
     dist.barrier()  # every process has written its share
     return finish_sampling(args, plan) if dist.is_main() else 0
-
-
-def plan_sampling(args: argparse.Namespace) -> SamplingPlan:
-    """Every check of a sampling run's input (test file, fallback, prompt settings, baselines, run
-    folder, a resume's settings and finished essays); DataError or CliError as one line."""
-    from modules import dist
-
-    info, records = load_records(args.test_path, args.limit)
-    fallback = resolve_fallback(args.fallback_score, info)
-    mtl, prompt_format, max_prompt_tokens, prompt_source = prompt_settings(args)
-    if args.baselines_json is not None and not Path(args.baselines_json).is_file():
-        raise CliError(f"{args.baselines_json}: baselines file not found")
-    default_baselines = Path(args.adapter_dir) / "evaluation_results.json"
-    baselines_path = args.baselines_json or (str(default_baselines.resolve()) if default_baselines.is_file() else None)
-    out_dir = check_output_dir(args)  # also on --dry_run: a bad folder should show up before a real run
-    resolved = {**vars(args), "adapter_dir": str(Path(args.adapter_dir).resolve()),
-                "test_path": str(Path(args.test_path).resolve()), "mtl": mtl, "prompt_format": prompt_format,
-                "max_prompt_tokens": max_prompt_tokens, "fallback_score": fallback, "baselines_json": baselines_path}
-    plan = SamplingPlan(info, records, fallback, mtl, prompt_format, max_prompt_tokens, prompt_source,
-                        baselines_path, out_dir, resolved, own_bank_name(dist.rank(), dist.world_size()))
-    if args.resume:
-        plan.saved = read_json(out_dir / CONFIG)
-        before = plan.saved.get("args", {})
-        used = {k: before.get(k, LATER_SAMPLING_DEFAULTS.get(k)) for k in SAMPLING_KEYS}
-        diffs = [k for k in SAMPLING_KEYS if used[k] != resolved[k]]
-        if diffs:
-            raise CliError(f"{out_dir}: cannot resume with different sampling settings: " + "; ".join(
-                f"{k} {resolved[k]!r} (run used {used[k]!r})" for k in diffs))
-        plan.done = sampled_ids(out_dir, records, info, plan.own_bank)
-    return plan
 
 
 def log_prompt_source(args: argparse.Namespace, plan: SamplingPlan) -> None:
@@ -450,23 +231,22 @@ def log_prompt_source(args: argparse.Namespace, plan: SamplingPlan) -> None:
     manifest = Path(args.adapter_dir) / "run_manifest.json"
     if plan.prompt_source.endswith("defaults"):
         logger.warning("%s not found; prompting with mtl=%s, prompt_format=%s (pass the training flags if they "
-                       "differed)", manifest, plan.mtl, plan.prompt_format)
-    elif plan.max_prompt_tokens is None:
+                       "differed)", manifest, plan.prompts.mtl, plan.prompts.prompt_format)
+    elif plan.prompts.max_prompt_tokens is None:
         logger.info("%s records no max_prompt_tokens (a run from before prompts were shortened alike); "
                     "prompting with whole essays", manifest)
 
 
 def print_dry_run(args: argparse.Namespace, plan: SamplingPlan, model, tokenizer, token_budget: int) -> int:
     """The settings a run would sample with, and the first essay's prompt as the model sees it."""
-    from modules.data import build_prompt
     from modules.score_lines import decoding_mode
 
     param = next(model.parameters())
     record = plan.records[0]
-    prompt = build_prompt(record, plan.info, tokenizer, plan.mtl, plan.prompt_format, plan.max_prompt_tokens)
+    prompt = plan.prompts.prompt(record, plan.info, tokenizer)
     n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    print(f"dry run: {len(plan.records)} essays, {len(plan.info.rubrics)} rubrics, mtl={plan.mtl}, "
-          f"prompt_format={plan.prompt_format} ({plan.prompt_source}), sampler={args.sampler}, "
+    print(f"dry run: {len(plan.records)} essays, {len(plan.info.rubrics)} rubrics, mtl={plan.prompts.mtl}, "
+          f"prompt_format={plan.prompts.prompt_format} ({plan.prompt_source}), sampler={args.sampler}, "
           f"{decoding_mode(args.constrained)} decoding, token budget {token_budget}, {param.device}, {param.dtype}")
     print(f"--- prompt of essay {record.id} ({n_tokens} tokens) ---")
     lines = prompt.splitlines()
@@ -511,46 +291,43 @@ def open_run_dir(args: argparse.Namespace, plan: SamplingPlan, model, token_budg
     return None
 
 
-def draw_samples(args: argparse.Namespace, plan: SamplingPlan, model, tokenizer, token_budget: int) -> None:
+def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
+    """The sampling flags as :class:`~modules.sampling.SamplerSettings`."""
+    from modules.sampling import SamplerSettings
+
+    return SamplerSettings(**{f.name: getattr(args, f.name) for f in fields(SamplerSettings)})
+
+
+def draw_samples(args: argparse.Namespace, plan: SamplingPlan, model, tokenizer, settings: SamplerSettings) -> None:
     """Draw --max_m samples of every essay not yet in this process's bank (its share of them under
     a launcher), appending each essay's line as soon as its batch ends."""
     from tqdm.auto import tqdm
 
     from modules import dist
-    from modules.data import build_prompt
-    from modules.sampling import SAMPLERS
+    from modules.sampling import draw_bank_lines
+
+    def prompt_of(record) -> str:
+        return plan.prompts.prompt(record, plan.info, tokenizer)
 
     todo = dist.shard([(i, r) for i, r in enumerate(plan.records) if r.id not in plan.done])
-    sampler = SAMPLERS[args.sampler]
-    sample_args = dict(max_m=args.max_m, chunk_m=args.chunk_m, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, max_new_tokens=token_budget, constrained=args.constrained)
     started, drawn, invalid = time.perf_counter(), 0, 0
     label = "sampling" if dist.world_size() == 1 else f"sampling (rank 0 of {dist.world_size()})"
-    # The generate sampler runs essay by essay as the original did; the trie sampler batches essays.
-    batch_size = args.essay_batch if args.sampler == "trie" else 1
     with (plan.out_dir / plan.own_bank).open("a", encoding="utf-8") as handle, \
             tqdm(total=len(plan.done) + len(todo), initial=len(plan.done), desc=label, unit="essay",
                  disable=None if dist.is_main() else True) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            prompts = [build_prompt(record, plan.info, tokenizer, plan.mtl, plan.prompt_format,
-                                    plan.max_prompt_tokens) for _, record in batch]
-            # Essay i is seeded with seed + i (its position in the test file), so a resumed, sharded or
-            # --limit'ed run draws exactly the samples a full uninterrupted run would.
-            drawn_samples = sampler(model, tokenizer, prompts, plan.info.ranges,
-                                    generator_seeds=[args.seed + index for index, _ in batch], **sample_args)
-            for (_, record), samples in zip(batch, drawn_samples):
-                row = bank_line(record.id, record.scores, samples)
+        for rows in draw_bank_lines(model, tokenizer, todo, prompt_of, plan.info.ranges, settings, seed=args.seed):
+            for row in rows:
                 append_bank_line(handle, row)
-                drawn, invalid = drawn + len(samples), invalid + row["invalid"]
+                drawn, invalid = drawn + len(row["samples"]), invalid + row["invalid"]
             bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}",
                             invalid=f"{invalid}/{drawn}")
-            bar.update(len(batch))
+            bar.update(len(rows))
 
 
 def finish_sampling(args: argparse.Namespace, plan: SamplingPlan) -> int:
     """Rank 0, once every process has drawn: merge the per-process banks into samples.jsonl, then
     (``run``) analyze the bank and print the summary."""
+    from modules.sc_analysis import analyze_bank
     from modules.score_lines import decoding_mode
 
     out_dir = plan.out_dir
@@ -575,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         from modules import dist
     try:
         return cmd_sample(args) if sampling else cmd_analyze(args)
-    except (DataError, CliError) as err:
+    except (DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -1,6 +1,7 @@
-"""Real-essay benchmark: LoRA-fine-tune smollm2-135m on a real corpus and compare every row it
-scores with baselines fit on the same essays, recording every per-essay prediction in a tracked
-result file. The recipes, their tables and the levers tried are in docs/results.md.
+"""Real-essay benchmark: LoRA-fine-tune smollm2-135m on a real corpus with the product's commands and
+compare every row it scores with baselines fit on the same essays, recording every per-essay
+prediction in a tracked result file. The recipes, their tables and the levers tried are in
+docs/results.md; the result file's fields in benchmarks/results/README.md.
 
     python -m benchmarks.bench_real_essays --corpus asap          # ASAP set 7, holistic 0-30
     python -m benchmarks.bench_real_essays --corpus asap-traits   # ASAP set 7, holistic + 4 traits
@@ -9,45 +10,28 @@ result file. The recipes, their tables and the levers tried are in docs/results.
     python -m benchmarks.bench_real_essays --corpus asap --seed 1 --replicate  # greedy + weighted only
     python -m benchmarks.real_essay_tables                          # the tables from every result
 
-Corpora (``--input`` takes any file in the corpus's layout; ``--essay_set N`` any ASAP set):
-``asap`` is ``../shared/data/asap/asap_set7.tsv`` (holistic score), ``asap-traits`` the same set
-with its traits in one line, ``ell`` ``../shared/data/ell/ell_train.csv`` (six traits stored doubled,
-``"scale": 2``; its table adds MCRMSE in 1.0-5.0 units). When the file is absent the script says
-so and exits 0: the shared data is not part of a clone.
+The corpus files are shared data outside the repository (``../shared/data``); when one is absent
+the script says so and exits 0. Stages, each timed (run it alone: the times are part of the result):
 
-Stages, each timed:
+1. convert + subset: the corpus's converter (``modules.convert``), then a seeded subset
+   (``modules.convert.subset``) shared by every command on the corpus and data seed.
+2. train: ``main_pipeline.py`` as a subprocess, as a user runs it, with ``--skip_scoring``.
+3. every LoRA row on the test, validation and pick essays from the saved adapter, with the prompt
+   settings its run manifest records, each prompt prefilled once (``modules.predict.predict_batch``):
+   greedy and weighted as ``main_pipeline.py`` scores them, constrained greedy, and ``--m``
+   self-consistency samples as ``self_consistency.py run`` draws them (banks in its format), with
+   majority and average votes. ``--replicate``: greedy and weighted only (``predict_split``).
+4. baselines fit on the same training essays.
+5. confidence: ``modules.evaluation.evaluate_confidence`` on the weighted row, calibrated on
+   validation, and the signals it judged.
 
-1. convert + subset: the corpus's converter (seeded split, ``--data_seed``), then a seeded sample
-   of ``--train_essays`` / ``--valid_essays`` / ``--test_essays`` and ``--pick_essays`` more
-   validation essays (drawn last, so they change no other sample), written as one dataset folder
-   that every command on this corpus and data seed shares (``"system_prompt": SYSTEM_PROMPT``).
-2. train: ``main_pipeline.py`` as a subprocess, as a user runs it, with ``--skip_scoring``: CE +
-   0.2 NTL (``--ablation``: CE only), LoRA on ``--target_modules`` of every layer, length-bucketed
-   batches, the last step's weights, and its default ``--precision auto`` (recorded per result).
-3. every LoRA row on the test, validation and pick essays from the saved adapter on the training
-   prompts, each prompt prefilled once: greedy and weighted as ``main_pipeline.py`` scores them,
-   ``--constrained`` greedy, and ``--m`` self-consistency samples as ``self_consistency.py run``
-   draws them (unconstrained and constrained; banks written in its format), majority and average
-   votes. ``--replicate``: greedy and weighted only.
-4. baselines: TF-IDF (1-2 grams) ridge on the same training essays and on every training essay,
-   an essay-length ridge, the training mean.
-5. confidence: the weighted row's signals (``modules.confidence.essay_signals``) on test and
-   validation, the conformal sets and review rule calibrated on validation, and the figures.
-
-Each command writes one result file into ``--results_dir`` (default ``benchmarks/results/<corpus>/``;
-a smoke run with fewer test essays than the corpus's minimum writes under ``<out_dir>/results``;
-fields: ``benchmarks/results/README.md``), prints the tables of every result of its group
-(``real_essay_tables.py``) and ends with ``best_lora_qwk=<x>``: the test average QWK of the LoRA
-row best on the validation and pick essays, mean over seeds. Run it alone: the stage times are
-part of the result.
+It ends with ``best_lora_qwk=<x>``: the test average QWK of the LoRA row best on the validation
+and pick essays, mean over seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import random
 import subprocess
 import sys
 import time
@@ -57,17 +41,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
 
 from benchmarks import real_essay_tables as tables
-
+from benchmarks.result_files import (DEFAULT_TARGET_MODULES, PATH_FLAGS, RESULTS, ROOT, group_key, line_counts,
+                                     read_results, repo_relative, result_path, round_floats, rows_present,
+                                     split_entry, write_result)
 from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions
 from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse
 from modules.convert.pipeline import read_table
-from modules.data import SPLITS, load_dataset_info
-from modules.jsonio import (DataError, iter_jsonl, read_json, read_text_utf8, write_json_atomic,
-                           write_jsonl_atomic)
+from modules.convert.subset import make_subset, read_records, subset_sizes
+from modules.data import load_dataset_info
+from modules.jsonio import DataError, read_json, read_text_utf8
 from modules.metrics import mean_qwk
+from modules.runs import git_commit, git_dirty, machine
 
 SHARED = ROOT.parent / "shared" / "data"
 ASAP7 = SHARED / "asap" / "asap_set7.tsv"
@@ -78,7 +65,6 @@ SYSTEM_PROMPT = "You score essays."
 # gradients dwarf CE's and the hour's training learned far less (docs/guide.md, the quickstart's settings).
 VARIANTS = {"ce+ntl": 0.2, "ce": 0.0}
 SCORED_SPLITS = ("test", "valid")
-SIGNAL_DIGITS = 6  # decimals of the stored confidence signals: the study is recomputed from these values
 
 
 @dataclass(frozen=True)
@@ -128,12 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=False,
                    help="main_pipeline.py's flag; the recipe keeps the last step's weights (docs/results.md, levers)")
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
-    p.add_argument("--target_modules", default=tables.DEFAULT_TARGET_MODULES,
+    p.add_argument("--target_modules", default=DEFAULT_TARGET_MODULES,
                    help="main_pipeline.py --lora_target_modules: the projections LoRA adapts")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="prompt + target tokens (the essay budget)")
     p.add_argument("--m", type=int, default=10, help="self-consistency samples per essay")
+    p.add_argument("--batch_essays", type=int, default=8,
+                   help="essays decoded together (main_pipeline.py's --per_device_eval_batch_size default)")
     p.add_argument("--bootstrap", type=int, default=2000, help="hierarchical bootstrap resamples of the printed tables")
     args = p.parse_args(argv)
     corpus = CORPORA[args.corpus]
@@ -145,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, getattr(corpus, key))
     if args.pick_essays < 0:
         p.error("--pick_essays must be >= 0")
-    for key in ("train_essays", "valid_essays", "test_essays", "m", "batch_size", "grad_accum", "bootstrap"):
+    for key in ("train_essays", "valid_essays", "test_essays", "m", "batch_size", "grad_accum", "bootstrap",
+                "batch_essays"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key} must be >= 1")
     return args
@@ -192,11 +181,6 @@ def run_logged(cmd: list[str], log: Path) -> None:
         raise StageFailed(f"{cmd[1]} exited with {done.returncode}; last lines of {log}:\n" + "\n".join(tail))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Raw records (dicts), the shape the baselines take."""
-    return [record for _, record in iter_jsonl(path)]
-
-
 def convert(args: argparse.Namespace, out: Path) -> None:
     """The corpus's converter into ``out`` (seeded split); prints its report."""
     if args.corpus == "asap-traits" and (args.essay_set not in ASAP_TRAITS
@@ -210,70 +194,6 @@ def convert(args: argparse.Namespace, out: Path) -> None:
         report = convert_asap(args.input, out, essay_sets=[args.essay_set], seed=args.data_seed,
                               traits=args.corpus == "asap-traits")
     print("   " + report.format().replace("\n", "\n   "))
-
-
-def subset_draws(full_dir: Path, sizes: dict[str, int], pick: int, seed: int) -> dict[str, list[dict]]:
-    """The subset's records per split (file order kept): a seeded sample of each converted split, then
-    ``pick`` more validation essays (the pick essays) from those the validation sample left. One RNG
-    draws them in this order, so the train, valid and test samples do not depend on ``pick``."""
-    rng = random.Random(seed)
-    records, chosen = {}, {}
-    for split in SPLITS:
-        records[split] = read_jsonl(full_dir / f"{split}.jsonl")
-        if sizes[split] > len(records[split]):
-            raise DataError(f"--{split}_essays {sizes[split]} is more than the {len(records[split])} essays of the "
-                            f"converted {split} split")
-        chosen[split] = sorted(rng.sample(range(len(records[split])), sizes[split]))
-    taken = set(chosen["valid"])
-    left = [i for i in range(len(records["valid"])) if i not in taken]
-    if pick > len(left):
-        raise DataError(f"--pick_essays {pick} is more than the {len(left)} validation essays the "
-                        f"--valid_essays sample leaves in {full_dir / 'valid.jsonl'}")
-    draws = {split: [records[split][i] for i in chosen[split]] for split in SPLITS}
-    draws["pick"] = [records["valid"][i] for i in sorted(rng.sample(left, pick))]
-    return draws
-
-
-def subset_sizes(args: argparse.Namespace, full_dir: Path) -> dict[str, int]:
-    """Essays per split of the subset: ``--train_essays`` (None: every essay of the converted
-    training split in ``full_dir``), ``--valid_essays``, ``--test_essays``."""
-    train = args.train_essays if args.train_essays is not None else len(read_jsonl(full_dir / "train.jsonl"))
-    return {"train": train, "valid": args.valid_essays, "test": args.test_essays}
-
-
-def make_subset(full_dir: Path, data_dir: Path, sizes: dict[str, int], pick: int, seed: int) -> None:
-    """:func:`subset_draws` written as one dataset folder (``pick.jsonl`` beside the three splits, which
-    main_pipeline.py does not read); an existing folder (another command's) is reused when it was made
-    with the same seed, sizes and pick count."""
-    if (data_dir / "dataset.json").is_file():
-        meta = read_json(data_dir / "dataset.json")
-        made = meta.get("subset", {})
-        if (made.get("seed") != seed or made.get("sizes") != sizes or made.get("pick", 0) != pick
-                or meta.get("system_prompt") != SYSTEM_PROMPT):
-            raise DataError(f"{data_dir}: made with seed {made.get('seed')}, sizes {made.get('sizes')}, "
-                            f"{made.get('pick', 0)} pick essays and system prompt {meta.get('system_prompt')!r}, not "
-                            f"{seed}, {sizes}, {pick} and {SYSTEM_PROMPT!r}; use another --out_dir")
-        return
-    draws = subset_draws(full_dir, sizes, pick, seed)
-    data_dir.mkdir(parents=True)
-    meta = read_json(full_dir / "dataset.json")
-    meta["subset"] = {"of": str(full_dir), "seed": seed, "sizes": sizes, "pick": pick}
-    meta["system_prompt"] = SYSTEM_PROMPT
-    for split, records in draws.items():
-        if records or split != "pick":
-            write_jsonl_atomic(data_dir / f"{split}.jsonl", records)
-    write_json_atomic(data_dir / "dataset.json", meta)
-
-
-def line_counts(predictions: list[dict]) -> dict[str, int]:
-    """Invalid and truncated generated lines among ``predictions`` (predict_split's dicts)."""
-    return {"lines": len(predictions), "invalid": sum(not p["valid"] for p in predictions),
-            "truncated": sum(bool(p["truncated"]) for p in predictions)}
-
-
-def expected_scores(predictions: list[dict]) -> list[list[float]]:
-    """The weighted row's unrounded expected scores, rounded to 4 decimals to keep the file small."""
-    return [[round(float(e), 4) for e in p["weighted_expected"]] for p in predictions]
 
 
 def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: float, log: Path) -> dict:
@@ -303,35 +223,13 @@ def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: f
             "max_prompt_tokens": manifest["max_prompt_tokens"]}
 
 
-def split_entry(predictions: list[dict]) -> dict:
-    """One split's greedy and weighted rows as the result file keeps them."""
-    return {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
-            "rows": {"greedy": [p["greedy"] for p in predictions], "weighted": [p["weighted"] for p in predictions]},
-            "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
-
-
-def greedy_weighted(args: argparse.Namespace, data_dir: Path, run_dir: Path, max_prompt_tokens: int,
-                    splits: list[str]) -> dict[str, list[dict]]:
-    """Greedy and weighted prediction dicts (``predict_split``'s) of ``<data_dir>/<split>.jsonl`` for
-    each of ``splits`` from the saved adapter, on the training prompts, as ``main_pipeline.py`` scores
-    test and validation (the replicate's rows; without the other rows one prefill serves both anyway)."""
-    from modules.data import load_split
-    from modules.evaluation import predict_split
-    from modules.models import load_adapter
-
-    info = load_dataset_info(data_dir)
-    model, tokenizer = load_adapter(args.base_model, run_dir)
-    return {split: predict_split(model, tokenizer, load_split(data_dir / f"{split}.jsonl", info), info, mtl=False,
-                                 max_prompt_tokens=max_prompt_tokens) for split in splits}
-
-
-def sc_votes(bank_path: Path, split_path: Path, records, info, suffix: str) -> tuple[dict, dict, "np.ndarray"]:
+def sc_votes(bank_path: Path, split_path: Path, records, info, suffix: str) -> tuple[dict, dict, np.ndarray]:
     """A written sample bank's per-essay majority and average votes over all its samples (rows
     ``SC majority<suffix>``, ``SC average<suffix>``; self_consistency.py's default fallback, the
     rubric midpoints), its invalid/truncated sample counts, and the bank as int [N, m, K] in the
     split file's order (-1 invalid)."""
+    from modules.bank import bank_samples
     from modules.voting import INVALID, average_vote, default_fallback, majority_vote
-    from self_consistency import bank_samples
 
     samples, truncated = bank_samples(bank_path, str(split_path), records, info)
     fallback = default_fallback(info.ranges)
@@ -342,64 +240,20 @@ def sc_votes(bank_path: Path, split_path: Path, records, info, suffix: str) -> t
     return votes, counts, samples
 
 
-def one_prefill_batch(model, tokenizer, records, info, max_prompt_tokens: int, first_index: int, seed: int, m: int,
-                      sc: argparse.Namespace) -> tuple[list[dict], list[dict], dict[bool, list[list[dict]]]]:
-    """Every LoRA row's raw output for ``records``, the essays ``first_index``, ``first_index + 1``,
-    ... of their split, from one prefill of each prompt (:func:`modules.scoring.prefill`): greedy
-    and weighted predictions as ``main_pipeline.py`` scores them (:func:`modules.evaluation.
-    prediction_row`), constrained greedy rows (:func:`modules.evaluation.greedy_row`) and m
-    self-consistency samples per essay, unconstrained (key False) and ``--constrained`` (key True).
-    The batch decodes greedy together as ``predict_split`` does its batches (``sc.essay_batch`` =
-    main_pipeline's eval batch, 8), so the greedy and weighted rows are the ones it writes.
-    Sampling follows ``self_consistency.py run`` with the settings ``sc`` (its parsed flags):
-    essay i draws from seed + i, so the samples are the ones the CLI draws."""
-    import torch
+def lora_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path, variant: str, run: dict,
+              splits: list[str]) -> dict[str, np.ndarray]:
+    """Every LoRA row on ``splits`` from the saved adapter, prompted as its run manifest records,
+    batch by batch with :func:`modules.predict.predict_batch`: greedy and weighted, constrained
+    greedy, and self-consistency, unconstrained and ``--constrained``, all from one prefill of each
+    prompt (at ELL's prompt lengths the prompt is most of an essay's cost). With ``--replicate``,
+    greedy and weighted only (:func:`modules.predict.predict_split`).
 
-    from modules.data import build_prompt
-    from modules.evaluation import greedy_row, prediction_row
-    from modules.sampling import trie_sample
-    from modules.scoring import greedy_pair_from_states, prefill, score_line_budget
-
-    prompts = [build_prompt(r, info, tokenizer, False, "chat", max_prompt_tokens) for r in records]
-    fallback = [r.midpoint for r in info.rubrics]
-    with torch.inference_mode():
-        states = [prefill(model, tokenizer, prompt) for prompt in prompts]
-        answers, constrained_answers = greedy_pair_from_states(model, tokenizer, states, info.ranges)
-        predictions = [prediction_row(model, tokenizer, r, answer, state, info)
-                       for r, answer, state in zip(records, answers, states)]
-        drawn = {constrained: trie_sample(model, tokenizer, prompts, info.ranges,
-                                          generator_seeds=[seed + first_index + i for i in range(len(records))],
-                                          max_m=m, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                                          max_new_tokens=score_line_budget(tokenizer, info.ranges, constrained),
-                                          constrained=constrained, prompt_states=states)
-                 for constrained in (False, True)}
-    return predictions, [greedy_row(r, answer, fallback) for r, answer in zip(records, constrained_answers)], drawn
-
-
-def sc_settings(run_dir: Path, base_model: str, split_path: Path) -> argparse.Namespace:
-    """``self_consistency.py run``'s flags at their defaults for this adapter and split."""
-    from self_consistency import parse_args as sc_parse_args
-
-    return sc_parse_args(["run", "--adapter_dir", str(run_dir), "--base_model_name", base_model,
-                          "--test_path", str(split_path)])
-
-
-def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path, variant: str, info,
-                     max_prompt_tokens: int, run: dict, timings: dict[str, float],
-                     splits: list[str]) -> dict[str, "np.ndarray"]:
-    """Every LoRA row on ``splits`` from the saved adapter, on the training prompts, batch by batch
-    with :func:`one_prefill_batch`: greedy and weighted, constrained greedy, and self-consistency,
-    unconstrained and ``--constrained``. Each essay's prompt runs through the model once for all
-    of them; separately each would pay it again, and at ELL's prompt lengths the prompt is most of
-    an essay's cost.
-
-    Self-consistency is ``self_consistency.py run``'s at its defaults with ``--max_m m`` and
-    ``--seed seed``; each bank is written in its format (``sc_<variant>_seed<k>_<split>
-    [_constrained]/samples.jsonl`` under ``out``), essay by essay as its batch ends. Each split's
-    entry (:func:`split_entry` plus the other rows and their line counts) goes into ``run[split]``,
-    its greedy and weighted prediction dicts into ``run["predictions"][split]``, the sampler's name
-    into ``run["sampler"]``; returns the unconstrained sample bank of each split (the SC confidence
-    signals judge its spread).
+    Self-consistency is ``self_consistency.py run``'s at its defaults (``SamplerSettings``) with
+    ``--max_m m`` and ``--seed seed``; each bank is written in its format (``sc_<variant>_seed<k>_
+    <split>[_constrained]/samples.jsonl`` under ``out``), essay by essay as its batch ends. Each
+    split's entry (:func:`split_entry` plus the other rows and their line counts) goes into
+    ``run[split]``, its prediction dicts into ``run["predictions"][split]``; returns the unconstrained
+    sample bank of each split (the SC confidence signals judge its spread).
     """
     from contextlib import ExitStack
 
@@ -408,43 +262,52 @@ def one_prefill_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, ou
     from modules.bank import append_bank_line, bank_line
     from modules.data import load_split
     from modules.models import load_adapter
+    from modules.predict import SampleDraws, predict_batch, predict_split
+    from modules.runs import PromptSettings
 
+    info = load_dataset_info(data_dir)
+    settings = PromptSettings.from_run(run_dir)
     model, tokenizer = load_adapter(args.base_model, run_dir)
-    banks = {}
-    with stage("every LoRA row (one prefill)", timings):
+    records = {split: load_split(data_dir / f"{split}.jsonl", info) for split in splits}
+    run["predictions"] = {}
+    if args.replicate:
         for split in splits:
-            split_path = data_dir / f"{split}.jsonl"
-            sc = sc_settings(run_dir, args.base_model, split_path)
-            records = load_split(split_path, info)
-            folders = {constrained: out / (f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else ""))
-                       for constrained in (False, True)}
-            predictions, constrained_greedy = [], []
-            with ExitStack() as files:
-                handles = {}
-                for constrained, folder in folders.items():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    handles[constrained] = files.enter_context((folder / "samples.jsonl").open("w", encoding="utf-8"))
-                for start in tqdm(range(0, len(records), sc.essay_batch), desc=f"{split}, one prefill", unit="batch",
-                                  disable=None):
-                    batch = records[start:start + sc.essay_batch]
-                    rows, constrained_rows, drawn = one_prefill_batch(model, tokenizer, batch, info, max_prompt_tokens,
-                                                                      start, args.seed, args.m, sc)
-                    predictions += rows
-                    constrained_greedy += constrained_rows
-                    for constrained, handle in handles.items():
-                        for record, samples in zip(batch, drawn[constrained]):
-                            append_bank_line(handle, bank_line(record.id, record.scores, samples))
-            run.setdefault("predictions", {})[split] = predictions
-            run[split] = split_entry(predictions)
-            run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in constrained_greedy]
-            run[split]["line_counts"]["greedy, constrained"] = line_counts(constrained_greedy)
+            run["predictions"][split] = predict_split(model, tokenizer, records[split], info, settings,
+                                                      batch_size=args.batch_essays)
+            run[split] = split_entry(run["predictions"][split])
+        return {}
+    banks = {}
+    for split in splits:
+        folders = {constrained: out / (f"sc_{variant}_seed{args.seed}_{split}" + ("_constrained" if constrained else ""))
+                   for constrained in (False, True)}
+        predictions, constrained_greedy = [], []
+        with ExitStack() as files:
+            handles = {}
             for constrained, folder in folders.items():
-                suffix = ", constrained" if constrained else ""
-                votes, counts, samples = sc_votes(folder / "samples.jsonl", split_path, records, info, suffix)
-                run[split]["rows"].update(votes)
-                run[split]["line_counts"]["SC samples" + suffix] = counts
-                if not constrained:
-                    banks[split] = samples
+                folder.mkdir(parents=True, exist_ok=True)
+                handles[constrained] = files.enter_context((folder / "samples.jsonl").open("w", encoding="utf-8"))
+            for start in tqdm(range(0, len(records[split]), args.batch_essays), desc=f"{split}, one prefill",
+                              unit="batch", disable=None):
+                batch = records[split][start:start + args.batch_essays]
+                rows = predict_batch(model, tokenizer, batch, info, settings, both_decodings=True,
+                                     draws=SampleDraws(args.m, args.seed), first_index=start)
+                predictions += rows.predictions
+                constrained_greedy += rows.constrained
+                for constrained, handle in handles.items():
+                    for record, samples in zip(batch, rows.samples[constrained]):
+                        append_bank_line(handle, bank_line(record.id, record.scores, samples))
+        run["predictions"][split] = predictions
+        run[split] = split_entry(predictions)
+        run[split]["rows"]["greedy, constrained"] = [p["greedy"] for p in constrained_greedy]
+        run[split]["line_counts"]["greedy, constrained"] = line_counts(constrained_greedy)
+        for constrained, folder in folders.items():
+            suffix = ", constrained" if constrained else ""
+            votes, counts, samples = sc_votes(folder / "samples.jsonl", data_dir / f"{split}.jsonl", records[split],
+                                              info, suffix)
+            run[split]["rows"].update(votes)
+            run[split]["line_counts"]["SC samples" + suffix] = counts
+            if not constrained:
+                banks[split] = samples
     run["sampler"] = "trie"
     return banks
 
@@ -454,53 +317,34 @@ def aligned(values_by_id: dict, ids: list[str]) -> list:
     return [values_by_id[i] for i in ids]
 
 
-def round_floats(value, digits: int = SIGNAL_DIGITS):
-    """Floats in nested dicts and lists rounded to ``digits`` decimals (the tracked file stays small)."""
-    if isinstance(value, float):
-        return round(value, digits)
-    if isinstance(value, dict):
-        return {k: round_floats(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [round_floats(v, digits) for v in value]
-    return value
-
-
-def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: dict, meta: dict, seed: int,
-                     out: Path, tag: str, title: str) -> dict:
-    """The confidence study's record for the judged weighted row: per split the essay signals of
-    :func:`modules.confidence.essay_signals` (valid seeded ``seed + 1``, test ``seed``, as
-    ``confidence_report`` seeds them; SC signals only when ``banks`` holds the split's sample bank),
-    rounded to 6 decimals, in the rows' order; and the compact report of
-    :func:`modules.confidence_report.confidence_report` (conformal sets and the review rule calibrated on
-    validation, measured on test). Saves the risk-coverage PNG and the reliability diagram in ``out``."""
-    import numpy as np
-
+def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: dict, seed: int, out: Path,
+                     title: str) -> dict:
+    """The confidence study's record for the judged weighted row: the compact report of
+    :func:`modules.evaluation.evaluate_confidence` (conformal sets and the review rule calibrated on
+    validation, measured on test; its calibration and figures go to ``out``), and per split the essay
+    signals of :func:`modules.confidence.essay_signals` it judged (valid seeded ``seed + 1``, test
+    ``seed``, as ``confidence_report`` seeds them; SC signals only when ``banks`` holds the split's
+    sample bank), rounded to 6 decimals, in the rows' order."""
     from modules.confidence import essay_signals
-    from modules.confidence_report import confidence_report
-    from modules.plots import plot_reliability, plot_risk_coverage
+    from modules.evaluation import evaluate_confidence
 
-    names = [r["name"] for r in meta["rubrics"]]
-    ranges = [(r["min"], r["max"]) for r in meta["rubrics"]]
+    info = load_dataset_info(data_dir)
     essays, samples = {}, {}
     for split in SCORED_SPLITS:
         ids = [p["id"] for p in predictions[split]]
-        records = read_jsonl(data_dir / f"{split}.jsonl")
+        records = read_records(data_dir / f"{split}.jsonl")
         essays[split] = aligned({r["id"]: r["essay"] for r in records}, ids)
         if split in banks:
             samples[split] = np.stack(aligned(dict(zip([r["id"] for r in records], banks[split])), ids))
     signals = {}
     for split, offset in (("valid", 1), ("test", 0)):
-        values, _ = essay_signals(predictions[split], names, ranges, prediction="weighted", essays=essays[split],
-                                  samples=samples.get(split), seed=seed + offset)
+        values, _ = essay_signals(predictions[split], info.rubric_names, info.ranges, prediction="weighted",
+                                  essays=essays[split], samples=samples.get(split), seed=seed + offset)
         signals[split] = {name: round_floats(v.tolist()) for name, v in values.items()}
-    report, _ = confidence_report(predictions["valid"], predictions["test"], names, ranges,
-                                  valid_essays=essays["valid"], test_essays=essays["test"],
-                                  valid_samples=samples.get("valid"), test_samples=samples.get("test"), seed=seed)
-    figure = out / f"risk_coverage_{tag}.png"
-    plot_risk_coverage(report["signals"], figure, title)
-    if report["calibration"]:
-        plot_reliability(report["calibration"], out / f"reliability_{tag}.png", title)
-    print(f"   figures: {figure}" + (f", {out / f'reliability_{tag}.png'}" if report["calibration"] else ""))
+    _, report, _ = evaluate_confidence(predictions["valid"], predictions["test"], info, out,
+                                       valid_essays=essays["valid"], test_essays=essays["test"], title=title,
+                                       valid_samples=samples.get("valid"), test_samples=samples.get("test"), seed=seed)
+    print(f"   calibration and figures: {out}")
     kept = {"large_errors": report["large_errors"],
             "ece": report["calibration"]["ece"] if report["calibration"] else None,
             "conformal": {k: report["conformal"][k] for k in ("method", "target_coverage", "average_coverage",
@@ -512,7 +356,7 @@ def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: 
 def baselines(data_dir: Path, full_train: list[dict], split: str) -> dict[str, list[list[int]]]:
     """Per-essay predictions ([N][K]) of the four baselines on ``split`` of the subset."""
     rubrics = read_json(data_dir / "dataset.json")["rubrics"]
-    train, scored = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / f"{split}.jsonl")
+    train, scored = read_records(data_dir / "train.jsonl"), read_records(data_dir / f"{split}.jsonl")
 
     def rows(per_rubric: dict[str, list[int]]) -> list[list[int]]:
         return [list(scores) for scores in zip(*(per_rubric[r["name"]] for r in rubrics))]
@@ -521,51 +365,6 @@ def baselines(data_dir: Path, full_train: list[dict], split: str) -> dict[str, l
             "TF-IDF ridge, all train essays": rows(ridge_predictions(full_train, scored, rubrics)),
             "essay-length ridge": rows(length_predictions(train, scored, rubrics)),
             "training mean": rows(mean_predictions(train, scored, rubrics))}
-
-
-# The flags that name files or folders: a result file records them relative to the repository, so
-# that it holds no machine's absolute paths (the input is also named, with its sha256, under "data").
-PATH_FLAGS = ("input", "out_dir", "results_dir")
-
-
-def repo_relative(value: str | None) -> str | None:
-    """An absolute path as the path relative to the repository; anything else as it is."""
-    if value is None or not os.path.isabs(value):
-        return value
-    return os.path.relpath(value, ROOT)
-
-
-def git_state() -> dict:
-    """The commit the benchmark ran at, and whether tracked files differed from it."""
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def cpu_model() -> str:
-    """``model name`` of /proc/cpuinfo (the CPU's arithmetic is part of what a run measures)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict:
-    import torch
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "host": platform.node()}
-
-
-def rows_present(split: dict) -> list[str]:
-    """The LoRA rows a command produced, in table order."""
-    return [row for row in tables.LORA_ROWS if row in split["rows"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     key = corpus_key(args)
     out = Path(args.out_dir or ROOT / "runs" / "real_essays" / key)
     smoke = args.test_essays < CORPORA[args.corpus].test_essays
-    results_dir = Path(args.results_dir or (out / "results" if smoke else tables.RESULTS))
+    results_dir = Path(args.results_dir or (out / "results" if smoke else RESULTS))
     run_dir = out / f"run_{variant}_seed{args.seed}"
     if run_dir.exists():
         print(f"error: {run_dir} exists; pass another --out_dir or --seed for a new benchmark", file=sys.stderr)
@@ -588,40 +387,33 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    banks: dict[str, object] = {}  # split -> unconstrained sample bank [N, m, K] (not with --replicate)
     try:
         with stage("convert + subset", timings):
             full = out / f"full_seed{args.data_seed}"
             if not (full / "dataset.json").is_file():  # another command's conversion is reused
                 convert(args, full)
-            sizes = subset_sizes(args, full)
+            sizes = subset_sizes(full, args.train_essays, args.valid_essays, args.test_essays)
             args.train_essays = sizes["train"]  # recorded as a number, also where the default means all
             data = out / f"data_seed{args.data_seed}"
-            make_subset(full, data, sizes, args.pick_essays, args.data_seed)
+            make_subset(full, data, sizes, args.pick_essays, args.data_seed, SYSTEM_PROMPT)
         meta = read_json(data / "dataset.json")
-        info = load_dataset_info(data)
         with stage("train", timings):
             run = train(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
         splits = [*SCORED_SPLITS, *(["pick"] if args.pick_essays else [])]
-        if args.replicate:
-            with stage("greedy + weighted", timings):
-                run["predictions"] = greedy_weighted(args, data, run_dir, run["max_prompt_tokens"], splits)
-                run.update({split: split_entry(rows) for split, rows in run["predictions"].items()})
-        else:
-            banks = one_prefill_rows(args, data, run_dir, out, variant, info, run["max_prompt_tokens"], run, timings,
-                                     splits)
+        with stage("greedy + weighted" if args.replicate else "every LoRA row (one prefill)", timings):
+            banks = lora_rows(args, data, run_dir, out, variant, run, splits)
         with stage("baselines", timings):
-            full_train = read_jsonl(full / "train.jsonl")
+            full_train = read_records(full / "train.jsonl")
             for split in splits:
                 run[split]["rows"].update(baselines(data, full_train, split))
         with stage("confidence", timings):
-            study = confidence_study(data, run["predictions"], banks, meta, args.seed, out,
-                                     f"{variant}_seed{args.seed}", f"{key}, LoRA {variant}, seed {args.seed}: weighted row")
+            study = confidence_study(data, run["predictions"], banks, args.seed, out / f"confidence_{variant}_seed{args.seed}",
+                                     f"{key}, LoRA {variant}, seed {args.seed}: weighted row")
     except (DataError, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     timings["total"] = round(time.perf_counter() - started, 1)
-    state = git_state()
+    state = {"commit": (git_commit() or "unknown")[:7], "dirty": git_dirty()}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     conversion = meta.get("conversion", {})
     result = {
@@ -635,11 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         "training": run["training"], "timings": timings, "sampler": run.get("sampler"), "machine": machine(), "git": state,
         "command": " ".join([Path(sys.argv[0]).name, *map(repo_relative, argv if argv is not None else sys.argv[1:])]),
         "config": {**vars(args), **{key: repo_relative(getattr(args, key)) for key in PATH_FLAGS}}}
-    path = tables.write_result(tables.result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
+    path = write_result(result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
     print(f"results: {path}")
     try:
-        this_group = tables.group_key(result)
-        members = [r for r in tables.read_results(results_dir) if tables.group_key(r) == this_group]
+        this_group = group_key(result)
+        members = [r for r in read_results(results_dir) if group_key(r) == this_group]
         group = tables.Group(members)
     except DataError as err:  # the result file is written; only the printed tables are missing
         print(f"error: {err}", file=sys.stderr)

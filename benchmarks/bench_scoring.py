@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_scoring [--limit N] [--adapter_dir DIR] [--asap_adapter_dir DIR] [--batch_size 8]
 
-Both sides call ``modules.evaluation.predict_split`` (greedy and weighted predictions, the CLI's
+Both sides call ``modules.predict.predict_split`` (greedy and weighted predictions, the CLI's
 defaults: unconstrained, no feedback, batches of ``--batch_size`` essays) on ``smollm2-135m``
 (with the LoRA adapter in ``--adapter_dir`` when given). The old side runs it inside
 ``benchmarks/reference_scoring.two_pass_scoring``: greedy decoding over padded batches, then the
@@ -49,8 +49,9 @@ from tests.reference_scoring import two_pass_scoring
 from modules.convert.corpora import convert_asap
 from modules.data import build_prompt, load_splits
 from modules.jsonio import read_json
-from modules.evaluation import predict_split
 from modules.models import load_adapter, load_base_model
+from modules.predict import predict_split
+from modules.runs import PromptSettings
 
 SHIPPED = ROOT / "aes_dataset_mtl"
 SIDES = {"old": two_pass_scoring, "new": nullcontext}
@@ -144,8 +145,8 @@ def main() -> None:
 
         def score(side: str, chunk: list) -> list[dict]:
             with SIDES[side]():
-                return predict_split(model, tokenizer, chunk, info, mtl=mtl, batch_size=args.batch_size,
-                                     max_prompt_tokens=load.max_prompt_tokens)
+                return predict_split(model, tokenizer, chunk, info, PromptSettings(mtl, "chat", load.max_prompt_tokens),
+                                     batch_size=args.batch_size)
 
         for side in SIDES:  # warm-up: first-call costs (vocabulary tables, constraint, kernels) out of the timing
             score(side, records[:1])

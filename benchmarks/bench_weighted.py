@@ -3,7 +3,7 @@ rewrite, in one process.
 
     python -m benchmarks.bench_weighted [--essays 10] [--adapter_dir DIR] [--threads N]
 
-Both sides call the same ``modules.scoring.weighted_predict`` on ``smollm2-135m`` (with the LoRA
+Both sides call the same ``modules.weighted.weighted_predict`` on ``smollm2-135m`` (with the LoRA
 adapter in ``--adapter_dir`` when given); the old side swaps in the previous candidate scorer
 (``benchmarks/reference_weighted.py``: a copy of the prompt cache repeated once per candidate,
 one padded batch row each), the new side is the library's (all candidates as a token trie in one
@@ -60,7 +60,7 @@ from benchmarks.bench_sampling import ASAP_SET7, MODEL, load_essays
 from tests.reference_weighted import reference_scorer
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
 from modules.models import load_adapter, load_base_model
-from modules.scoring import weighted_predict
+from modules.weighted import weighted_predict
 
 SHIPPED = ROOT / "aes_dataset_mtl"
 SIDES = {"old": reference_scorer, "new": nullcontext}

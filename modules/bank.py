@@ -5,7 +5,8 @@ The bank (``samples.jsonl``) holds one JSON line per essay,
 appended and fsynced essay by essay, so a killed run loses at most the essay in flight; a torn
 last line is detected on reading and dropped (and cut off the file when resuming). Under a
 launcher each process appends to its own ``samples.rank<r>.jsonl``, merged into ``samples.jsonl``
-in test-file order at the end.
+in test-file order at the end. :func:`bank_samples` reads a finished bank back as the int array
+``[N, m, K]`` of :mod:`modules.voting` (``-1`` = invalid sample), checked against its test file.
 
 Imports neither torch nor transformers: ``self_consistency.py analyze`` reads banks without them.
 """
@@ -17,9 +18,12 @@ import os
 from pathlib import Path
 from typing import IO, Sequence
 
+import numpy as np
+
 from modules.data import DatasetInfo, EssayRecord
 from modules.jsonio import DataError, input_error, iter_jsonl, read_input_bytes, write_jsonl_atomic
 from modules.score_lines import parse_score_line
+from modules.voting import INVALID
 
 logger = logging.getLogger(__name__)
 
@@ -155,3 +159,34 @@ def merge_banks(out_dir: Path, records: Sequence[EssayRecord], info: DatasetInfo
         if path != merged:
             path.unlink()
     return merged
+
+
+def bank_samples(bank_path: Path, test_path: str, records: Sequence[EssayRecord],
+                 info: DatasetInfo) -> tuple[np.ndarray, int]:
+    """The bank's scores as int [N, m, K] in test-file order (-1 = invalid sample) and its number of
+    truncated samples; a DataError (one line) when its essays, sample counts or gold scores do not
+    match the test file's."""
+    rows = {row["id"]: row for row in read_bank(bank_path, info.ranges)}
+    expected = [r.id for r in records]
+    missing = [i for i in expected if i not in rows]
+    unknown = sorted(set(rows) - set(expected))
+    if missing or unknown:
+        detail = [f"{len(missing)} essays missing (first {missing[0]!r}; an unfinished run? continue it with "
+                  f"--resume)"] if missing else []
+        detail += [f"{len(unknown)} not among the {len(expected)} test essays (first {unknown[0]!r})"] if unknown else []
+        raise DataError(f"{bank_path}: essay ids do not match {test_path}: " + ", ".join(detail))
+    counts = sorted({len(rows[i]["samples"]) for i in expected})
+    if len(counts) > 1:
+        raise DataError(f"{bank_path}: essays hold different numbers of samples {counts}; finish the run with --resume")
+    n, m, k = len(records), counts[0], len(info.rubrics)
+    samples = np.full((n, m, k), INVALID, dtype=np.int64)
+    for e, record in enumerate(records):
+        row = rows[record.id]
+        if row["gold"] != list(record.scores):
+            raise DataError(f"{bank_path}: essay {record.id!r}: gold {row['gold']} differs from {test_path} "
+                            f"({list(record.scores)})")
+        for j, sample in enumerate(row["samples"]):
+            if sample["scores"] is not None:
+                samples[e, j] = sample["scores"]
+    truncated = sum(bool(sample.get("truncated")) for r in records for sample in rows[r.id]["samples"])
+    return samples, truncated

@@ -13,9 +13,12 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
+
+from modules.jsonio import DataError, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn", "wandb", "gguf")
@@ -60,6 +63,19 @@ def occupied_dir_error(path: Path, what: str, hint: str) -> str | None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         return f"{path}: {what} exists and is not empty ({hint})"
     return None
+
+
+def uncreatable_dir_error(path: Path) -> str | None:
+    """The error ``create_run_dir`` would give for ``path``, found without writing: its nearest
+    existing ancestor is not a folder, or one this user may not write into; else None."""
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if parent == path.absolute():
+        return None
+    problem = ("Not a directory" if not parent.is_dir()
+               else None if os.access(parent, os.W_OK | os.X_OK) else "Permission denied")
+    return f"{path}: cannot create the run folder ({problem})" if problem else None
 
 
 def create_run_dir(path: Path | None, parent: Path | None = None, prefix: str = "") -> Path:
@@ -111,6 +127,9 @@ def plan_and_load_adapter(plan: Callable[[], object], args, device, errors: tupl
 
 # --------------------------------------------------------------------------- a training run's prompts
 
+MANIFEST = "run_manifest.json"  # a run folder's record of how it was made
+
+
 def manifest_prompt_settings(manifest: dict, path: Path) -> tuple[bool | None, str | None, int | None]:
     """mtl, prompt_format and max_prompt_tokens as a training run recorded them in its
     run_manifest.json (``path``, for the message), None where it records none; a prompt for its
@@ -127,6 +146,43 @@ def manifest_prompt_settings(manifest: dict, path: Path) -> tuple[bool | None, s
     return (None if mtl is None else bool(mtl)), prompt_format, max_prompt_tokens
 
 
+@dataclass(frozen=True)
+class PromptSettings:
+    """How an adapter's prompts are rendered: as in its training, or it scores prompts it never saw.
+    ``mtl``: the target was score line + feedback; ``prompt_format``: ``chat`` or ``plain``;
+    ``max_prompt_tokens``: the training run's prompt budget (longer essays are shortened to it)."""
+
+    mtl: bool = False
+    prompt_format: str = "chat"
+    max_prompt_tokens: int | None = None
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "PromptSettings":
+        """The settings a training run recorded in its ``run_manifest.json``; DataError naming the
+        file and field when it lacks one."""
+        path = Path(run_dir) / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{run_dir}: no {MANIFEST}, so the prompts its adapter was trained on are unknown "
+                            f"(score with a run folder main_pipeline.py wrote)")
+        try:
+            mtl, prompt_format, max_prompt_tokens = manifest_prompt_settings(read_json(path), path)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        for name, value in (("mtl", mtl), ("prompt_format", prompt_format)):
+            if value is None:
+                raise DataError(f"{path}: field 'config.{name}': missing")
+        return cls(mtl, prompt_format, max_prompt_tokens)
+
+    def prompt(self, record, info, tokenizer) -> str:
+        """The record's prompt text under these settings."""
+        from modules.data import build_prompt
+
+        return build_prompt(record, info, tokenizer, self.mtl, self.prompt_format, self.max_prompt_tokens)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 # --------------------------------------------------------------------------- provenance
 
 def git_commit() -> str | None:
@@ -136,6 +192,35 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_dirty() -> bool:
+    """Whether tracked files differ from the checked-out commit (a result then is not that commit's)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo: the CPU's arithmetic is part of what a timed run measures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """The CPU, its cores, and the torch and Python versions a run ran on."""
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node()}
 
 
 def package_versions() -> dict[str, str]:

@@ -9,24 +9,48 @@ from each prompt's generator seed alone, so that a resumed run redraws nothing d
 
 ``generate`` is the original tool's sampler. ``trie`` (the default) draws from the same
 distribution with far less compute: see :func:`trie_sample`. What they draw is stored in the
-sample bank, whose file format is :mod:`modules.bank`.
+sample bank, whose file format is :mod:`modules.bank`; :func:`draw_bank_lines` draws a test
+file's essays batch by batch into bank lines. :class:`SamplerSettings` holds the sampling settings
+and their defaults (``self_consistency.py run``'s flags default to them).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from modules.bank import Sample
+from modules.bank import Sample, bank_line
 from modules.constrained import START, ScoreLineLogitsProcessor
+from modules.data import EssayRecord
 from modules.score_lines import line_sample
 from modules.scoring import (PromptState, ended_rows, eval_mode, input_device, left_padded_cache, line_constraint,
-                             stop_token_ids)
+                             score_line_budget, stop_token_ids)
 from modules.tree_attention import require_tree_attention, tree_attention_mask
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How self-consistency samples are drawn, with the defaults of ``self_consistency.py run``
+    (its flags of the same names default to these fields)."""
+    sampler: str = "trie"  # a key of SAMPLERS
+    max_m: int = 50  # samples per essay
+    chunk_m: int = 10  # samples per generate call (generate sampler only)
+    temperature: float = 0.7
+    top_k: int = 9
+    top_p: float | None = None  # None: the model's generation config
+    max_new_tokens: int | None = None  # None: what a valid score line can take (token_budget)
+    constrained: bool = False  # only tokens that keep each sample a prefix of a valid score line
+    essay_batch: int = 8  # essays sampled together (trie sampler; generate goes essay by essay)
+
+    def token_budget(self, tokenizer, ranges: Sequence[tuple[int, int]]) -> int:
+        """Tokens per sample: ``max_new_tokens``, else what a valid score line can take for this
+        tokenizer and these rubrics (:func:`~modules.scoring.score_line_budget`)."""
+        return self.max_new_tokens or score_line_budget(tokenizer, ranges, self.constrained)
 
 
 def generate_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
@@ -276,5 +300,29 @@ def trie_sample(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple
 
 SamplerFn = Callable[..., list[list[Sample]]]
 # Name -> sampler with generate_sample's signature (a batch of prompts, one seed each); the
-# CLI's --sampler choices. The first is the default.
+# CLI's --sampler choices. The default is SamplerSettings.sampler.
 SAMPLERS: dict[str, SamplerFn] = {"trie": trie_sample, "generate": generate_sample}
+
+
+def draw_bank_lines(model, tokenizer, essays: Sequence[tuple[int, EssayRecord]],
+                    prompt_of: Callable[[EssayRecord], str], ranges: Sequence[tuple[int, int]],
+                    settings: SamplerSettings, *, seed: int) -> Iterator[list[dict]]:
+    """The bank lines (:func:`~modules.bank.bank_line`) of ``essays``, pairs of (index in the test
+    file, record), one list per batch of essays as each batch ends: ``settings.max_m`` samples of
+    each essay's prompt (``prompt_of``) from ``settings.sampler``. The trie sampler draws
+    ``settings.essay_batch`` essays together; the generate sampler runs essay by essay as the
+    original did.
+
+    Essay i is seeded with ``seed + i`` (its position in the test file), so a resumed, sharded or
+    shortened run draws exactly the samples a full uninterrupted run would."""
+    sampler = SAMPLERS[settings.sampler]
+    batch_size = settings.essay_batch if settings.sampler == "trie" else 1
+    sample_args = dict(max_m=settings.max_m, chunk_m=settings.chunk_m, temperature=settings.temperature,
+                       top_k=settings.top_k, top_p=settings.top_p,
+                       max_new_tokens=settings.token_budget(tokenizer, ranges), constrained=settings.constrained)
+    for start in range(0, len(essays), batch_size):
+        batch = essays[start:start + batch_size]
+        prompts = [prompt_of(record) for _, record in batch]
+        drawn = sampler(model, tokenizer, prompts, ranges, generator_seeds=[seed + index for index, _ in batch],
+                        **sample_args)
+        yield [bank_line(record.id, record.scores, samples) for (_, record), samples in zip(batch, drawn)]

@@ -1,7 +1,7 @@
 """Tree attention: many continuations of one prompt in a single batch row of its KV cache.
 
 The trie sampler (:func:`modules.sampling.trie_sample`) and the weighted scorer
-(:func:`modules.scoring.weighted_predict`) both lay a tree of token sequences after a prompt in
+(:func:`modules.weighted.weighted_predict`) both lay a tree of token sequences after a prompt in
 one cache row. A 4D additive attention mask lets each node see only the prompt and its own
 ancestors, and its position id is the prompt length plus its depth, so its logits equal those of
 its path run as a plain sequence, while the prompt's keys and values are stored once.

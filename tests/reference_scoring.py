@@ -1,5 +1,5 @@
 """Split scoring as it was before greedy decoding and the weighted scorer shared the prompt's
-forward: the oracle that ``tests/test_scoring.py`` checks ``modules.evaluation.predict_split``
+forward: the oracle that ``tests/test_scoring.py`` checks ``modules.predict.predict_split``
 against, and the "old" side of ``benchmarks/bench_scoring.py``. Kept here once, for both.
 
 Greedy decoding ran first, over padded batches (``modules.scoring.greedy_predict``: one
@@ -11,20 +11,22 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 from unittest import mock
 
-import modules.evaluation as evaluation
+import modules.predict as predict
 from modules.scoring import greedy_predict
 
 
-def two_pass(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[int, int]],
-             **greedy_kwargs) -> Iterator[tuple[dict, str]]:
-    """Every prompt's greedy answer (all of them first, in padded batches), paired with the prompt's
-    text instead of its forward, so that ``weighted_predict`` runs the prompt a second time."""
-    yield from zip(greedy_predict(model, tokenizer, prompts, ranges, **greedy_kwargs), prompts)
+def two_pass(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *, constrained: bool = False,
+             generate_feedback: bool = False, both_decodings: bool = False) -> tuple[list[str], list[dict], None]:
+    """``decode_batch`` as it was: the batch's greedy answers from one padded ``generate``, with the
+    prompts' texts in place of their states, so that ``weighted_predict`` runs each prompt again."""
+    assert not both_decodings, "the two-pass path decoded one way at a time"
+    return list(prompts), greedy_predict(model, tokenizer, list(prompts), ranges, batch_size=len(prompts),
+                                         constrained=constrained, generate_feedback=generate_feedback), None
 
 
 @contextmanager
 def two_pass_scoring() -> Iterator[None]:
-    """Within the block, ``modules.evaluation.predict_split`` scores as before: each prompt runs
+    """Within the block, ``modules.predict.predict_split`` scores as before: each prompt runs
     through the model twice, once in greedy's padded batch and once alone for the weighted scorer."""
-    with mock.patch.object(evaluation, "greedy_with_prompt_states", two_pass):
+    with mock.patch.object(predict, "decode_batch", two_pass):
         yield

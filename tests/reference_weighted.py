@@ -1,5 +1,5 @@
 """The weighted scorer's candidate step as it was before the tree-attention rewrite: the oracle
-that ``tests/test_scoring.py`` checks ``modules.scoring._candidate_log_scores`` against, and the
+that ``tests/test_scoring.py`` checks ``modules.weighted._candidate_log_scores`` against, and the
 "old" side of ``benchmarks/bench_weighted.py``. Kept here once, for both.
 
 It copies the prompt's KV cache, runs the candidates' shared token prefix on the copy, then
@@ -15,7 +15,7 @@ from unittest import mock
 
 import torch
 
-import modules.scoring as scoring
+import modules.weighted as weighted
 from modules.scoring import number_continuation_mask
 
 
@@ -70,8 +70,8 @@ def _reference_rubrics(model, tokenizer, prompt_cache, prompt_logits: torch.Tens
 
 @contextmanager
 def reference_scorer() -> Iterator[None]:
-    """Within the block, ``modules.scoring.weighted_predict`` (and ``modules.evaluation.predict_split``,
+    """Within the block, ``modules.weighted.weighted_predict`` (and ``modules.predict.predict_split``,
     which calls it) score candidates with the reference above, one rubric per call as before, so old
     and new differ in the candidate step only."""
-    with mock.patch.object(scoring, "_candidate_log_scores", _reference_rubrics):
+    with mock.patch.object(weighted, "_candidate_log_scores", _reference_rubrics):
         yield

@@ -167,12 +167,14 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     # The predictions are the saved adapter's: scoring the test split again with it gives them back.
     from modules.data import dataset_info_for, load_split
     from modules.models import load_adapter
-    from modules.evaluation import predict_split
+    from modules.predict import predict_split
+    from modules.runs import PromptSettings
 
     info = dataset_info_for(small_data / "test.jsonl")
     model, tokenizer = load_adapter("tiny-random-llama", run_dir)
-    again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info, mtl=True, batch_size=8,
-                          max_prompt_tokens=manifest["max_prompt_tokens"], constrained=True)
+    again = predict_split(model, tokenizer, load_split(small_data / "test.jsonl", info), info,
+                          PromptSettings(mtl=True, max_prompt_tokens=manifest["max_prompt_tokens"]), batch_size=8,
+                          constrained=True)
     assert [(p["greedy"], p["weighted"], p["text"]) for p in again] == [(r["greedy"], r["weighted"], r["text"]) for r in rows]
     # to float32 precision: the run trained under bf16 autocast (--bf16), and scoring must not inherit it
     assert [p["weighted_expected"] for p in again] == [pytest.approx(r["weighted_expected"], abs=1e-5) for r in rows]

@@ -1,5 +1,6 @@
-"""The real-essay benchmark's recording and aggregation (benchmarks/real_essay_tables.py,
-benchmarks/bench_real_essays.py) on hand-made result files: no training here."""
+"""The real-essay benchmark's recording and aggregation (benchmarks/result_files.py,
+benchmarks/real_essay_tables.py, benchmarks/trust_tables.py, benchmarks/bench_real_essays.py) on
+hand-made result files: no training here."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ import pytest
 
 from benchmarks import bench_real_essays as bench
 from benchmarks import real_essay_tables as tables
+from benchmarks import result_files, trust_tables
 from modules.convert.baseline import mean_predictions
-from modules.jsonio import DataError
+from modules.convert.subset import subset_draws, subset_sizes
+from modules.jsonio import DataError, read_json
 from modules.metrics import mcrmse, mean_qwk, rubric_qwks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +59,10 @@ def test_training_mean_baseline_rounds_half_up_and_clips() -> None:
 
 
 def test_spread() -> None:
-    s = tables.spread([0.70, 0.72, 0.74])
+    s = result_files.spread([0.70, 0.72, 0.74])
     assert s["mean"] == pytest.approx(0.72) and s["sd"] == pytest.approx(0.02)
     assert (s["min"], s["max"]) == (0.70, 0.74)
-    one = tables.spread([0.5])
+    one = result_files.spread([0.5])
     assert one["mean"] == 0.5 and math.isnan(one["sd"])
 
 
@@ -73,17 +76,17 @@ def test_minutes_round_before_splitting() -> None:
 
 def test_result_file_round_trip_and_no_overwrite(tmp_path: Path) -> None:
     content = result("ce+ntl", 2, {"greedy": GOLD_TEST}, {"greedy": GOLD_VALID})
-    path = tables.result_path(tmp_path, "toy", "ce+ntl", 2, "abc1234", "20261201T000000Z")
+    path = result_files.result_path(tmp_path, "toy", "ce+ntl", 2, "abc1234", "20261201T000000Z")
     assert path == tmp_path / "toy" / "ce-ntl_seed2_abc1234_20261201T000000Z.json"
-    tables.write_result(path, content)
-    [back] = tables.read_results(tmp_path)
-    assert back["_path"] == str(path) and back["schema"] == tables.SCHEMA
+    result_files.write_result(path, content)
+    [back] = result_files.read_results(tmp_path)
+    assert back["_path"] == str(path) and back["schema"] == result_files.SCHEMA
     assert {k: v for k, v in back.items() if k not in ("_path", "schema")} == content
     with pytest.raises(DataError, match="never overwritten"):
-        tables.write_result(path, content)
+        result_files.write_result(path, content)
     (tmp_path / "toy" / "other.json").write_text(json.dumps({"corpus": "toy"}))
     with pytest.raises(DataError, match="other.json: not a real-essay result file"):
-        tables.read_results(tmp_path)
+        result_files.read_results(tmp_path)
 
 
 def test_best_row_is_chosen_on_validation_not_test() -> None:
@@ -110,8 +113,8 @@ def test_pick_essays_join_the_validation_essays_for_the_row_pick(tmp_path: Path,
         return content
 
     for seed in (0, 1):
-        tables.write_result(tmp_path / "toy" / f"r{seed}.json", with_pick(seed))
-    group = tables.Group(tables.read_results(tmp_path))
+        result_files.write_result(tmp_path / "toy" / f"r{seed}.json", with_pick(seed))
+    group = tables.Group(result_files.read_results(tmp_path))
     assert group.validation_splits() == ["valid", "pick"]
     gold = GOLD_VALID + gold_pick
     weighted = mean_qwk(gold, valid_rows["weighted"] + gold_pick, RANGES)
@@ -127,8 +130,8 @@ def test_pick_essays_join_the_validation_essays_for_the_row_pick(tmp_path: Path,
     assert (f"validation average QWK per LoRA row (mean over seeds): LoRA CE+NTL, greedy {greedy:.3f}; "
             f"LoRA CE+NTL, weighted {weighted:.3f}") in out
     # a seed without the pick essays (an older file): the pick falls back to the validation essays
-    tables.write_result(tmp_path / "toy" / "r2.json", result("ce+ntl", 2, test_rows, valid_rows))
-    group = tables.Group(tables.read_results(tmp_path))
+    result_files.write_result(tmp_path / "toy" / "r2.json", result("ce+ntl", 2, test_rows, valid_rows))
+    group = tables.Group(result_files.read_results(tmp_path))
     assert group.validation_splits() == ["valid"]
     assert group.best_on_validation() == ("ce+ntl", "greedy", pytest.approx(1.0))
 
@@ -138,22 +141,22 @@ def test_subset_draws_keep_the_splits_and_add_unseen_validation_essays(tmp_path:
     for split, n in pools.items():
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"id": f"{split}{i}"}) + "\n" for i in range(n)))
     sizes = {"train": 5, "valid": 4, "test": 3}
-    without = bench.subset_draws(tmp_path, sizes, 0, seed=3)
-    draws = bench.subset_draws(tmp_path, sizes, 5, seed=3)
+    without = subset_draws(tmp_path, sizes, 0, seed=3)
+    draws = subset_draws(tmp_path, sizes, 5, seed=3)
     ids = {split: [r["id"] for r in records] for split, records in draws.items()}
     assert all(ids[split] == [r["id"] for r in without[split]] for split in sizes)  # the pick draw comes last
     assert without["pick"] == [] and len(ids["pick"]) == 5 and ids["pick"] == sorted(ids["pick"], key=lambda i: int(i[5:]))
     assert set(ids["pick"]) == {f"valid{i}" for i in range(9)} - set(ids["valid"])  # every essay the sample left
-    fewer = [r["id"] for r in bench.subset_draws(tmp_path, sizes, 2, seed=3)["pick"]]
+    fewer = [r["id"] for r in subset_draws(tmp_path, sizes, 2, seed=3)["pick"]]
     assert len(fewer) == 2 and set(fewer) < set(ids["pick"])
-    assert fewer == [r["id"] for r in bench.subset_draws(tmp_path, sizes, 2, seed=3)["pick"]]  # seeded
+    assert fewer == [r["id"] for r in subset_draws(tmp_path, sizes, 2, seed=3)["pick"]]  # seeded
     with pytest.raises(DataError, match=r"--pick_essays 6 is more than the 5 validation essays the --valid_essays "
                                         r"sample leaves in .*valid.jsonl"):
-        bench.subset_draws(tmp_path, sizes, 6, seed=3)
+        subset_draws(tmp_path, sizes, 6, seed=3)
     # The traits default takes every training essay: the number is the converted split's.
-    args = bench.parse_args(["--corpus", "asap-traits", "--valid_essays", "4", "--test_essays", "3"])
-    assert bench.subset_sizes(args, tmp_path) == {"train": 12, "valid": 4, "test": 3}
-    assert bench.subset_sizes(bench.parse_args(["--corpus", "ell"]), tmp_path)["train"] == 800
+    assert bench.parse_args(["--corpus", "asap-traits"]).train_essays is None
+    assert subset_sizes(tmp_path, None, 4, 3) == {"train": 12, "valid": 4, "test": 3}
+    assert subset_sizes(tmp_path, 800, 30, 200)["train"] == 800
 
 
 def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
@@ -172,7 +175,7 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
                      "command": "bench_real_essays.py --corpus asap --seed 1 --replicate"}
     for i, content in enumerate([result("ce+ntl", 0, full, valid), replicate_run, result("ce", 0, ce, valid),
                                  result("ce+ntl", 0, full, valid, sizes={"train": 5, "valid": 6, "test": 8})]):
-        tables.write_result(tmp_path / "toy" / f"r{i}.json", content)
+        result_files.write_result(tmp_path / "toy" / f"r{i}.json", content)
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "200"]) == 0
     out = capsys.readouterr().out
     assert out.count("## toy:") == 2  # the other subset size is another group, never pooled
@@ -183,7 +186,7 @@ def test_tables_with_missing_rows_and_one_seed(tmp_path: Path, capsys) -> None:
     assert "LoRA CE+NTL, SC majority" not in rows and "TF-IDF ridge, same essays" not in rows
     g0 = mean_qwk(GOLD_TEST, full["greedy"], RANGES)
     g1 = mean_qwk(GOLD_TEST, replicate["greedy"], RANGES)
-    s = tables.spread([g0, g1])
+    s = result_files.spread([g0, g1])
     assert f"{s['mean']:.3f} (sd {s['sd']:.3f}, {s['min']:.3f}-{s['max']:.3f}) [s0: {g0:.3f}, s1: {g1:.3f}]" \
         in rows["LoRA CE+NTL, greedy"]
     assert "MCRMSE" not in first  # scale 1: QWK only
@@ -221,7 +224,7 @@ def test_results_pool_only_with_the_same_recipe_and_one_file_per_seed(tmp_path: 
              "r2": {**result("ce+ntl", 2, *rows), "config": {**recipe, "learning_rate": 0.0005}},
              "r4": {**result("ce+ntl", 0, *rows), "config": {**recipe, "target_modules": all_linear}}}
     for name, content in files.items():
-        tables.write_result(tmp_path / "toy" / f"{name}.json", content)
+        result_files.write_result(tmp_path / "toy" / f"{name}.json", content)
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 0
     groups = capsys.readouterr().out.split("## toy:")[1:]
     assert len(groups) == 3
@@ -234,7 +237,7 @@ def test_results_pool_only_with_the_same_recipe_and_one_file_per_seed(tmp_path: 
             "target_modules q_proj,v_proj, m 10\n") in lever
     assert "seeds LoRA CE+NTL: [0]\n" in modules
     # two files for one seed of one recipe: refused, naming both, instead of one replacing the other
-    tables.write_result(tmp_path / "toy" / "r3.json", {**result("ce+ntl", 0, *rows), "config": recipe})
+    result_files.write_result(tmp_path / "toy" / "r3.json", {**result("ce+ntl", 0, *rows), "config": recipe})
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "20"]) == 2
     err = capsys.readouterr().err
     assert "r3.json: a second result for LoRA CE+NTL seed 0 with the same essays and recipe (the other: " in err
@@ -247,7 +250,7 @@ def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> No
     content = result("ce+ntl", 0, {"weighted": [[3], [4], [6], [8], [9], [6]]}, {"weighted": [[2]] * 6},
                      gold_test=gold, gold_valid=[[4]] * 6, rubrics=rubrics)
     content["splits"]["test"]["weighted_expected"] = [[2.5], [4.0], [6.0], [8.0], [9.5], [6.0]]
-    tables.write_result(tmp_path / "ell" / "r.json", content)
+    result_files.write_result(tmp_path / "ell" / "r.json", content)
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("| LoRA CE+NTL, weighted"))
@@ -286,7 +289,7 @@ def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "dataset.json").write_text(json.dumps({"rubrics": RUBRICS}))
     out = bench.baselines(tmp_path, records(6, 0) + records(2, 50), "test")
-    assert list(out) == list(tables.BASELINE_ROWS)
+    assert list(out) == list(result_files.BASELINE_ROWS)
     assert out["training mean"] == [[2, 2]] * 4  # ideas 0+1+2+3+4+4 = 14/6 -> 2, style 2
     assert all(len(rows) == 4 and all(len(r) == 2 for r in rows) for rows in out.values())
     assert all(lo <= v <= hi for rows in out.values() for r in rows for v, (lo, hi) in zip(r, RANGES))
@@ -310,7 +313,7 @@ def test_benchmark_traits_need_trait_columns(tmp_path: Path) -> None:
 
 def test_benchmark_line_counts_and_missing_file(tmp_path: Path, capsys) -> None:
     preds = [{"valid": True, "truncated": False}, {"valid": False, "truncated": True}, {"valid": False, "truncated": False}]
-    assert bench.line_counts(preds) == {"lines": 3, "invalid": 2, "truncated": 1}
+    assert result_files.line_counts(preds) == {"lines": 3, "invalid": 2, "truncated": 1}
     assert bench.main(["--corpus", "ell", "--input", str(tmp_path / "absent.csv")]) == 0
     assert "not found" in capsys.readouterr().out
 
@@ -345,13 +348,13 @@ def test_selective_gain_matches_the_risk_coverage_table_on_resamples() -> None:
     pred = np.clip(gold + rng.integers(-2, 3, (30, 2)), 0, 4)
     signal = np.round(rng.random(30), 1)  # ties: stable order within each resample
     idx = np.vstack([np.arange(30), rng.integers(0, 30, (20, 30))])
-    gains = tables.selective_gain(signal, gold, pred, idx)
+    gains = trust_tables.selective_gain(signal, gold, pred, idx)
     for b, rows in enumerate(idx):
         table = risk_coverage_table(signal[rows], gold[rows], pred[rows], RANGES, coverages=(1.0, 0.8))
         assert gains[b] == pytest.approx(table["qwk"][1] - table["qwk"][0])
     other = rng.random(30)
-    versus = tables.selective_gain(signal, gold, pred, idx, reference=other)
-    assert versus == pytest.approx(gains - tables.selective_gain(other, gold, pred, idx))
+    versus = trust_tables.selective_gain(signal, gold, pred, idx, reference=other)
+    assert versus == pytest.approx(gains - trust_tables.selective_gain(other, gold, pred, idx))
 
 
 def test_coverage_gain_bootstrap_on_a_hand_made_case() -> None:
@@ -359,21 +362,21 @@ def test_coverage_gain_bootstrap_on_a_hand_made_case() -> None:
 
     gold, pred = twenty_essays(20, WRONG_TEST)
     good = ranks_wrong_last(20, WRONG_TEST)
-    point, lo, hi = tables.gain_with_interval(gold, [good], [pred], 1000, seed=0)
+    point, lo, hi = trust_tables.gain_with_interval(gold, [good], [pred], 1000, seed=0)
     # the 16 kept essays are exactly the correct ones: QWK 1 on them
     assert point == pytest.approx(1.0 - mean_qwk(gold, pred, RANGES)) and point > 0.05
     assert 0 < lo < point < hi
-    point, lo, hi = tables.gain_with_interval(gold, [-good], [pred], 1000, seed=0)  # wrong essays first
+    point, lo, hi = trust_tables.gain_with_interval(gold, [-good], [pred], 1000, seed=0)  # wrong essays first
     assert point < 0 and hi < 0
-    random_points = [tables.gain_with_interval(gold, [random_confidence(20, s)], [pred], 1, seed=0)[0]
+    random_points = [trust_tables.gain_with_interval(gold, [random_confidence(20, s)], [pred], 1, seed=0)[0]
                      for s in range(300)]
     assert abs(np.mean(random_points)) < 0.02  # random order: no gain on average
-    point, lo, hi = tables.gain_with_interval(gold, [random_confidence(20, 7)], [pred], 1000, seed=0)
+    point, lo, hi = trust_tables.gain_with_interval(gold, [random_confidence(20, 7)], [pred], 1000, seed=0)
     assert lo < 0 < hi
     # picked minus random order, paired on the same resamples
-    point, lo, hi = tables.gain_with_interval(gold, [good], [pred], 1000, seed=0,
-                                              references=[random_confidence(20, 7)])
-    kept = tables.kept_qwk(random_confidence(20, 7), gold, pred, np.arange(20)[None, :])[0]
+    point, lo, hi = trust_tables.gain_with_interval(gold, [good], [pred], 1000, seed=0,
+                                                    references=[random_confidence(20, 7)])
+    kept = trust_tables.kept_qwk(random_confidence(20, 7), gold, pred, np.arange(20)[None, :])[0]
     assert point == pytest.approx(1.0 - kept) and point > 0 and lo >= 0  # never below random here
 
 
@@ -404,16 +407,18 @@ def test_signal_is_picked_on_validation_and_never_looks_at_test_gold() -> None:
                      "random": np.linspace(0, 1, 10)}
     test_signals = {"p_pred": ranks_wrong_last(20, WRONG_TEST), "neg_std": -ranks_wrong_last(20, WRONG_TEST),
                     "random": np.linspace(0, 1, 20)}
-    lines = tables.trust_lines(trust_group(gold_t, gold_v, pred_t, pred_v, valid_signals, test_signals), "ce+ntl", 200, 0)
+    lines = trust_tables.trust_lines(trust_group(gold_t, gold_v, pred_t, pred_v, valid_signals, test_signals),
+                                     "ce+ntl", 200, 0)
     assert picked_line(lines).startswith("picked on the validation essays, never on test: neg_std,")
     rng = np.random.default_rng(0)
     for _ in range(3):  # scrambled test gold: the same pick
         scrambled = gold_t[rng.permutation(20)]
-        lines = tables.trust_lines(trust_group(scrambled, gold_v, pred_t, pred_v, valid_signals, test_signals),
-                                   "ce+ntl", 50, 0)
+        lines = trust_tables.trust_lines(trust_group(scrambled, gold_v, pred_t, pred_v, valid_signals, test_signals),
+                                         "ce+ntl", 50, 0)
         assert picked_line(lines).startswith("picked on the validation essays, never on test: neg_std,")
     swapped = {"p_pred": valid_signals["neg_std"], "neg_std": valid_signals["p_pred"], "random": valid_signals["random"]}
-    lines = tables.trust_lines(trust_group(gold_t, gold_v, pred_t, pred_v, swapped, test_signals), "ce+ntl", 50, 0)
+    lines = trust_tables.trust_lines(trust_group(gold_t, gold_v, pred_t, pred_v, swapped, test_signals),
+                                     "ce+ntl", 50, 0)
     assert picked_line(lines).startswith("picked on the validation essays, never on test: p_pred,")
 
 
@@ -425,12 +430,13 @@ def test_pick_signal_matches_choose_signal_and_pools_seeds() -> None:
     preds = [np.clip(gold + rng.integers(-2, 3, (25, 2)), 0, 4) for _ in range(2)]
     signals = [{s: rng.random(25) for s in ("p_pred", "neg_std", "length", "random")} for _ in range(2)]
     for k in range(2):
-        assert tables.pick_signal([(signals[k], gold, preds[k])])[0] == \
+        assert trust_tables.pick_signal([(signals[k], gold, preds[k])])[0] == \
             choose_signal(signals[k], gold, preds[k], allowed=list(signals[k]))
-    name, aurcs = tables.pick_signal([(signals[k], gold, preds[k]) for k in range(2)])
+    name, aurcs = trust_tables.pick_signal([(signals[k], gold, preds[k]) for k in range(2)])
     assert set(aurcs) == {"p_pred", "neg_std", "length"} and aurcs[name] == min(aurcs.values())
-    assert "sc_agreement" not in tables.pick_signal([({**signals[0], "sc_agreement": -preds[0][:, 0]}, gold, preds[0]),
-                                                     (signals[1], gold, preds[1])])[1]  # not in every seed
+    assert "sc_agreement" not in trust_tables.pick_signal([({**signals[0], "sc_agreement": -preds[0][:, 0]},
+                                                            gold, preds[0]),
+                                                           (signals[1], gold, preds[1])])[1]  # not in every seed
 
 
 def test_trust_table_from_result_files(tmp_path: Path, capsys) -> None:
@@ -457,7 +463,7 @@ def test_trust_table_from_result_files(tmp_path: Path, capsys) -> None:
     no_study = result("ce", 0, {"weighted": pred_t.tolist()}, {"weighted": pred_v.tolist()},
                       gold_test=gold_t.tolist(), gold_valid=gold_v.tolist(), sizes=sizes)
     for i, content in enumerate([seed0, replicate, no_study]):
-        tables.write_result(tmp_path / "toy" / f"r{i}.json", content)
+        result_files.write_result(tmp_path / "toy" / f"r{i}.json", content)
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "300"]) == 0
     out = capsys.readouterr().out
     assert out.count("### Which scores to trust") == 1  # the CE-only result has no study
@@ -473,7 +479,7 @@ def test_trust_table_from_result_files(tmp_path: Path, capsys) -> None:
     assert rows["neg_std (picked)"][5].startswith(f"{1 - q100:.3f} (sd 0.000")
     lo, hi = map(float, rows["neg_std (picked)"][6].strip(" |[]").split(", "))
     assert 0 < lo <= hi
-    kept = tables.kept_qwk(length_t, gold_t, pred_t, np.arange(40)[None, :])[0]
+    kept = trust_tables.kept_qwk(length_t, gold_t, pred_t, np.arange(40)[None, :])[0]
     assert rows["length"][4] == f"{kept:.3f} (sd 0.000, {kept:.3f}-{kept:.3f}) [s0: {kept:.3f}, s1: {kept:.3f}]"
     assert "never on test: neg_std," in section and "sc_agreement" not in picked_line(section.splitlines())
     assert "neg_std minus random order, QWK at 80% coverage (paired bootstrap, 300 resamples, seeds and test essays): +" \
@@ -490,19 +496,19 @@ def test_trust_table_from_result_files(tmp_path: Path, capsys) -> None:
 
 def test_trust_sentence_says_plainly_when_no_signal_beats_random() -> None:
     figures = {"q100": 0.70, "q80": 0.71, "gain": (0.01, -0.02, 0.04)}
-    text = tables.trust_sentence("neg_std", figures, (0.005, -0.03, 0.04), 150, 120)
+    text = trust_tables.trust_sentence("neg_std", figures, (0.005, -0.03, 0.04), 150, 120)
     assert text == ("No signal to trust on these essays: with neg_std, picked on validation, sending the 30 least "
                     "confident of 150 test essays to a human leaves QWK 0.710 on the 120 others, against 0.700 on "
                     "all (+0.010 [-0.020, +0.040]) and +0.005 [-0.030, +0.040] against random order; the interval "
                     "against random order does not lie above zero, so review by this signal buys no QWK that "
                     "sending a random choice of essays would not.")
-    assert tables.trust_sentence("neg_std", figures, (0.05, 0.01, 0.09), 150, 120).startswith("Trust neg_std:")
+    assert trust_tables.trust_sentence("neg_std", figures, (0.05, 0.01, 0.09), 150, 120).startswith("Trust neg_std:")
 
 
 def test_benchmark_confidence_study_aligns_by_id_and_saves_figures(tmp_path: Path) -> None:
     from modules.confidence import essay_signals
 
-    meta = {"rubrics": RUBRICS}
+    (tmp_path / "dataset.json").write_text(json.dumps({"rubrics": RUBRICS}))
     rng = np.random.default_rng(4)
     predictions, banks = {}, {}
     for split, n in (("test", 8), ("valid", 6)):
@@ -517,7 +523,7 @@ def test_benchmark_confidence_study_aligns_by_id_and_saves_figures(tmp_path: Pat
             rows.append({"id": r["id"], "gold": [r["scores"]["ideas"], 2], "greedy": weighted, "weighted": weighted,
                          "probabilities": probs})
         predictions[split] = rows
-    study = bench.confidence_study(tmp_path, predictions, banks, meta, 3, tmp_path, "t", "toy")
+    study = bench.confidence_study(tmp_path, predictions, banks, 3, tmp_path / "t", "toy")
     assert study["prediction"] == "weighted"
     for split, seed in (("test", 3), ("valid", 4)):
         order = [int(row["id"][len(split):]) for row in predictions[split]]
@@ -528,11 +534,13 @@ def test_benchmark_confidence_study_aligns_by_id_and_saves_figures(tmp_path: Pat
         for name, values in expected.items():
             assert study["signals"][split][name] == pytest.approx(values, abs=5e-7)
         assert study["signals"][split]["length"] == [3.0 + i for i in order]
-    assert (tmp_path / "risk_coverage_t.png").stat().st_size > 0 and (tmp_path / "reliability_t.png").stat().st_size > 0
+    assert (tmp_path / "t" / "risk_coverage.png").stat().st_size > 0
+    assert (tmp_path / "t" / "reliability_diagram.png").stat().st_size > 0
+    assert read_json(tmp_path / "t" / "confidence_calibration.json")["signal"] == study["report"]["review"]["signal"]
     report = study["report"]
     assert report["review"]["signal"] in study["signals"]["valid"] and report["conformal"]["target_coverage"] == 0.9
     assert set(report) == {"large_errors", "ece", "conformal", "review"}
-    no_bank = bench.confidence_study(tmp_path, predictions, {}, meta, 3, tmp_path, "u", "toy")  # --replicate
+    no_bank = bench.confidence_study(tmp_path, predictions, {}, 3, tmp_path / "u", "toy")  # --replicate
     assert set(no_bank["signals"]["test"]) == {"p_pred", "neg_std", "neg_entropy", "length", "random"}
 
 
@@ -560,12 +568,11 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     argv = ["--corpus", "ell", "--input", str(tmp_path / "ell.csv"), "--out_dir", str(out), "--base_model",
             "tiny-random-llama", "--train_essays", "8", "--valid_essays", "4", "--test_essays", "4", "--max_steps", "2",
             "--m", "3", "--max_seq_length", "256", "--bootstrap", "20", "--pick_essays", "2",
-            "--target_modules", "q_proj,v_proj,down_proj"]
+            "--target_modules", "q_proj,v_proj,down_proj",
+            # batches of 3 essays, so that the one-prefill stage's second batch must seed its essays as
+            # self_consistency.py does (seed + the essay's index in the file)
+            "--batch_essays", "3"]
     import self_consistency as sc_cli
-    sc_parse_args = sc_cli.parse_args
-    # Batches of 3 essays, so that the one-prefill stage's second batch must seed its essays as
-    # self_consistency.py does (seed + the essay's index in the file).
-    monkeypatch.setattr(sc_cli, "parse_args", lambda args: sc_parse_args([*args, "--essay_batch", "3"]))
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     assert "smoke run" in printed and "best_lora_qwk=" in printed and "MCRMSE" in printed
@@ -577,7 +584,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     # no machine paths: the input file and every folder relative to the repository
     assert saved["config"]["input"] == os.path.relpath(tmp_path / "ell.csv", ROOT) and saved["data"]["input"] == "ell.csv"
     assert not [token for token in saved["command"].split() if os.path.isabs(token)]
-    assert not any(os.path.isabs(saved["config"][key]) for key in bench.PATH_FLAGS if saved["config"][key])
+    assert not any(os.path.isabs(saved["config"][key]) for key in result_files.PATH_FLAGS if saved["config"][key])
     # the precision main_pipeline.py chose by the machine (no --bf16 passed) is recorded as its manifest says
     run_manifest = json.loads((out / "run_ce+ntl_seed0" / "run_manifest.json").read_text())
     assert run_manifest["config"]["bf16"] is False and run_manifest["config"]["precision"] == "auto"
@@ -602,7 +609,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         records = [json.loads(line) for line in (out / "data_seed0" / f"{split}.jsonl").read_text().splitlines()]
         assert entry["ids"] == [r["id"] for r in records]
         assert entry["gold"] == [[r["scores"][t] for t in traits] for r in records]
-        assert set(entry["rows"]) == set(lora_rows) | set(tables.BASELINE_ROWS)
+        assert set(entry["rows"]) == set(lora_rows) | set(result_files.BASELINE_ROWS)
         for row, scores in entry["rows"].items():
             assert len(scores) == n and all(len(s) == 6 and all(2 <= v <= 10 for v in s) for s in scores), row
         assert len(entry["weighted_expected"]) == n and all(2 <= v <= 10 for s in entry["weighted_expected"] for v in s)
@@ -621,8 +628,9 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     # (same m and seed), predict_split's greedy and weighted rows (as main_pipeline.py scores them,
     # in batches of the same size) and its constrained greedy rows.
     from modules.data import load_dataset_info, load_split
-    from modules.evaluation import predict_split
     from modules.models import load_adapter
+    from modules.predict import predict_split
+    from modules.runs import PromptSettings
 
     def bank_rows(bank: Path) -> list:
         return [(r["id"], [(s["text"], s["scores"]) for s in r["samples"]]) for r in map(json.loads, bank.read_text().splitlines())]
@@ -636,17 +644,19 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
             bank_rows(out / f"sc_ce+ntl_seed0_test{folder}" / "samples.jsonl")
     model, tokenizer = load_adapter("tiny-random-llama", out / "run_ce+ntl_seed0")
     info = load_dataset_info(out / "data_seed0")
-    alone = predict_split(model, tokenizer, load_split(test_path, info), info, mtl=False, weighted=False,
-                          max_prompt_tokens=saved["data"]["max_prompt_tokens"], constrained=True)
+    settings = PromptSettings(max_prompt_tokens=saved["data"]["max_prompt_tokens"])
+    assert PromptSettings.from_run(out / "run_ce+ntl_seed0") == settings  # what the benchmark prompted with
+    alone = predict_split(model, tokenizer, load_split(test_path, info), info, settings, weighted=False,
+                          constrained=True)
     assert saved["splits"]["test"]["rows"]["greedy, constrained"] == [p["greedy"] for p in alone]
     for split in ("test", "pick"):
-        scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info, mtl=False,
-                               max_prompt_tokens=saved["data"]["max_prompt_tokens"], batch_size=3)
+        scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info, settings,
+                               batch_size=3)
         entry = saved["splits"][split]
         assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
         assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
         assert entry["weighted_expected"] == [[round(e, 4) for e in p["weighted_expected"]] for p in scored]
-        assert entry["line_counts"]["greedy"] == bench.line_counts(scored)
+        assert entry["line_counts"]["greedy"] == result_files.line_counts(scored)
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
     # a replicate seed: greedy and weighted only, scored from its own adapter, no sample banks
@@ -661,9 +671,9 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     model, tokenizer = load_adapter("tiny-random-llama", out / "run_ce+ntl_seed1")
     for split in ("test", "valid", "pick"):
         entry = replicate["splits"][split]
-        scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info, mtl=False,
-                               max_prompt_tokens=replicate["data"]["max_prompt_tokens"])
-        assert set(entry["rows"]) == {"greedy", "weighted"} | set(tables.BASELINE_ROWS)
+        scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info,
+                               PromptSettings(max_prompt_tokens=replicate["data"]["max_prompt_tokens"]), batch_size=3)
+        assert set(entry["rows"]) == {"greedy", "weighted"} | set(result_files.BASELINE_ROWS)
         assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
         assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
 
@@ -674,8 +684,8 @@ def test_rubric_alone_against_sharing_its_line(tmp_path: Path, capsys) -> None:
     short = result("ce+ntl", 0, {"greedy": [[p[0]] for p in alone_pred]}, {"greedy": [[g[0]] for g in GOLD_VALID]},
                    gold_test=[[g[0]] for g in GOLD_TEST], gold_valid=[[g[0]] for g in GOLD_VALID], rubrics=RUBRICS[:1])
     short["corpus"] = "toy-ideas"
-    tables.write_result(tmp_path / "a.json", short)
-    tables.write_result(tmp_path / "b.json", result("ce+ntl", 0, {"greedy": shared_pred}, {"greedy": GOLD_VALID}))
+    result_files.write_result(tmp_path / "a.json", short)
+    result_files.write_result(tmp_path / "b.json", result("ce+ntl", 0, {"greedy": shared_pred}, {"greedy": GOLD_VALID}))
     assert tables.main(["--results", str(tmp_path), "--bootstrap", "200"]) == 0
     out = capsys.readouterr().out.split("## A rubric alone and sharing its line")[1]
     alone = mean_qwk([[g[0]] for g in GOLD_TEST], [[p[0]] for p in alone_pred], RANGES[:1])

@@ -57,7 +57,9 @@ TRAIN_FLAGS = ["--base_model_name", "tiny-random-llama", "--mtl", "--per_device_
 def test_two_process_training_writes_one_run_and_scores_every_essay_once(data, tmp_path, one_thread):
     from modules.data import dataset_info_for, load_split
     from modules.models import load_adapter
-    from modules.evaluation import evaluate_predictions, predict_split
+    from modules.evaluation import evaluate_predictions
+    from modules.predict import predict_split
+    from modules.runs import PromptSettings
 
     run_dir = tmp_path / "run"
     result = torchrun("main_pipeline.py", *TRAIN_FLAGS, "--data_dir", str(data.dir), "--output_dir", str(run_dir))
@@ -81,8 +83,8 @@ def test_two_process_training_writes_one_run_and_scores_every_essay_once(data, t
     # One process scoring the saved adapter gives the same predictions and evaluation.
     info = dataset_info_for(data.test)
     model, tokenizer = load_adapter("tiny-random-llama", run_dir)
-    alone = predict_split(model, tokenizer, load_split(data.test, info), info, mtl=True, batch_size=1,
-                          max_prompt_tokens=manifest["max_prompt_tokens"])
+    alone = predict_split(model, tokenizer, load_split(data.test, info), info,
+                          PromptSettings(mtl=True, max_prompt_tokens=manifest["max_prompt_tokens"]), batch_size=1)
     for got, want in zip(rows, alone):
         assert {k: got[k] for k in ("id", "gold", "greedy", "text", "valid", "weighted")} == \
                {k: want[k] for k in ("id", "gold", "greedy", "text", "valid", "weighted")}

@@ -10,13 +10,17 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
-import modules.evaluation as evaluation
+import modules.predict as predict
 import modules.scoring as scoring
+import modules.weighted as weighted
 from reference_scoring import two_pass_scoring
 from reference_weighted import reference_candidate_log_scores, reference_scorer
 from modules.data import DatasetInfo, EssayRecord, Rubric, build_prompt, load_splits
-from modules.evaluation import evaluate_predictions, format_results_table, predict_split
-from modules.scoring import WeightedPrediction, greedy_predict, stop_token_ids, weighted_predict
+from modules.evaluation import evaluate_predictions, format_results_table
+from modules.predict import decode_batch, predict_split
+from modules.runs import PromptSettings
+from modules.scoring import greedy_predict, stop_token_ids
+from modules.weighted import WeightedPrediction, weighted_predict
 
 SHIPPED = Path(__file__).resolve().parents[1] / "aes_dataset_mtl"
 
@@ -198,7 +202,7 @@ def test_weighted_predict_is_exact(family, prefix, tiny, llama3_tiny):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
-            scores, = scoring._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), [("12 7 ", 0, 30)])
+            scores, = weighted._candidate_log_scores(model, tok, out.cache, out.logits[0, -1].float(), [("12 7 ", 0, 30)])
         np.testing.assert_allclose(scores.numpy() - scores[0].item(), ref_raw[2] - ref_raw[2][0], atol=1e-4)
 
 
@@ -250,8 +254,8 @@ def test_candidate_scores_match_the_reference_and_keep_the_prompt_cache(name, re
     # one rubric per call, then all three in one trie.
     rubrics = [("", 0, 30), ("12 7 ", 0, 30), ("12 ", 1, 9)]
     with torch.inference_mode():
-        one_by_one = [scoring._candidate_log_scores(model, tok, cache, logits, [r])[0] for r in rubrics]
-        together = scoring._candidate_log_scores(model, tok, cache, logits, rubrics)
+        one_by_one = [weighted._candidate_log_scores(model, tok, cache, logits, [r])[0] for r in rubrics]
+        together = weighted._candidate_log_scores(model, tok, cache, logits, rubrics)
         assert_cache_is(cache, snapshot)  # the prompt cache serves every rubric: it must come back as it was
         reference = [reference_candidate_log_scores(model, tok, cache, logits, *r) for r in rubrics]
     for (_, lo, hi), want, alone, joint in zip(rubrics, reference, one_by_one, together):
@@ -295,7 +299,7 @@ def test_a_failed_forward_leaves_the_prompt_cache_as_it_was(tiny):
     handle = model.model.layers[1].register_forward_pre_hook(fail)
     try:
         with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
-            scoring._candidate_log_scores(model, tok, cache, logits, [("", 0, 30)])
+            weighted._candidate_log_scores(model, tok, cache, logits, [("", 0, 30)])
     finally:
         handle.remove()
     assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == snapshot[0][0].shape[-2]
@@ -322,8 +326,8 @@ def test_sliding_window_model_is_scored_while_the_window_holds_prompt_and_candid
     info = DatasetInfo((Rubric("holistic", 0, 30),))
     long_essay = [dataclasses.replace(essay(0, scores=(3,)), essay="word " * 40)]
     with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*--no_weighted"):
-        next(scoring.greedy_with_prompt_states(model, tok, [build_prompt(long_essay[0], info, tok)], info.ranges))
-    assert predict_split(model, tok, long_essay, info, mtl=False, weighted=False)[0]["weighted"] is None
+        predict_split(model, tok, long_essay, info, PromptSettings())
+    assert predict_split(model, tok, long_essay, info, PromptSettings(), weighted=False)[0]["weighted"] is None
 
 
 def test_underflow_is_reported_in_the_row_the_results_and_the_table(tiny):
@@ -342,7 +346,7 @@ def test_underflow_is_reported_in_the_row_the_results_and_the_table(tiny):
     records = [essay(i, scores=(3, 5)) for i in range(3)]
     handle = model.get_output_embeddings().register_forward_hook(no_five_or_six)
     try:
-        preds = predict_split(model, tok, records, info, mtl=False, batch_size=3)
+        preds = predict_split(model, tok, records, info, PromptSettings(), batch_size=3)
     finally:
         handle.remove()
     for p in preds:
@@ -400,8 +404,8 @@ def test_predict_split_runs_each_prompt_once_and_matches_the_two_pass_path(name,
     prompts = [build_prompt(r, INFO, tok, mtl=feedback) for r in records]
 
     def score():
-        return predict_split(model, tok, records, INFO, mtl=feedback, batch_size=3, constrained=constrained,
-                             generate_feedback=feedback)
+        return predict_split(model, tok, records, INFO, PromptSettings(mtl=feedback), batch_size=3,
+                             constrained=constrained, generate_feedback=feedback)
 
     shared, shared_runs = prompt_runs(model, tok, prompts, score)
     with two_pass_scoring():
@@ -422,14 +426,19 @@ def test_predict_split_runs_each_prompt_once_and_matches_the_two_pass_path(name,
 def test_prompt_states_come_back_unchanged_and_without_weighted_the_prompt_runs_once(tiny):
     model, tok = tiny
     prompts = [build_prompt(r, INFO, tok) for r in varied_essays()]
-    pairs = list(scoring.greedy_with_prompt_states(model, tok, prompts, RANGES, batch_size=3))
-    assert [answer for answer, _ in pairs] == greedy_predict(model, tok, prompts, RANGES, batch_size=3)
-    for prompt, (_, state) in zip(prompts, pairs):
+    states, answers = [], []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), 3):
+            batch_states, batch_answers, _ = decode_batch(model, tok, prompts[start:start + 3], RANGES)
+            states += batch_states
+            answers += batch_answers
+    assert answers == greedy_predict(model, tok, prompts, RANGES, batch_size=3)
+    for prompt, state in zip(prompts, states):
         alone = prompt_state(model, tok, prompt)
         assert state.ids == tok(prompt, add_special_tokens=False)["input_ids"]
         assert_cache_is(state.cache, cache_snapshot(alone[0]))  # greedy decoded from a copy
         assert torch.equal(state.logits, alone[1])
-    _, runs = prompt_runs(model, tok, prompts, lambda: predict_split(model, tok, varied_essays(), INFO, mtl=False,
+    _, runs = prompt_runs(model, tok, prompts, lambda: predict_split(model, tok, varied_essays(), INFO, PromptSettings(),
                                                                     batch_size=3, weighted=False))
     assert runs == [1, 1, 1, 1]
 
@@ -504,7 +513,7 @@ def test_predict_split_keys(tiny):
     model, tok = tiny
     info = DatasetInfo((Rubric("content", 1, 6), Rubric("style", 1, 4)))
     records = [essay(i, scores=(3, 2)) for i in range(3)]
-    preds = predict_split(model, tok, records, info, mtl=False, batch_size=2)
+    preds = predict_split(model, tok, records, info, PromptSettings(), batch_size=2)
     assert [p["id"] for p in preds] == ["e0", "e1", "e2"]
     for p in preds:
         assert set(p) == KEYS
@@ -526,12 +535,12 @@ def test_predict_split_valid_invalid_and_rounding(tiny, monkeypatch):
     answers = [{"text": "5 1", "scores": [5, 1]}, {"text": "7 1", "scores": None},
                {"text": "2 4\nNice.", "scores": [2, 4]}]
     states = ["state0", "state1", "state2"]  # stand-ins for the PromptStates the weighted scorer continues from
-    monkeypatch.setattr(evaluation, "greedy_with_prompt_states", lambda *a, **k: iter(zip(answers, states)))
-    monkeypatch.setattr(evaluation, "weighted_predict",
+    monkeypatch.setattr(predict, "decode_batch", lambda *a, **k: (states, answers, None))
+    monkeypatch.setattr(predict, "weighted_predict",
                         lambda m, t, state, ranges, prefix_scores=None: (
                             seen.append((state, prefix_scores))
                             or WeightedPrediction([2.5, 3.49], [[1 / 6] * 6, [0.25] * 4], [])))
-    preds = predict_split(model, tok, records, info, mtl=True)
+    preds = predict_split(model, tok, records, info, PromptSettings(mtl=True))
     assert [p["valid"] for p in preds] == [True, False, True]
     assert [p["greedy"] for p in preds] == [[5, 1], [3, 2], [2, 4]]
     assert seen == [("state0", [5, 1]), ("state1", None), ("state2", [2, 4])]

@@ -311,6 +311,57 @@ def test_analyze_runs_without_torch_and_transformers(tmp_path):
     assert curves["ms"] == [1, 2, 3] and curves["bootstrap"]["n_orderings"] == 5
 
 
+def test_bank_samples_reads_a_bank_in_test_file_order_and_checks_it_against_the_test_file(tmp_path):
+    """modules.bank.bank_samples: the int [N, m, K] array analyze and the real-essay benchmark vote on."""
+    from modules.bank import bank_samples
+    from modules.data import dataset_info_for, load_split
+    from modules.jsonio import DataError
+    from modules.voting import INVALID
+
+    data = small_dataset(tmp_path / "data", test=3)
+    info = dataset_info_for(data / "test.jsonl")
+    records = load_split(data / "test.jsonl", info)
+    k = len(info.rubrics)
+    lines = {r.id: {"id": r.id, "gold": list(r.scores), "invalid": 1, "samples": [
+        {"text": score_line([lo for lo, _ in info.ranges]), "scores": [lo for lo, _ in info.ranges]},
+        {"text": score_line(list(r.scores)), "scores": list(r.scores)},
+        {"text": "no score", "scores": None, **({"truncated": True} if i == 1 else {})}]}
+        for i, r in enumerate(records)}
+
+    def bank(rows: list[dict]) -> Path:
+        path = tmp_path / "samples.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        return path
+
+    samples, truncated = bank_samples(bank([lines[r.id] for r in reversed(records)]), "test.jsonl", records, info)
+    assert samples.shape == (3, 3, k) and samples.dtype == np.int64 and truncated == 1
+    assert samples[:, 0].tolist() == [[lo for lo, _ in info.ranges]] * 3  # test-file order, not the bank's
+    assert samples[:, 1].tolist() == [list(r.scores) for r in records] and (samples[:, 2] == INVALID).all()
+    short = {**lines[records[1].id], "samples": lines[records[1].id]["samples"][:2]}
+    wrong_gold = {**lines[records[2].id], "gold": [lo for lo, _ in info.ranges]}
+    for rows, expected in (([lines[records[0].id]], "2 essays missing"),
+                           ([lines[records[0].id], short, lines[records[2].id]], "different numbers of samples"),
+                           ([lines[records[0].id], lines[records[1].id], wrong_gold], "differs from test.jsonl")):
+        with pytest.raises(DataError, match=expected):
+            bank_samples(bank(rows), "test.jsonl", records, info)
+
+
+def test_run_flags_default_to_the_sampler_settings():
+    """SamplerSettings is the one home of the sampling defaults: run's flags read them."""
+    import dataclasses
+
+    import self_consistency
+    from modules.sampling import SAMPLERS, SamplerSettings
+
+    defaults = SamplerSettings()
+    args = self_consistency.parse_args(["run", "--adapter_dir", "a", "--base_model_name", "b", "--test_path", "t"])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)} == dataclasses.asdict(defaults)
+    assert self_consistency.sampler_settings(args) == defaults and defaults.sampler in SAMPLERS
+    assert (defaults.temperature, defaults.top_k, defaults.top_p, defaults.essay_batch) == (0.7, 9, None, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        defaults.top_k = 1  # type: ignore[misc]
+
+
 @pytest.fixture(scope="module")
 def adapter_model(setup):
     from modules.models import load_adapter

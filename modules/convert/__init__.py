@@ -6,4 +6,5 @@
 * The synthetic sample dataset: ``synthetic.py`` (generator) with ``lexicon.py`` (word lists,
   rubric table), ``feedback.py`` (feedback templates), ``card.py`` (its README) and
   ``baseline.py`` (TF-IDF + ridge QWK, also used by ``benchmarks/bench_real_essays.py``).
+* ``subset.py``: a seeded subset of a converted folder, the real-essay benchmark's training data.
 """
