@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--force_resume goes with --resume_checkpoint")
     if args.emo_topk < 1:
         p.error(f"--emo_topk must be >= 1, got {args.emo_topk}")
+    if args.scorer == "probe" and (args.resume_checkpoint or args.dry_run):
+        p.error(f"--{'resume_checkpoint' if args.resume_checkpoint else 'dry_run'} is for LoRA training; "
+                "--scorer probe trains no model")
+    if args.probe_max_tokens < 1:
+        p.error(f"--probe_max_tokens must be >= 1, got {args.probe_max_tokens}")
     if args.lora_top_layers < 0:
         p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
     if args.bf16:
@@ -93,6 +98,11 @@ def _check_scoring_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scorer", choices=("lora", "probe"), default="lora",
+                   help="lora: fine-tune the model to write the score line (default); probe: a ridge per rubric on "
+                        "the frozen model's pooled hidden states, the layer chosen on the validation essays "
+                        "(modules/probe.py); --score_path applies either kind of run")
+    p.add_argument("--probe_max_tokens", type=int, default=512, help="--scorer probe: the essay tokens it reads")
     p.add_argument("--device_id", default=None,
                    help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
                         "first GPU, else the CPU); a GPU that is not there is an error")
@@ -161,6 +171,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def run_name(args: argparse.Namespace) -> str:
     model = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(args.base_model_name).name)
+    if args.scorer == "probe":
+        return f"{model}_probe_{timestamp()}"
     mode = "mtl" if args.mtl else "stl"
     return f"{model}_{mode}_{args.loss_type}_ntl{args.ntl_weights:g}_emo{args.emo_weights:g}_{timestamp()}"
 
@@ -285,7 +297,7 @@ def train_main(args: argparse.Namespace, device) -> int:
     error = dist.first_error(error)
     if error:
         return stop(error)
-    return run(args, info, splits, device, resume)
+    return run_probe(args, info, splits, device) if args.scorer == "probe" else run(args, info, splits, device, resume)
 
 
 def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict, dict] | None = None) -> int:
@@ -346,7 +358,8 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     if not args.no_weighted:
         valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, settings)
         annotate = lambda rows: calibrated_rows(rows, valid_rows, splits["valid"], test_records, info, run_dir, args)
-    return score_and_report(args, model, tokenizer, test_records, info, run_dir, manifest, settings,
+    return score_and_report(args, test_records, info, run_dir, manifest,
+                            lambda records: predict_records(args, model, tokenizer, records, info, settings),
                             annotate=annotate)
 
 
@@ -596,24 +609,28 @@ def calibrated_rows(test_rows: list[dict], valid_rows: list[dict], valid_records
     return rows, report
 
 
-def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path, manifest: dict,
-                     settings: PromptSettings, *,
+def score_and_report(args: argparse.Namespace, records: list, info, run_dir: Path, manifest: dict,
+                     predict: Callable[[list], list[dict]], *,
                      annotate: Callable[[list[dict]], tuple[list[dict], dict | None]] | None = None) -> int:
-    """Greedy and weighted scores of ``records`` (:func:`predict_records`); on rank 0, ``annotate``
-    adds the confidence to the rows (and may return a confidence report), then it writes
-    predictions.jsonl, the manifest and, when every essay has gold scores, evaluation_results.json
-    (QWK, and the report under "confidence") and the printed tables."""
+    """The scores of ``records`` (``predict``: the LoRA scorer's greedy and weighted rows, or the
+    probe's); on rank 0, ``annotate`` adds the confidence to the rows (and may return a confidence
+    report), then it writes predictions.jsonl, scores.csv (an essay a line: its final scores,
+    confidence and review flag), the manifest and, when every essay has gold scores,
+    evaluation_results.json (QWK, and the report under "confidence") and the printed tables."""
     from modules import dist
     from modules.confidence_report import format_confidence_report
-    from modules.evaluation import evaluate_predictions, format_results_table
+    from modules.evaluation import evaluate_predictions, format_results_table, write_scores_csv
     from modules.jsonio import write_json_atomic, write_jsonl_atomic
     from modules.run_card import write_run_card
 
     started = time.time()
-    predictions = predict_records(args, model, tokenizer, records, info, settings)
+    predictions = predict(records)
     if dist.is_main():
         predictions, report = annotate(predictions) if annotate else (predictions, None)
+        if report is not None and report.get("review"):
+            manifest["confidence_signal"] = report["review"]["signal"]
         write_jsonl_atomic(run_dir / "predictions.jsonl", predictions)
+        write_scores_csv(run_dir / "scores.csv", predictions, info, manifest.get("confidence_signal"))
         manifest["inference_seconds"] = round(time.time() - started, 1)
         write_json_atomic(run_dir / MANIFEST, manifest)
         graded = sum(p["gold"] is not None for p in predictions)
@@ -635,6 +652,59 @@ def score_and_report(args: argparse.Namespace, model, tokenizer, records: list, 
     return 0
 
 
+def run_probe(args: argparse.Namespace, info, splits, device) -> int:
+    """--scorer probe, stage by stage: claim the run folder -> load the frozen base model -> the
+    training and validation essays' pooled hidden states -> a ridge per rubric, alpha by
+    cross-validation on the training essays, the layer by the validation essays' QWK -> save
+    probe.json and the manifest -> score validation (the confidence is chosen on it) and test ->
+    write and print the results, as a LoRA run does (modules/probe_run.py says which confidence
+    applies). One process: the features of a few thousand essays need no launcher."""
+    from transformers import set_seed
+
+    from modules import dist
+    from modules.jsonio import write_json_atomic, write_jsonl_atomic
+    from modules.models import load_base_model
+    from modules.probe import save_probe
+    from modules.probe_run import probe_rows, train_probe
+
+    if dist.world_size() > 1:
+        return stop("--scorer probe runs in one process; start it without torchrun / accelerate launch")
+    set_seed(args.seed)
+    run_dir, error = claim_run_dir(args, None)
+    if error:
+        return stop(error)
+    try:
+        model, tokenizer = load_base_model(args.base_model_name, device=device)
+        create_run_dir(run_dir)
+    except (OSError, ValueError) as err:
+        return stop(str(err).strip().splitlines()[0])
+    started = time.time()
+    probe = train_probe(model, tokenizer, info, splits, max_tokens=args.probe_max_tokens,
+                        batch_size=args.per_device_eval_batch_size, base_model=args.base_model_name, seed=args.seed)
+    save_probe(run_dir, probe)
+    manifest = {**provenance(), "scorer": "probe", "config": run_config(args), "run_dir": str(run_dir),
+                "seed": args.seed, "device": str(device), "dtype": str(model.dtype), "rubrics": info.rubric_names,
+                "split_sizes": {k: len(v) for k, v in splits.items()},
+                "probe": {"layer": probe.layer, "layers": len(probe.layer_scores) - 1, "pooling": probe.pooling,
+                          "max_tokens": probe.max_tokens, "alpha": dict(zip(info.rubric_names, map(float, probe.fit.alpha))),
+                          "valid_qwk_by_layer": [round(q, 4) for q in probe.layer_scores]},
+                "train": {"seconds": round(time.time() - started, 1)}}
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    if args.skip_scoring:
+        print(f"probe saved in {run_dir}; scoring skipped (--skip_scoring)")
+        return 0
+
+    def predict(records: list) -> list[dict]:
+        return probe_rows(model, tokenizer, probe, records, info, args.per_device_eval_batch_size)
+
+    valid_rows = predict(splits["valid"])
+    write_jsonl_atomic(run_dir / "valid_predictions.jsonl", valid_rows)
+    test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
+    return score_and_report(args, test_records, info, run_dir, manifest, predict,
+                            annotate=lambda rows: calibrated_rows(rows, valid_rows, splits["valid"], test_records,
+                                                                  info, run_dir, args))
+
+
 # --------------------------------------------------------------------------- scoring without training
 
 def score_main(args: argparse.Namespace, device) -> int:
@@ -646,14 +716,32 @@ def score_main(args: argparse.Namespace, device) -> int:
     from modules import dist
     from modules.scoring_job import confidence_rows, new_scoring_dir, plan_scoring, scoring_manifest
 
-    job, model, tokenizer, error = plan_and_load_adapter(lambda: plan_scoring(args), args, device)
+    from modules.probe_run import is_probe_run, load_probe_run, probe_rows
+
+    probe = {}  # a probe run's probe.json, loaded with its base model
+
+    def load(device):
+        from modules.models import load_adapter
+
+        if not is_probe_run(args.adapter_dir):
+            return load_adapter(args.base_model_name, args.adapter_dir, device=device)
+        probe["probe"], model, tokenizer = load_probe_run(args.adapter_dir, args.base_model_name, device)
+        return model, tokenizer
+
+    job, model, tokenizer, error = plan_and_load_adapter(lambda: plan_scoring(args), args, device, load=load)
     if error:
         return stop(error)
     run_dir, error = dist.broadcast(new_scoring_dir(args, job) if dist.is_main() else (None, None))
     if error:
         return stop(error)
     manifest = scoring_manifest(args, job, run_dir, model)
-    return score_and_report(args, model, tokenizer, job.records, job.info, run_dir, manifest, job.settings,
+    if probe:
+        manifest["scorer"] = "probe"
+        predict = lambda records: dist.gather(probe_rows(model, tokenizer, probe["probe"], dist.shard(records),
+                                                         job.info, args.per_device_eval_batch_size))
+    else:
+        predict = lambda records: predict_records(args, model, tokenizer, records, job.info, job.settings)
+    return score_and_report(args, job.records, job.info, run_dir, manifest, predict,
                             annotate=lambda rows: confidence_rows(rows, job))
 
 

@@ -1,32 +1,21 @@
 """Real-essay benchmark: LoRA-fine-tune smollm2-135m on a real corpus with the product's commands and
 compare every row it scores with baselines fit on the same essays, recording every per-essay
-prediction in a tracked result file. The recipes, their tables and the levers tried are in
-docs/results.md; the result file's fields in benchmarks/results/README.md.
+prediction in a tracked result file (fields: benchmarks/results/README.md; recipes, tables and
+levers: docs/results.md). ``benchmarks/bench_probe.py`` adds the frozen probe on the same essays.
 
-    python -m benchmarks.bench_real_essays --corpus asap          # ASAP set 7, holistic 0-30
-    python -m benchmarks.bench_real_essays --corpus asap-traits   # ASAP set 7, holistic + 4 traits
-    python -m benchmarks.bench_real_essays --corpus ell           # ELL, six traits 1.0-5.0
-    python -m benchmarks.bench_real_essays --corpus asap --ablation            # LoRA CE only
+    python -m benchmarks.bench_real_essays --corpus asap|asap-traits|ell   # + --ablation: CE only
     python -m benchmarks.bench_real_essays --corpus asap --seed 1 --replicate  # greedy + weighted only
-    python -m benchmarks.real_essay_tables                          # the tables from every result
+    python -m benchmarks.real_essay_tables                                  # the tables of every result
 
 The corpus files are shared data outside the repository (``../shared/data``); when one is absent
 the script says so and exits 0. Stages, each timed (run it alone: the times are part of the result):
-
-1. convert + subset: the corpus's converter (``modules.convert``), then a seeded subset
-   (``modules.convert.subset``) shared by every command on the corpus and data seed.
-2. train: ``main_pipeline.py`` as a subprocess, as a user runs it, with ``--skip_scoring``.
-3. every LoRA row on the test, validation and pick essays from the saved adapter, with the prompt
-   settings its run manifest records, each prompt prefilled once (``modules.predict.predict_batch``):
-   greedy and weighted as ``main_pipeline.py`` scores them, constrained greedy, and ``--m``
-   self-consistency samples as ``self_consistency.py run`` draws them (banks in its format), with
-   majority and average votes. ``--replicate``: greedy and weighted only (``predict_split``).
-4. baselines fit on the same training essays.
-5. confidence: ``modules.evaluation.evaluate_confidence`` on the weighted row, calibrated on
-   validation, and the signals it judged.
-
-It ends with ``best_lora_qwk=<x>``: the test average QWK of the LoRA row best on the validation
-and pick essays, mean over seeds.
+convert + subset (``modules.convert``, a seeded subset shared by every command on the corpus);
+train (``main_pipeline.py --skip_scoring`` as a subprocess); every LoRA row on the test, validation
+and pick essays from one prefill per prompt (``modules.predict.predict_batch``, prompted as the run
+manifest says: greedy, weighted, constrained greedy, ``--m`` self-consistency samples and their
+votes; ``--replicate``: greedy and weighted only); baselines; the confidence study
+(``modules.evaluation.evaluate_confidence``). It ends with ``best_lora_qwk=<x>``: the test average
+QWK of the LoRA row best on the validation and pick essays, mean over seeds.
 """
 from __future__ import annotations
 
@@ -44,10 +33,10 @@ from typing import Iterator
 import numpy as np
 
 from benchmarks import real_essay_tables as tables
-from benchmarks.result_files import (DEFAULT_TARGET_MODULES, PATH_FLAGS, RESULTS, ROOT, group_key, line_counts,
-                                     read_results, repo_relative, result_path, round_floats, rows_present,
-                                     split_entry, write_result)
-from modules.convert.baseline import length_predictions, mean_predictions, ridge_predictions
+from benchmarks.result_files import (DEFAULT_TARGET_MODULES, FROZEN_VARIANT, PATH_FLAGS, RESULTS, ROOT, data_key,
+                                     group_key, line_counts, read_results, repo_relative, result_path, round_floats,
+                                     rows_present, split_entry, write_result)
+from modules.convert.baseline import baseline_rows
 from modules.convert.corpora import ASAP_TRAITS, asap_specs, convert_asap, convert_ellipse
 from modules.convert.pipeline import read_table
 from modules.convert.subset import make_subset, read_records, subset_sizes
@@ -76,12 +65,13 @@ class Corpus:
     epochs: float
     test_essays: int  # also the minimum for a result to report
     pick_essays: int  # validation essays for the row pick beyond the 30 (module docstring)
+    probe_tokens: int = 512  # the essay tokens the probe reads (benchmarks/bench_probe.py)
 
 
 CORPORA = {
     "asap": Corpus(ASAP7, 800, 2.5, 150, 120),
     "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", None, 2.0, 150, 60),
-    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0),
+    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0, 768),
 }
 
 
@@ -194,6 +184,35 @@ def convert(args: argparse.Namespace, out: Path) -> None:
         report = convert_asap(args.input, out, essay_sets=[args.essay_set], seed=args.data_seed,
                               traits=args.corpus == "asap-traits")
     print("   " + report.format().replace("\n", "\n   "))
+
+
+def prepare_data(args: argparse.Namespace, out: Path) -> tuple[Path, Path, dict[str, int]]:
+    """The corpus converted into ``out/full_seed<k>`` (another command's conversion is reused) and its
+    subset ``out/data_seed<k>``; returns both folders and the subset's sizes."""
+    full = out / f"full_seed{args.data_seed}"
+    if not (full / "dataset.json").is_file():
+        convert(args, full)
+    sizes = subset_sizes(full, args.train_essays, args.valid_essays, args.test_essays)
+    args.train_essays = sizes["train"]  # recorded as a number, also where the default means all
+    data = out / f"data_seed{args.data_seed}"
+    make_subset(full, data, sizes, args.pick_essays, args.data_seed, SYSTEM_PROMPT)
+    return full, data, sizes
+
+
+def data_fields(args: argparse.Namespace, meta: dict, sizes: dict[str, int]) -> dict:
+    """A result file's ``rubrics`` and ``data``: which essays it scored (the input by name and sha256)."""
+    key = corpus_key(args)
+    return {"rubrics": [{k: r[k] for k in ("name", "min", "max", "scale") if k in r} for r in meta["rubrics"]],
+            "data": {"input": Path(args.input).name, "sha256": meta.get("conversion", {}).get("sha256"),
+                     "essay_set": None if key == "ell" else args.essay_set, "data_seed": args.data_seed,
+                     "sizes": sizes, "pick_essays": args.pick_essays}}
+
+
+def command_fields(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """A result file's ``command`` as typed and ``config`` (every flag), paths relative to the repository."""
+    typed = argv if argv is not None else sys.argv[1:]
+    return {"command": " ".join([Path(sys.argv[0]).name, *map(repo_relative, typed)]),
+            "config": {**vars(args), **{key: repo_relative(getattr(args, key)) for key in PATH_FLAGS}}}
 
 
 def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: float, log: Path) -> dict:
@@ -312,11 +331,6 @@ def lora_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path
     return banks
 
 
-def aligned(values_by_id: dict, ids: list[str]) -> list:
-    """``values_by_id[id]`` for each id, in the prediction rows' order."""
-    return [values_by_id[i] for i in ids]
-
-
 def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: dict, seed: int, out: Path,
                      title: str) -> dict:
     """The confidence study's record for the judged weighted row: the compact report of
@@ -333,9 +347,10 @@ def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: 
     for split in SCORED_SPLITS:
         ids = [p["id"] for p in predictions[split]]
         records = read_records(data_dir / f"{split}.jsonl")
-        essays[split] = aligned({r["id"]: r["essay"] for r in records}, ids)
+        essays[split] = [{r["id"]: r["essay"] for r in records}[i] for i in ids]  # in the rows' order
         if split in banks:
-            samples[split] = np.stack(aligned(dict(zip([r["id"] for r in records], banks[split])), ids))
+            bank = dict(zip([r["id"] for r in records], banks[split]))
+            samples[split] = np.stack([bank[i] for i in ids])
     signals = {}
     for split, offset in (("valid", 1), ("test", 0)):
         values, _ = essay_signals(predictions[split], info.rubric_names, info.ranges, prediction="weighted",
@@ -353,18 +368,14 @@ def confidence_study(data_dir: Path, predictions: dict[str, list[dict]], banks: 
     return {"prediction": report["prediction"], "signals": signals, "report": round_floats(kept, 4)}
 
 
-def baselines(data_dir: Path, full_train: list[dict], split: str) -> dict[str, list[list[int]]]:
-    """Per-essay predictions ([N][K]) of the four baselines on ``split`` of the subset."""
+def baselines(data_dir: Path, full_train: list[dict], split: str, entry: dict) -> None:
+    """The baselines' rows on ``split`` of the subset (:func:`modules.convert.baseline.baseline_rows`)
+    into its result entry: rows, and the tuned ridge's unrounded predictions under ``continuous``."""
     rubrics = read_json(data_dir / "dataset.json")["rubrics"]
-    train, scored = read_records(data_dir / "train.jsonl"), read_records(data_dir / f"{split}.jsonl")
-
-    def rows(per_rubric: dict[str, list[int]]) -> list[list[int]]:
-        return [list(scores) for scores in zip(*(per_rubric[r["name"]] for r in rubrics))]
-
-    return {"TF-IDF ridge, same essays": rows(ridge_predictions(train, scored, rubrics)),
-            "TF-IDF ridge, all train essays": rows(ridge_predictions(full_train, scored, rubrics)),
-            "essay-length ridge": rows(length_predictions(train, scored, rubrics)),
-            "training mean": rows(mean_predictions(train, scored, rubrics))}
+    rows, continuous = baseline_rows(read_records(data_dir / "train.jsonl"), read_records(data_dir / f"{split}.jsonl"),
+                                     rubrics, full_train)
+    entry["rows"].update(rows)
+    entry.setdefault("continuous", {}).update(continuous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,13 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with stage("convert + subset", timings):
-            full = out / f"full_seed{args.data_seed}"
-            if not (full / "dataset.json").is_file():  # another command's conversion is reused
-                convert(args, full)
-            sizes = subset_sizes(full, args.train_essays, args.valid_essays, args.test_essays)
-            args.train_essays = sizes["train"]  # recorded as a number, also where the default means all
-            data = out / f"data_seed{args.data_seed}"
-            make_subset(full, data, sizes, args.pick_essays, args.data_seed, SYSTEM_PROMPT)
+            full, data, sizes = prepare_data(args, out)
         meta = read_json(data / "dataset.json")
         with stage("train", timings):
             run = train(args, data, run_dir, VARIANTS[variant], out / "logs" / f"train_{variant}_seed{args.seed}.log")
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         with stage("baselines", timings):
             full_train = read_records(full / "train.jsonl")
             for split in splits:
-                run[split]["rows"].update(baselines(data, full_train, split))
+                baselines(data, full_train, split, run[split])
         with stage("confidence", timings):
             study = confidence_study(data, run["predictions"], banks, args.seed, out / f"confidence_{variant}_seed{args.seed}",
                                      f"{key}, LoRA {variant}, seed {args.seed}: weighted row")
@@ -415,24 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     timings["total"] = round(time.perf_counter() - started, 1)
     state = {"commit": (git_commit() or "unknown")[:7], "dirty": git_dirty()}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    conversion = meta.get("conversion", {})
     result = {
         "corpus": key, "variant": variant, "seed": args.seed, "replicate": args.replicate,
-        "rows": rows_present(run["test"]),
-        "rubrics": [{k: r[k] for k in ("name", "min", "max", "scale") if k in r} for r in meta["rubrics"]],
-        "data": {"input": source.name, "sha256": conversion.get("sha256"), "essay_set": None if key == "ell" else args.essay_set,
-                 "data_seed": args.data_seed, "sizes": sizes, "pick_essays": args.pick_essays,
-                 "max_prompt_tokens": run["max_prompt_tokens"]},
+        "rows": rows_present(run["test"]), **data_fields(args, meta, sizes),
         "splits": {split: run[split] for split in splits}, "confidence": study,
         "training": run["training"], "timings": timings, "sampler": run.get("sampler"), "machine": machine(), "git": state,
-        "command": " ".join([Path(sys.argv[0]).name, *map(repo_relative, argv if argv is not None else sys.argv[1:])]),
-        "config": {**vars(args), **{key: repo_relative(getattr(args, key)) for key in PATH_FLAGS}}}
+        **command_fields(args, argv)}
+    result["data"]["max_prompt_tokens"] = run["max_prompt_tokens"]
     path = write_result(result_path(results_dir, key, variant, args.seed, state["commit"], stamp), result)
     print(f"results: {path}")
     try:
-        this_group = group_key(result)
-        members = [r for r in read_results(results_dir) if group_key(r) == this_group]
-        group = tables.Group(members)
+        results = read_results(results_dir)
+        group = tables.Group([r for r in results if r["variant"] != FROZEN_VARIANT and group_key(r) == group_key(result)],
+                             [r for r in results if r["variant"] == FROZEN_VARIANT and data_key(r) == data_key(result)])
     except DataError as err:  # the result file is written; only the printed tables are missing
         print(f"error: {err}", file=sys.stderr)
         return 1

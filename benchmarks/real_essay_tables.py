@@ -30,21 +30,23 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from benchmarks.result_files import (BASELINE_ROWS, LORA_ROWS, REPLICATE_ROWS, RESULTS, VARIANT_NAMES, format_spread,
-                                     group_key, read_results, recipe, row_name, row_predictions)
+from benchmarks.result_files import (DATA_ROWS, FROZEN_VARIANT, LORA_ROWS, REPLICATE_ROWS, RESULTS, VARIANT_NAMES,
+                                     data_key, format_spread, group_key, read_results, recipe, row_name,
+                                     row_predictions)
 from benchmarks.trust_tables import trust_lines
 from modules.jsonio import DataError
-from modules.metrics import batched_mean_qwk, hierarchical_bootstrap, mcrmse, mean_qwk, rubric_qwks
+from modules.metrics import batched_mean_qwk, hierarchical_bootstrap, mcrmse, mean_qwk, rubric_qwks, seed_essay_interval
 
 # --------------------------------------------------------------------------- tables
 
 class Group:
     """The results of one corpus and data split: their rows per seed, aligned on the test essays."""
 
-    def __init__(self, results: list[dict]) -> None:
+    def __init__(self, results: list[dict], frozen: Sequence[dict] = ()) -> None:
         first = results[0]
         self.corpus = first["corpus"]
         self.rubrics = first["rubrics"]
@@ -62,7 +64,11 @@ class Group:
                 raise DataError(f"{r['_path']}: a second result for {VARIANT_NAMES.get(r['variant'], r['variant'])} "
                                 f"seed {r['seed']} with the same essays and recipe (the other: {seen[run]}); keep one")
             seen[run] = r["_path"]
+        for r in frozen:
+            if r["splits"]["test"]["ids"] != ids:
+                raise DataError(f"{r['_path']}: test essays differ from {first['_path']}'s although the data key matches")
         self.results = results
+        self.frozen = list(frozen)  # results on the same essays whose rows depend on the data alone (the probe)
 
     def lora(self, variant: str, row: str, split: str, continuous: bool = False) -> dict[int, np.ndarray]:
         """seed -> predictions of the LoRA ``row`` of ``variant`` (only the seeds that have it)."""
@@ -73,10 +79,11 @@ class Group:
                 out[r["seed"]] = pred
         return out
 
-    def baseline(self, row: str, split: str = "test") -> np.ndarray | None:
-        """A baseline's predictions (the same in every result of the group: it depends on the data only)."""
-        for r in self.results:
-            pred = row_predictions(r, split, row)
+    def baseline(self, row: str, split: str = "test", continuous: bool = False) -> np.ndarray | None:
+        """A data-only row's predictions (a baseline, the same in every result of the group, or the
+        probe), unrounded with ``continuous`` where the file keeps them."""
+        for r in [*self.frozen, *self.results]:
+            pred = row_predictions(r, split, row, continuous)
             if pred is not None:
                 return pred
         return None
@@ -117,24 +124,34 @@ class Group:
         return best
 
 
-def metric_table(group: Group) -> list[str]:
-    """Markdown lines: one row per method, columns per rubric QWK, average QWK (and MCRMSE)."""
+def average_interval(gold: np.ndarray, per_seed: dict[int, np.ndarray], n: int, seed: int) -> str:
+    """The 95% interval of a row's average QWK over seeds, then test essays (essays only for one seed)."""
+    preds = [per_seed[s] for s in sorted(per_seed)]
+    lo, hi = seed_essay_interval(lambda s, idx: batched_mean_qwk(gold[idx], preds[s][idx]), len(preds), len(gold),
+                                 n, seed)
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def metric_table(group: Group, n: int = 2000, seed: int = 0) -> list[str]:
+    """Markdown lines: one row per method, columns per rubric QWK, average QWK with its bootstrap
+    interval (``n`` resamples), and MCRMSE on unrounded scores where kept."""
     names = [r["name"] for r in group.rubrics]
-    head = names + ["average QWK"] + (["MCRMSE"] if group.rescaled else [])
+    head = names + ["average QWK", "95% interval"] + (["MCRMSE"] if group.rescaled else [])
     lines = ["| method | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     gold = group.gold["test"]
     rows = [(v, row, group.lora(v, row, "test"), group.lora(v, row, "test", continuous=True))
             for v, row in group.lora_rows()]
-    for row in BASELINE_ROWS:
+    for row in DATA_ROWS:
         pred = group.baseline(row)
         if pred is not None:
-            rows.append((None, row, {0: pred}, {0: pred}))
+            rows.append((None, row, {0: pred}, {0: group.baseline(row, continuous=True)}))
     for variant, row, per_seed, continuous in rows:
-        # a baseline depends on the data only: one value, no spread over seeds
+        # a data-only row: one value, no spread over seeds
         cell = format_spread if variant else (lambda values: f"{values[0]:.3f}")
         qwks = {s: rubric_qwks(gold, p, group.ranges) for s, p in per_seed.items()}
         cells = [cell({s: q[k] for s, q in qwks.items()}) for k in range(len(names))]
         cells.append(cell({s: float(np.mean(q)) for s, q in qwks.items()}))
+        cells.append(average_interval(gold, per_seed, n, seed))
         if group.rescaled:
             cells.append(cell({s: mcrmse(gold, p, group.scales) for s, p in continuous.items()}))
         seeds = ",".join(map(str, sorted(per_seed))) if variant else "-"
@@ -194,10 +211,10 @@ def difference_lines(group: Group, n: int, seed: int) -> list[str]:
         add(f"CE+NTL minus CE only, {row}", group.lora("ce+ntl", row, "test"), group.lora("ce", row, "test"))
     for variant, row in group.lora_rows():
         per_seed = group.lora(variant, row, "test")
-        for base in BASELINE_ROWS:
+        for base in DATA_ROWS:
             pred = group.baseline(base)
             if pred is not None:
-                add(f"{row_name(variant, row)} minus {base}", per_seed, {s: pred for s in per_seed})
+                add(f"{row_name(variant, row)} minus {row_name(None, base)}", per_seed, {s: pred for s in per_seed})
     return lines
 
 
@@ -214,7 +231,14 @@ def group_report(group: Group, n: int, seed: int) -> str:
            + "; seeds " + "; ".join(f"{VARIANT_NAMES.get(v, v)}: {sorted(s)}" for v, s in seeds.items()),
            "recipe: " + (", ".join(f"{k} {v}" for k, v in recipe(first).items() if v is not None) or "not recorded"), ""]
     out += runs_table(group) + [""]
-    out += metric_table(group)
+    for r in group.frozen:
+        train = r.get("training") or {}
+        out += [f"probe: layer {train.get('layer')} of {train.get('layers')}, chosen on the validation and pick "
+                f"essays (validation average QWK {max(train.get('valid_qwk_by_layer') or [float('nan')]):.3f}); "
+                f"features of the first {train.get('max_tokens')} tokens, fitted in {minutes(train.get('seconds'))}, "
+                f"{minutes(r.get('timings', {}).get('total'))} in all; {r.get('machine', {}).get('cpu')}; "
+                f"`{r.get('command')}`", ""]
+    out += metric_table(group, n, seed)
     best = group.best_on_validation()
     if best:
         variant, row, value = best
@@ -289,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = read_results(Path(args.results))
         groups: dict[tuple, list[dict]] = defaultdict(list)
+        frozen: dict[tuple, list[dict]] = defaultdict(list)
         for r in results:
-            groups[group_key(r)].append(r)
+            if r["variant"] == FROZEN_VARIANT:
+                frozen[data_key(r)].append(r)
+            else:
+                groups[group_key(r)].append(r)
         if not groups:
-            print(f"no result files under {args.results}")
+            print(f"no LoRA result files under {args.results}")
             return 0
-        built = [Group(members) for members in groups.values()]
+        built = [Group(members, frozen[data_key(members[0])]) for members in groups.values()]
         for group in built:
             print(group_report(group, args.bootstrap, args.seed) + "\n")
         shared = shared_rubric_lines(built, args.bootstrap, args.seed)

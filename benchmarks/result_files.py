@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from modules.convert.baseline import TUNED_RIDGE
 from modules.jsonio import DataError, read_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,14 @@ LORA_ROWS = ("greedy", "weighted", "greedy, constrained", "SC majority", "SC ave
              "SC majority, constrained", "SC average, constrained")
 REPLICATE_ROWS = ("greedy", "weighted")  # the LoRA rows of a result with "replicate": true
 BASELINE_ROWS = ("TF-IDF ridge, same essays", "TF-IDF ridge, all train essays", "essay-length ridge", "training mean")
+# Rows that depend on the data alone, one value per corpus, in table order: the frozen probe
+# (benchmarks/bench_probe.py's result files, variant "probe"), the tuned ridge, the other baselines.
+FROZEN_VARIANT = "probe"
+DATA_ROWS = ("probe", TUNED_RIDGE, *BASELINE_ROWS)
+# The untuned ridges keep their recorded names; the tables say what they are.
+ROW_LABELS = {"TF-IDF ridge, same essays": "TF-IDF ridge (untuned, alpha 1), same essays",
+              "TF-IDF ridge, all train essays": "TF-IDF ridge (untuned, alpha 1), all train essays",
+              "probe": "probe (frozen base model, ridge on one layer)"}
 
 # bench_real_essays.py's options that change what a seed's training or sampling does. The checkpoint
 # rule (--load_best_model_at_end) is left out: a run that kept its last checkpoint is the same run
@@ -98,30 +107,37 @@ def recipe(result: dict) -> dict:
     return {key: config.get(key, RECIPE_DEFAULTS.get(key)) for key in RECIPE_KEYS}
 
 
-def group_key(result: dict) -> tuple:
-    """Results are pooled when they scored the same essays (corpus, data file and split, subset sizes)
-    with the same recipe: a lever's run (another learning rate, say) is its own group, never a seed."""
+def data_key(result: dict) -> tuple:
+    """Which essays a result scored: corpus, data file, split seed and subset sizes."""
     data = result["data"]
-    return (result["corpus"], data.get("sha256"), data.get("data_seed"), json.dumps(data.get("sizes"), sort_keys=True),
-            json.dumps(recipe(result), sort_keys=True))
+    return result["corpus"], data.get("sha256"), data.get("data_seed"), json.dumps(data.get("sizes"), sort_keys=True)
+
+
+def group_key(result: dict) -> tuple:
+    """Results are pooled when they scored the same essays (:func:`data_key`) with the same recipe: a
+    lever's run (another learning rate, say) is its own group, never a seed."""
+    return (*data_key(result), json.dumps(recipe(result), sort_keys=True))
 
 
 def row_predictions(result: dict, split: str, row: str, continuous: bool = False) -> np.ndarray | None:
     """[N, K] predictions of ``row`` on ``split`` (None when that result lacks it); with
-    ``continuous`` the weighted row is its unrounded expected score."""
+    ``continuous`` the row's unrounded scores where the file keeps them (the weighted row's
+    expected score, the probe's and the tuned ridge's outputs under ``continuous``)."""
     part = result["splits"].get(split)
     if part is None or row not in part["rows"]:
         return None
     if continuous and row == "weighted" and part.get("weighted_expected") is not None:
         return np.asarray(part["weighted_expected"], dtype=np.float64)
+    if continuous and row in part.get("continuous", {}):
+        return np.asarray(part["continuous"][row], dtype=np.float64)
     return np.asarray(part["rows"][row])
 
 
 # --------------------------------------------------------------------------- names and per-seed values in the tables
 
 def row_name(variant: str | None, row: str) -> str:
-    """A row's name in the tables: ``LoRA CE+NTL, greedy`` for a LoRA row, the baseline's own name."""
-    return f"{VARIANT_NAMES[variant]}, {row}" if variant else row
+    """A row's name in the tables: ``LoRA CE+NTL, greedy`` for a LoRA row, a data-only row's label."""
+    return f"{VARIANT_NAMES[variant]}, {row}" if variant else ROW_LABELS.get(row, row)
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

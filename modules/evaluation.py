@@ -96,3 +96,25 @@ def evaluate_confidence(valid_predictions: list[dict], test_predictions: list[di
     if report["calibration"]:
         plot_reliability(report["calibration"], out_dir / RELIABILITY_PNG, title)
     return rows, report, calibration
+
+
+def write_scores_csv(path: Path, rows: Sequence[dict], info: DatasetInfo, signal: str | None) -> None:
+    """``scores.csv``, the file a teacher or an analyst opens first: one line per essay with its id,
+    each rubric's final score (the weighted prediction where it was computed, else the greedy one),
+    its confidence (the essay's value of ``signal``, the review signal chosen on validation essays;
+    empty without one) and its review flag (empty without a calibration)."""
+    import csv
+    import io
+
+    from modules.jsonio import write_text_atomic
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["id", *info.rubric_names, f"confidence ({signal})" if signal else "confidence", "review"])
+    for row in rows:
+        scores = row["weighted"] if row.get("weighted") is not None else row["greedy"]
+        confidence = (row.get("confidence") or {}).get("essay", {}).get(signal) if signal else None
+        review = row.get("review")
+        writer.writerow([row["id"], *scores, "" if confidence is None else f"{confidence:.6g}",
+                         "" if review is None else int(review)])
+    write_text_atomic(path, out.getvalue())

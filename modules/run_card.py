@@ -102,19 +102,40 @@ def _confidence_lines(report: dict) -> list[str]:
     return lines
 
 
+def _probe_lines(manifest: dict) -> list[str]:
+    probe = manifest.get("probe") or {}
+    alpha = ", ".join(f"{name} {a:g}" for name, a in (probe.get("alpha") or {}).items())
+    return [f"- Features: the mean of layer {probe.get('layer')} of {probe.get('layers')}'s hidden states over the "
+            f"essay's first {probe.get('max_tokens')} tokens (the essay alone, no prompt), the base model frozen.",
+            f"- A ridge per rubric on the standardised features, alpha by 5-fold cross-validation on the training "
+            f"essays: {alpha}.",
+            "- The layer with the best average QWK on the validation essays; the test essays chose nothing.",
+            f"- Fitted in {(manifest.get('train') or {}).get('seconds')} s on {manifest.get('device')}."]
+
+
 def run_card(run_dir: Path, manifest: dict, info: DatasetInfo, results: dict | None, n_essays: int) -> str:
-    """The card's markdown for a training run or, with ``manifest["mode"] == "score"``, a scoring run."""
+    """The card's markdown for a training run (a LoRA adapter or, with ``manifest["scorer"] ==
+    "probe"``, a probe) or, with ``manifest["mode"] == "score"``, a scoring run."""
     config = manifest.get("config") or {}
     base = config.get("base_model_name")
     scoring = manifest.get("mode") == "score"
+    probe = manifest.get("scorer") == "probe"
+    kind = "probe" if probe else "LoRA adapter"
     adapter = manifest.get("adapter_dir") if scoring else run_dir
-    lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [essay-scoring, lora, qwk]", "---", "",
-             f"# {Path(run_dir).name}", ""]
+    lines = ["---", f"base_model: {base}", f"library_name: {'aes-probe' if probe else 'peft'}",
+             f"tags: [essay-scoring, {'probe' if probe else 'lora'}, qwk]", "---", "", f"# {Path(run_dir).name}", ""]
     if scoring:
         lines += [f"Scores of `{Path(str(manifest.get('score_path'))).name}` ({manifest.get('n_essays')} essays, "
-                  f"{manifest.get('n_with_gold')} with gold scores) by the LoRA adapter in `{_path_as_typed(adapter)}` "
+                  f"{manifest.get('n_with_gold')} with gold scores) by the {kind} in `{_path_as_typed(adapter)}` "
                   f"on `{base}`, with that run's prompts (`predictions.jsonl`: per essay the scores, their "
-                  f"probabilities and confidence). Commit {manifest.get('git_commit')}.", ""]
+                  f"probabilities and confidence; `scores.csv`: the final scores, confidence and review flag). "
+                  f"Commit {manifest.get('git_commit')}.", ""]
+    elif probe:
+        lines += [f"A probe for `{base}`: a ridge per rubric on the frozen model's pooled hidden states "
+                  f"(`probe.json`), trained by `main_pipeline.py --scorer probe` (commit {manifest.get('git_commit')}, "
+                  f"{manifest.get('created')}).", "",
+                  "## Data", "", *_data_lines(info, manifest.get("split_sizes")), "",
+                  "## Training", "", *_probe_lines(manifest), ""]
     else:
         lines += [f"A LoRA adapter for `{base}` that writes one integer score per rubric for an essay, trained by "
                   f"`main_pipeline.py` (commit {manifest.get('git_commit')}, {manifest.get('created')}).", "",
@@ -128,6 +149,7 @@ def run_card(run_dir: Path, manifest: dict, info: DatasetInfo, results: dict | N
         lines += ["## Results", "", "Not scored in this run (`--skip_scoring`, or essays without gold scores).", ""]
     lines += ["## Use", "", "Score new essays (a JSONL file of records; gold scores optional):", "", "```bash",
               _scoring_command(base, adapter), "```", "",
+              f"In Python: `modules.probe.load_probe(\"{_path_as_typed(adapter)}\")`." if probe else
               f"In Python: `modules.models.load_adapter(\"{base}\", \"{_path_as_typed(adapter)}\")`.", ""]
     return "\n".join(lines)
 

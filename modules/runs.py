@@ -101,7 +101,8 @@ def create_run_dir(path: Path | None, parent: Path | None = None, prefix: str = 
     raise RunDirError(f"{base}: could not create a new run folder")
 
 
-def plan_and_load_adapter(plan: Callable[[], object], args, device, errors: tuple[type[Exception], ...] = ()):
+def plan_and_load_adapter(plan: Callable[[], object], args, device, errors: tuple[type[Exception], ...] = (),
+                          load: Callable | None = None):
     """``(plan(), model, tokenizer, error)``: every input check of a command that scores with a
     trained adapter (``plan``), then the adapter of ``args.adapter_dir`` on ``args.base_model_name``,
     loaded only once the checks pass (transformers and peft take seconds to import). ``error`` is
@@ -109,7 +110,8 @@ def plan_and_load_adapter(plan: Callable[[], object], args, device, errors: tupl
     one of ``errors``' first line (the loader's messages can span lines; the first says what).
 
     One process without --device_id lets the loader choose its device (first GPU, else CPU) after
-    it has checked the adapter's base model; ``device`` is the launcher's, or None alone."""
+    it has checked the adapter's base model; ``device`` is the launcher's, or None alone. ``load``:
+    another loader, ``load(device) -> (model, tokenizer)`` (a probe run's base model)."""
     from modules import dist
 
     planned = model = tokenizer = error = None
@@ -117,9 +119,12 @@ def plan_and_load_adapter(plan: Callable[[], object], args, device, errors: tupl
         planned = plan()
         if device is None and args.device_id is not None:
             device = dist.device(args.device_id)
-        from modules.models import load_adapter
+        if load is not None:
+            model, tokenizer = load(device)
+        else:
+            from modules.models import load_adapter
 
-        model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
+            model, tokenizer = load_adapter(args.base_model_name, args.adapter_dir, device=device)
     except (OSError, ValueError, *errors) as err:
         error = str(err).strip().splitlines()[0]
     return planned, model, tokenizer, dist.first_error(error)

@@ -114,7 +114,8 @@ def scoring_manifest(args: argparse.Namespace, job: ScoringJob, run_dir: Path, m
                 "world_size": dist.world_size(), "rubrics": job.info.rubric_names,
                 "prompt_settings": job.settings.as_dict(),
                 "n_essays": len(job.records), "n_with_gold": sum(r.scores is not None for r in job.records),
-                "confidence_calibration": job.calibration is not None}
+                "confidence_calibration": job.calibration is not None,
+                "confidence_signal": job.calibration["signal"] if job.calibration else None}
     if dist.is_main():
         write_json_atomic(run_dir / MANIFEST, manifest)
     return manifest

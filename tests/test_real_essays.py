@@ -14,7 +14,7 @@ import pytest
 from benchmarks import bench_real_essays as bench
 from benchmarks import real_essay_tables as tables
 from benchmarks import result_files, trust_tables
-from modules.convert.baseline import mean_predictions
+from modules.convert.baseline import TUNED_RIDGE, mean_predictions
 from modules.convert.subset import subset_draws, subset_sizes
 from modules.jsonio import DataError, read_json
 from modules.metrics import mcrmse, mean_qwk, rubric_qwks
@@ -288,9 +288,14 @@ def test_benchmark_baselines_on_a_tiny_dataset(tmp_path: Path) -> None:
     for split, recs in {"train": records(6, 0), "valid": records(3, 100), "test": records(4, 200)}.items():
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "dataset.json").write_text(json.dumps({"rubrics": RUBRICS}))
-    out = bench.baselines(tmp_path, records(6, 0) + records(2, 50), "test")
-    assert list(out) == list(result_files.BASELINE_ROWS)
+    entry = {"rows": {}}
+    bench.baselines(tmp_path, records(6, 0) + records(2, 50), "test", entry)
+    out = entry["rows"]
+    assert list(out) == [TUNED_RIDGE, *result_files.BASELINE_ROWS]
     assert out["training mean"] == [[2, 2]] * 4  # ideas 0+1+2+3+4+4 = 14/6 -> 2, style 2
+    # the tuned ridge's unrounded outputs, clipped to range, round half up to its row
+    assert list(entry["continuous"]) == [TUNED_RIDGE]
+    assert [[int(np.floor(v + 0.5)) for v in r] for r in entry["continuous"][TUNED_RIDGE]] == out[TUNED_RIDGE]
     assert all(len(rows) == 4 and all(len(r) == 2 for r in rows) for rows in out.values())
     assert all(lo <= v <= hi for rows in out.values() for r in rows for v, (lo, hi) in zip(r, RANGES))
 
@@ -609,7 +614,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         records = [json.loads(line) for line in (out / "data_seed0" / f"{split}.jsonl").read_text().splitlines()]
         assert entry["ids"] == [r["id"] for r in records]
         assert entry["gold"] == [[r["scores"][t] for t in traits] for r in records]
-        assert set(entry["rows"]) == set(lora_rows) | set(result_files.BASELINE_ROWS)
+        assert set(entry["rows"]) == set(lora_rows) | set(result_files.BASELINE_ROWS) | {TUNED_RIDGE}
         for row, scores in entry["rows"].items():
             assert len(scores) == n and all(len(s) == 6 and all(2 <= v <= 10 for v in s) for s in scores), row
         assert len(entry["weighted_expected"]) == n and all(2 <= v <= 10 for s in entry["weighted_expected"] for v in s)
@@ -673,7 +678,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         entry = replicate["splits"][split]
         scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / f"{split}.jsonl", info), info,
                                PromptSettings(max_prompt_tokens=replicate["data"]["max_prompt_tokens"]), batch_size=3)
-        assert set(entry["rows"]) == {"greedy", "weighted"} | set(result_files.BASELINE_ROWS)
+        assert set(entry["rows"]) == {"greedy", "weighted"} | set(result_files.BASELINE_ROWS) | {TUNED_RIDGE}
         assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
         assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
 
