@@ -664,8 +664,7 @@ def run_probe(args: argparse.Namespace, info, splits, device) -> int:
     from modules import dist
     from modules.jsonio import write_json_atomic, write_jsonl_atomic
     from modules.models import load_base_model
-    from modules.probe import save_probe
-    from modules.probe_run import probe_rows, train_probe
+    from modules.probe_run import probe_rows, save_probe, train_probe
 
     if dist.world_size() > 1:
         return stop("--scorer probe runs in one process; start it without torchrun / accelerate launch")

@@ -149,7 +149,7 @@ def run_card(run_dir: Path, manifest: dict, info: DatasetInfo, results: dict | N
         lines += ["## Results", "", "Not scored in this run (`--skip_scoring`, or essays without gold scores).", ""]
     lines += ["## Use", "", "Score new essays (a JSONL file of records; gold scores optional):", "", "```bash",
               _scoring_command(base, adapter), "```", "",
-              f"In Python: `modules.probe.load_probe(\"{_path_as_typed(adapter)}\")`." if probe else
+              f"In Python: `modules.probe_run.load_probe(\"{_path_as_typed(adapter)}\")`." if probe else
               f"In Python: `modules.models.load_adapter(\"{base}\", \"{_path_as_typed(adapter)}\")`.", ""]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from conftest import small_dataset
 from modules import probe as P
 from modules.data import load_dataset_info, load_split
 from modules.jsonio import DataError
+from modules.probe_run import load_probe, save_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,7 +220,7 @@ def test_a_probe_run_writes_what_a_lora_run_writes_and_score_path_reproduces_it(
     printed = capsys.readouterr().out
     assert "average" in printed and f"run folder: {run}" in printed
     manifest = json.loads((run / "run_manifest.json").read_text())
-    probe = P.load_probe(run)
+    probe = load_probe(run)
     assert is_probe_run(run) and manifest["scorer"] == "probe" and manifest["probe"]["layer"] == probe.layer
     assert manifest["probe"]["valid_qwk_by_layer"] == [round(q, 4) for q in probe.layer_scores]
     info = load_dataset_info(folder)
@@ -325,13 +326,13 @@ def test_save_load_round_trip_predicts_identically(tmp_path: Path) -> None:
     fit = P.fit_ridge(x, y)
     probe = P.Probe(layer=0, fit=fit, rubric_names=("a", "b", "c"), ranges=((0, 8), (0, 4), (-2, 2)), max_tokens=32,
                     layer_scores=(0.25,), bos_prefix=False)
-    path = P.save_probe(tmp_path / "probe", probe)
+    path = save_probe(tmp_path / "probe", probe)
     assert path == tmp_path / "probe" / "probe.json"
     raw = json.loads(path.read_text())
     assert raw["format"] == "aes-probe" and raw["pooling"] == "mean" and raw["base_model"] is None
     assert len(path.read_text().splitlines()) == len(raw) + 2  # one field per line
-    loaded = P.load_probe(tmp_path / "probe")
-    assert P.load_probe(path).fit.coef.tolist() == loaded.fit.coef.tolist()  # the file itself works too
+    loaded = load_probe(tmp_path / "probe")
+    assert load_probe(path).fit.coef.tolist() == loaded.fit.coef.tolist()  # the file itself works too
     x_new = regression_data(7, 12, seed=3)[0]
     np.testing.assert_array_equal(P.predict_ridge(loaded.fit, x_new), P.predict_ridge(fit, x_new))
     for name in ("mean", "scale", "coef", "intercept", "alpha", "alphas", "cv_mse"):
@@ -353,22 +354,22 @@ def test_save_load_round_trip_predicts_identically(tmp_path: Path) -> None:
     ("alpha", None, "field 'alpha': must be a list of 3, got NoneType"),
 ])
 def test_a_corrupted_field_is_a_one_line_error_naming_file_and_field(tmp_path: Path, field, value, message) -> None:
-    path = P.save_probe(tmp_path, toy_probe())
+    path = save_probe(tmp_path, toy_probe())
     raw = json.loads(path.read_text())
     raw[field] = value
     path.write_text(json.dumps(raw, indent=2))
     with pytest.raises(DataError) as err:
-        P.load_probe(tmp_path)
+        load_probe(tmp_path)
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"{path}: ") and message in text
 
 
 def test_missing_or_invalid_probe_file_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="probe.json: file not found"):
-        P.load_probe(tmp_path)
+        load_probe(tmp_path)
     (tmp_path / "probe.json").write_text('{"format": "aes-probe",\n "layer": }')
     with pytest.raises(DataError, match=r"probe.json:2: invalid JSON"):
-        P.load_probe(tmp_path)
+        load_probe(tmp_path)
     (tmp_path / "probe.json").write_text('{"format": "aes-probe", "version": 1, "mean": [NaN]}')
     with pytest.raises(DataError, match="field 'pooling'"):
-        P.load_probe(tmp_path)
+        load_probe(tmp_path)
