@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.scorer == "probe" and (args.resume_checkpoint or args.dry_run):
         p.error(f"--{'resume_checkpoint' if args.resume_checkpoint else 'dry_run'} is for LoRA training; "
                 "--scorer probe trains no model")
+    if (args.score_map == "stack") != bool(args.stack_probe):
+        p.error("--score_map stack and --stack_probe go together")
+    if args.score_map != "none" and (args.scorer == "probe" or args.no_weighted):
+        p.error(f"--score_map maps the LoRA scorer's weighted expectation; not with "
+                f"{'--scorer probe' if args.scorer == 'probe' else '--no_weighted'}")
     if args.probe_max_tokens < 1:
         p.error(f"--probe_max_tokens must be >= 1, got {args.probe_max_tokens}")
     if args.lora_top_layers < 0:
@@ -103,6 +108,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "the frozen model's pooled hidden states, the layer chosen on the validation essays "
                         "(modules/probe.py); --score_path applies either kind of run")
     p.add_argument("--probe_max_tokens", type=int, default=512, help="--scorer probe: the essay tokens it reads")
+    p.add_argument("--score_map", choices=("none", "stretch", "stack"), default="none",
+                   help="final scores mapped per rubric from the weighted expectation, fitted on the validation "
+                        "essays: stretch = a linear map of it; stack = of it and --stack_probe's output "
+                        "(modules/calibrate.py); saved in the run and applied by --score_path")
+    p.add_argument("--stack_probe", default=None, help="--score_map stack: a --scorer probe run on the same base model")
     p.add_argument("--device_id", default=None,
                    help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
                         "first GPU, else the CPU); a GPU that is not there is an error")
@@ -283,6 +293,15 @@ def train_main(args: argparse.Namespace, device) -> int:
         info, splits = load_splits(args.data_dir, ratio=args.ratio, seed=args.seed)
         if args.resume_checkpoint:
             resume = check_resume(args)
+        if args.score_map != "none" and dist.world_size() > 1:
+            raise ValueError("--score_map fits on the validation rows in one process; train without a launcher")
+        if args.stack_probe:
+            from modules.probe_run import load_probe
+
+            probe = load_probe(args.stack_probe)
+            if probe.base_model not in (None, args.base_model_name):
+                raise ValueError(f"--stack_probe {args.stack_probe}: a probe of base model '{probe.base_model}', "
+                                 f"not '{args.base_model_name}'")
         if device is None:
             from modules.models import isolate_gpu
 
@@ -354,13 +373,48 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     model = scoring_model(args, trainer, model, run_dir, device)
     settings = PromptSettings(args.mtl, args.prompt_format, max_prompt_tokens)
     test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
-    annotate = None
+    annotate, mapped = None, None
     if not args.no_weighted:
         valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, settings)
+        if args.score_map != "none":
+            mapped, valid_rows = fit_score_map(args, model, tokenizer, valid_rows, splits["valid"], info, run_dir,
+                                               manifest)
         annotate = lambda rows: calibrated_rows(rows, valid_rows, splits["valid"], test_records, info, run_dir, args)
-    return score_and_report(args, test_records, info, run_dir, manifest,
-                            lambda records: predict_records(args, model, tokenizer, records, info, settings),
-                            annotate=annotate)
+
+    def predict(records: list) -> list[dict]:
+        rows = predict_records(args, model, tokenizer, records, info, settings)
+        return mapped(rows, records) if mapped and rows is not None else rows
+
+    return score_and_report(args, test_records, info, run_dir, manifest, predict, annotate=annotate)
+
+
+def fit_score_map(args: argparse.Namespace, model, tokenizer, valid_rows: list[dict], records: list, info,
+                  run_dir: Path, manifest: dict) -> tuple[Callable[[list[dict], list], list[dict]], list[dict]]:
+    """--score_map: the per-rubric linear map from the weighted expectation (and with ``stack`` the
+    probe's output) to the gold scores of the validation essays; saved as score_map.json, recorded in
+    the manifest and in valid_predictions.jsonl. Returns what maps the rows of given records, and the
+    validation rows mapped."""
+    import numpy as np
+
+    from modules import dist
+    from modules.calibrate import fit_linear, save_score_map, score_map_inputs, with_final
+    from modules.jsonio import write_jsonl_atomic
+    from modules.probe_run import load_probe
+
+    probe = load_probe(args.stack_probe) if args.stack_probe else None
+    names = ("weighted", "probe") if probe else ("weighted",)
+    options = dict(model=model, tokenizer=tokenizer, info=info, probe=probe, batch_size=args.per_device_eval_batch_size)
+    inputs = score_map_inputs(names, valid_rows, records=records, **options)
+    fit = fit_linear(inputs, np.array([r["gold"] for r in valid_rows], dtype=np.float64))
+    valid_rows = with_final(valid_rows, fit, inputs, info.ranges)
+
+    def mapped(rows: list[dict], scored: list) -> list[dict]:
+        return with_final(rows, fit, score_map_inputs(names, rows, records=scored, **options), info.ranges)
+
+    manifest["score_map"] = save_score_map(run_dir, args.score_map, fit, args.stack_probe) if dist.is_main() else None
+    if dist.is_main():
+        write_jsonl_atomic(run_dir / "valid_predictions.jsonl", valid_rows)
+    return mapped, valid_rows
 
 
 # --------------------------------------------------------------------------- the stages of run
@@ -713,7 +767,7 @@ def score_main(args: argparse.Namespace, device) -> int:
     training run's prompts -> attach the confidence -> write the predictions (and the QWK when
     every essay has gold scores)."""
     from modules import dist
-    from modules.scoring_job import confidence_rows, new_scoring_dir, plan_scoring, scoring_manifest
+    from modules.scoring_job import confidence_rows, mapped_rows, new_scoring_dir, plan_scoring, scoring_manifest
 
     from modules.probe_run import is_probe_run, load_probe_run, probe_rows
 
@@ -739,7 +793,8 @@ def score_main(args: argparse.Namespace, device) -> int:
         predict = lambda records: dist.gather(probe_rows(model, tokenizer, probe["probe"], dist.shard(records),
                                                          job.info, args.per_device_eval_batch_size))
     else:
-        predict = lambda records: predict_records(args, model, tokenizer, records, job.info, job.settings)
+        predict = lambda records: mapped_rows(job, model, tokenizer, records,
+                                              predict_records(args, model, tokenizer, records, job.info, job.settings))
     return score_and_report(args, job.records, job.info, run_dir, manifest, predict,
                             annotate=lambda rows: confidence_rows(rows, job))
 

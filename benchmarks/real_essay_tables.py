@@ -38,10 +38,18 @@ from benchmarks.result_files import (DATA_ROWS, FROZEN_VARIANT, LORA_ROWS, REPLI
                                      data_key, format_spread, group_key, read_results, recipe, row_name,
                                      row_predictions)
 from benchmarks.trust_tables import trust_lines
+from modules.calibrate import apply_linear, fit_linear
+from modules.convert.baseline import TUNED_RIDGE
 from modules.jsonio import DataError
 from modules.metrics import batched_mean_qwk, hierarchical_bootstrap, mcrmse, mean_qwk, rubric_qwks, seed_essay_interval
 
 # --------------------------------------------------------------------------- tables
+
+# Rows mapped from a LoRA run's weighted expectation on its validation essays (modules/calibrate.py),
+# with the unrounded outputs they take: a per-rubric linear stretch, and a stack with the probe and
+# the tuned ridge (results of benchmarks/bench_probe.py on the same essays).
+DERIVED_ROWS = {"weighted, stretched on validation": ("weighted",),
+                "weighted + probe + tuned ridge, stacked on validation": ("weighted", "probe", TUNED_RIDGE)}
 
 class Group:
     """The results of one corpus and data split: their rows per seed, aligned on the test essays."""
@@ -72,6 +80,8 @@ class Group:
 
     def lora(self, variant: str, row: str, split: str, continuous: bool = False) -> dict[int, np.ndarray]:
         """seed -> predictions of the LoRA ``row`` of ``variant`` (only the seeds that have it)."""
+        if row in DERIVED_ROWS:
+            return self.derived(variant, row, split, continuous)
         out = {}
         for r in self.results:
             pred = row_predictions(r, split, row, continuous) if r["variant"] == variant else None
@@ -88,10 +98,34 @@ class Group:
                 return pred
         return None
 
-    def lora_rows(self) -> list[tuple[str, str]]:
-        """(variant, row) pairs that at least one seed has, in table order."""
+    def derived(self, variant: str, row: str, split: str, continuous: bool = False) -> dict[int, np.ndarray]:
+        """seed -> predictions of a row mapped from the weighted row's expectation (and the probe's and
+        the tuned ridge's outputs: :data:`DERIVED_ROWS`) by :func:`modules.calibrate.fit_linear`,
+        fitted on that seed's validation and pick essays, never on test."""
+        splits = [s for s in self.validation_splits() if s in self.gold]
+        out = {}
+        for r in self.results:
+            if r["variant"] != variant:
+                continue
+            inputs = {part: {name: row_predictions(r, part, name, True) if name == "weighted"
+                             else self.baseline(name, part, continuous=True) for name in DERIVED_ROWS[row]}
+                      for part in [*splits, split]}
+            if any(x is None for part in inputs.values() for x in part.values()):
+                continue
+            fit = fit_linear({name: np.concatenate([inputs[part][name] for part in splits]) for name in DERIVED_ROWS[row]},
+                             np.concatenate([self.gold[part] for part in splits]))
+            unrounded, rounded = apply_linear(fit, inputs[split], self.ranges)
+            out[r["seed"]] = unrounded if continuous else rounded
+        return out
+
+    def lora_rows(self, derived: bool = True) -> list[tuple[str, str]]:
+        """(variant, row) pairs that at least one seed has, in table order; with ``derived`` also the
+        rows mapped on validation (:meth:`derived`) where their inputs exist."""
         present = {(r["variant"], row) for r in self.results for row in r["splits"]["test"]["rows"]}
-        return [(v, row) for v in VARIANT_NAMES for row in LORA_ROWS if (v, row) in present]
+        rows = [(v, row) for v in VARIANT_NAMES for row in LORA_ROWS if (v, row) in present]
+        if derived:
+            rows += [(v, row) for v in VARIANT_NAMES for row in DERIVED_ROWS if self.derived(v, row, "test")]
+        return rows
 
     def validation_splits(self) -> list[str]:
         """The splits the row pick reads: the validation essays, and the pick essays when every result
@@ -107,7 +141,8 @@ class Group:
             return {}
         gold = np.concatenate([self.gold[s] for s in splits])
         means = {}
-        for variant, row in self.lora_rows():
+        # rows fitted on the validation essays would be judged on their own fit: left out
+        for variant, row in self.lora_rows(derived=False):
             parts = [self.lora(variant, row, s) for s in splits]
             seeds = set(parts[0]).intersection(*parts[1:])
             if seeds:

@@ -156,8 +156,13 @@ def signals_from_measures(measures: dict[str, np.ndarray], ranges) -> dict[str, 
 # ----------------------------------------------------------------------------- prediction rows
 
 def prediction_key(rows: Sequence[dict]) -> str:
-    """``"weighted"`` when every row has a weighted prediction, else ``"greedy"``."""
-    return "weighted" if rows and all(r.get("weighted") is not None for r in rows) else "greedy"
+    """The rows' final prediction: ``"final"`` when every row has one (a run's score map,
+    :mod:`modules.calibrate`), else ``"weighted"`` when every row has a weighted prediction, else
+    ``"greedy"``."""
+    for key in ("final", "weighted"):
+        if rows and all(r.get(key) is not None for r in rows):
+            return key
+    return "greedy"
 
 
 def rows_scores(rows: Sequence[dict], key: str, k: int) -> np.ndarray:

@@ -105,7 +105,7 @@ def confidence_report(valid_rows: Sequence[dict], test_rows: Sequence[dict], nam
     if not (has_gold(valid_rows) and has_gold(test_rows)):
         raise ValueError("the confidence report needs gold scores on every validation and test row")
     target = review_target(review_fraction, min_qwk)
-    key = "weighted" if prediction_key(valid_rows) == prediction_key(test_rows) == "weighted" else "greedy"
+    key = prediction_key(valid_rows) if prediction_key(valid_rows) == prediction_key(test_rows) else "greedy"
     k = len(names)
     gold_v, pred_v = rows_scores(valid_rows, "gold", k), rows_scores(valid_rows, key, k)
     gold_t, pred_t = rows_scores(test_rows, "gold", k), rows_scores(test_rows, key, k)
@@ -130,7 +130,7 @@ def confidence_report(valid_rows: Sequence[dict], test_rows: Sequence[dict], nam
                          "test": review_outcome(review_flags(sig_t[signal], threshold), gold_t, pred_t, ranges),
                          "test_qwk_all": agreement(gold_t, pred_t, ranges)["qwk"]}}
     probs_v, probs_t = rows_probabilities(valid_rows, names, ranges), rows_probabilities(test_rows, names, ranges)
-    if key == "weighted" and probs_v is not None and probs_t is not None:
+    if key != "greedy" and probs_v is not None and probs_t is not None:
         report["calibration"] = calibration_summary(meas_t["p_pred"], gold_t, pred_t)
         quantiles = calibrate_conformal(probs_v, gold_v, ranges, names, target_coverage)
         calibration["conformal"] = {"method": "LAC", "target_coverage": target_coverage, "quantiles": quantiles}

@@ -39,15 +39,18 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     if all(p.get("weighted") is not None for p in predictions):
         results["weighted"] = _score_block(predictions, info, "weighted")
         results["weighted"]["underflow"] = underflow_count(predictions)
+    if all(p.get("final") is not None for p in predictions):
+        results["final"] = _score_block(predictions, info, "final")
     return results
 
 
 def format_results_table(results: dict, info: DatasetInfo, constrained: bool = False) -> str:
-    """Plain-text QWK table: rubrics, overall and average down, token and weighted across, then
-    the invalid and truncated counts and the decoding mode that produced the greedy answers."""
+    """Plain-text QWK table: rubrics, overall and average down, token and weighted (and the score
+    map's final) across, then the invalid and truncated counts and the decoding mode that produced
+    the greedy answers."""
     rows = info.rubric_names + ["overall", "average"]
-    counts = [row for row in ("invalid", "truncated", "underflow")
-              if any(row in results.get(b, {}) for b in ("token", "weighted"))]
+    blocks = ["token", "weighted", *(["final"] if "final" in results else [])]
+    counts = [row for row in ("invalid", "truncated", "underflow") if any(row in results.get(b, {}) for b in blocks)]
     width = max(len(r) for r in rows + counts)
 
     def cell(block: str, row: str) -> str:
@@ -56,8 +59,8 @@ def format_results_table(results: dict, info: DatasetInfo, constrained: bool = F
             return f"{value:>9.4f}"
         return f"{value:>9d}" if isinstance(value, int) else f"{'-':>9}"
 
-    lines = [f"{'rubric':<{width}}  {'token':>9}  {'weighted':>9}"]
-    lines += [f"{row:<{width}}  {cell('token', row)}  {cell('weighted', row)}" for row in rows + counts]
+    lines = [f"{'rubric':<{width}}  " + "  ".join(f"{b:>9}" for b in blocks)]
+    lines += [f"{row:<{width}}  " + "  ".join(cell(b, row) for b in blocks) for row in rows + counts]
     lines.append(f"decoding: {decoding_mode(constrained)}")
     return "\n".join(lines)
 
@@ -100,7 +103,8 @@ def evaluate_confidence(valid_predictions: list[dict], test_predictions: list[di
 
 def write_scores_csv(path: Path, rows: Sequence[dict], info: DatasetInfo, signal: str | None) -> None:
     """``scores.csv``, the file a teacher or an analyst opens first: one line per essay with its id,
-    each rubric's final score (the weighted prediction where it was computed, else the greedy one),
+    each rubric's final score (the score map's where the run has one, else the weighted prediction
+    where it was computed, else the greedy one),
     its confidence (the essay's value of ``signal``, the review signal chosen on validation essays;
     empty without one) and its review flag (empty without a calibration)."""
     import csv
@@ -112,7 +116,7 @@ def write_scores_csv(path: Path, rows: Sequence[dict], info: DatasetInfo, signal
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["id", *info.rubric_names, f"confidence ({signal})" if signal else "confidence", "review"])
     for row in rows:
-        scores = row["weighted"] if row.get("weighted") is not None else row["greedy"]
+        scores = next(row[key] for key in ("final", "weighted", "greedy") if row.get(key) is not None)
         confidence = (row.get("confidence") or {}).get("essay", {}).get(signal) if signal else None
         review = row.get("review")
         writer.writerow([row["id"], *scores, "" if confidence is None else f"{confidence:.6g}",

@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.calibrate import SCORE_MAP, load_score_map
+from modules.probe_run import load_probe
 from modules.runs import (MANIFEST, PromptSettings, RunDirError, create_run_dir, occupied_dir_error, provenance,
                           uncreatable_dir_error)
 
@@ -24,6 +26,8 @@ class ScoringJob:
     settings: PromptSettings  # the adapter's training prompts
     calibration: dict | None  # the adapter's confidence_calibration.json, when training wrote one
     out_dir: Path | None  # --output_dir, else None (a new runs/<adapter>_scored_<time>)
+    score_map: dict | None = None  # the run's score_map.json (modules/calibrate.py), when it has one
+    stack_probe: object = None  # the probe that map stacks with, loaded
 
 
 def plan_scoring(args: argparse.Namespace) -> ScoringJob:
@@ -44,8 +48,24 @@ def plan_scoring(args: argparse.Namespace) -> ScoringJob:
                          or uncreatable_dir_error(out_dir))
     if error:
         raise DataError(error)
+    score_map = load_score_map(adapter)
+    if score_map is not None and args.no_weighted:
+        raise DataError(f"{adapter / SCORE_MAP}: the run's final scores map the weighted expectation; drop --no_weighted")
+    probe = load_probe(score_map["probe_run"]) if score_map and "probe" in score_map["fit"].names else None
     return ScoringJob(info, records[: args.test_limit] if args.test_limit else records, data_dir, settings,
-                      read_calibration(args, adapter, info), out_dir)
+                      read_calibration(args, adapter, info), out_dir, score_map, probe)
+
+
+def mapped_rows(job: ScoringJob, model, tokenizer, records: list, rows: list[dict] | None) -> list[dict] | None:
+    """The rows with the run's final scores when it has a score map (rank 0; None stays None)."""
+    if job.score_map is None or rows is None:
+        return rows
+    from modules.calibrate import score_map_inputs, with_final
+
+    fit = job.score_map["fit"]
+    inputs = score_map_inputs(fit.names, rows, model=model, tokenizer=tokenizer, records=records, info=job.info,
+                              probe=job.stack_probe)
+    return with_final(rows, fit, inputs, job.info.ranges)
 
 
 def scoring_schema(args: argparse.Namespace, manifest: dict, manifest_path: Path):
@@ -85,7 +105,7 @@ def read_calibration(args: argparse.Namespace, adapter: Path, info) -> dict | No
         raise DataError(f"{path}: field 'rubrics': {calibration.get('rubrics')} are not {info.rubric_names}")
     if calibration.get("signal") in SAMPLE_SIGNALS:
         raise DataError(f"{path}: field 'signal': {calibration['signal']!r} needs a sample bank; scoring has none")
-    if calibration.get("prediction") == "weighted" and args.no_weighted:
+    if calibration.get("prediction") in ("weighted", "final") and args.no_weighted:
         logger.warning("--no_weighted: %s judges the weighted prediction, so these rows get no score sets or review "
                        "flags", path)
         return None
@@ -115,7 +135,8 @@ def scoring_manifest(args: argparse.Namespace, job: ScoringJob, run_dir: Path, m
                 "prompt_settings": job.settings.as_dict(),
                 "n_essays": len(job.records), "n_with_gold": sum(r.scores is not None for r in job.records),
                 "confidence_calibration": job.calibration is not None,
-                "confidence_signal": job.calibration["signal"] if job.calibration else None}
+                "confidence_signal": job.calibration["signal"] if job.calibration else None,
+                "score_map": {k: v for k, v in job.score_map.items() if k != "fit"} if job.score_map else None}
     if dist.is_main():
         write_json_atomic(run_dir / MANIFEST, manifest)
     return manifest
