@@ -664,6 +664,26 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert entry["line_counts"]["greedy"] == result_files.line_counts(scored)
     # a second command on the same folder and seed is refused before anything runs
     assert bench.main(argv) == 2
+    # the probe on the same essays: main_pipeline.py --scorer probe's rows, its layer chosen on the
+    # validation and pick essays, in the group's table beside the LoRA rows
+    from benchmarks import bench_probe
+
+    capsys.readouterr()
+    assert bench_probe.main(argv) == 0
+    [probe_path] = list((out / "results" / "ell").glob("probe_seed0_*.json"))
+    probe = json.loads(probe_path.read_text())
+    run_probe = out / "run_probe_data0"
+    assert probe["variant"] == "probe" and probe["data"]["sizes"] == saved["data"]["sizes"]
+    assert [json.loads(line)["id"] for line in (run_probe / "valid_predictions.jsonl").read_text().splitlines()] == \
+        saved["splits"]["valid"]["ids"] + saved["splits"]["pick"]["ids"]
+    probe_test = [json.loads(line) for line in (run_probe / "predictions.jsonl").read_text().splitlines()]
+    assert probe["splits"]["test"]["ids"] == saved["splits"]["test"]["ids"]
+    assert probe["splits"]["test"]["rows"]["probe"] == [r["weighted"] for r in probe_test]
+    assert probe["training"]["layer"] == json.loads((run_probe / "run_manifest.json").read_text())["probe"]["layer"]
+    assert bench_probe.main(argv) == 2  # the probe's folders exist: refused
+    assert tables.main(["--results", str(out / "results"), "--bootstrap", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "| probe (frozen base model, ridge on one layer) | - |" in printed and "minus probe" in printed
     # a replicate seed: greedy and weighted only, scored from its own adapter, no sample banks
     assert bench.main([*argv, "--seed", "1", "--replicate"]) == 0
     [replicate_path] = list((out / "results" / "ell").glob("ce-ntl_seed1_*.json"))
