@@ -396,25 +396,20 @@ def fit_score_map(args: argparse.Namespace, model, tokenizer, valid_rows: list[d
     validation rows mapped."""
     import numpy as np
 
-    from modules import dist
-    from modules.calibrate import fit_linear, save_score_map, score_map_inputs, with_final
+    from modules.calibrate import fit_linear, map_rows, save_score_map, score_map_inputs, with_final
     from modules.jsonio import write_jsonl_atomic
     from modules.probe_run import load_probe
 
+    # One process only (train_main refuses a launcher with --score_map): no rank checks here.
     probe = load_probe(args.stack_probe) if args.stack_probe else None
     names = ("weighted", "probe") if probe else ("weighted",)
-    options = dict(model=model, tokenizer=tokenizer, info=info, probe=probe, batch_size=args.per_device_eval_batch_size)
-    inputs = score_map_inputs(names, valid_rows, records=records, **options)
+    options = dict(model=model, tokenizer=tokenizer, probe=probe, batch_size=args.per_device_eval_batch_size)
+    inputs = score_map_inputs(names, valid_rows, records=records, info=info, **options)
     fit = fit_linear(inputs, np.array([r["gold"] for r in valid_rows], dtype=np.float64))
     valid_rows = with_final(valid_rows, fit, inputs, info.ranges)
-
-    def mapped(rows: list[dict], scored: list) -> list[dict]:
-        return with_final(rows, fit, score_map_inputs(names, rows, records=scored, **options), info.ranges)
-
-    manifest["score_map"] = save_score_map(run_dir, args.score_map, fit, args.stack_probe) if dist.is_main() else None
-    if dist.is_main():
-        write_jsonl_atomic(run_dir / "valid_predictions.jsonl", valid_rows)
-    return mapped, valid_rows
+    manifest["score_map"] = save_score_map(run_dir, args.score_map, fit, args.stack_probe)
+    write_jsonl_atomic(run_dir / "valid_predictions.jsonl", valid_rows)
+    return (lambda rows, scored: map_rows(fit, rows, scored, info, **options)), valid_rows
 
 
 # --------------------------------------------------------------------------- the stages of run

@@ -135,3 +135,12 @@ def score_map_inputs(names: Sequence[str], rows: Sequence[dict], *, model=None, 
             scored = probe_rows(model, tokenizer, probe, records, info, batch_size)
         out["probe"] = np.array([r["weighted_expected"] for r in scored], dtype=np.float64)
     return out
+
+
+def map_rows(fit: LinearMap, rows: Sequence[dict], records: Sequence, info, *, model=None, tokenizer=None,
+             probe=None, batch_size: int = 8) -> list[dict]:
+    """:func:`with_final` of prediction rows under ``fit``, its inputs read for these rows and their
+    essays (``records``) by :func:`score_map_inputs`."""
+    inputs = score_map_inputs(fit.names, rows, model=model, tokenizer=tokenizer, records=records, info=info,
+                              probe=probe, batch_size=batch_size)
+    return with_final(rows, fit, inputs, info.ranges)

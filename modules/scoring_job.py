@@ -60,12 +60,10 @@ def mapped_rows(job: ScoringJob, model, tokenizer, records: list, rows: list[dic
     """The rows with the run's final scores when it has a score map (rank 0; None stays None)."""
     if job.score_map is None or rows is None:
         return rows
-    from modules.calibrate import score_map_inputs, with_final
+    from modules.calibrate import map_rows
 
-    fit = job.score_map["fit"]
-    inputs = score_map_inputs(fit.names, rows, model=model, tokenizer=tokenizer, records=records, info=job.info,
-                              probe=job.stack_probe)
-    return with_final(rows, fit, inputs, job.info.ranges)
+    return map_rows(job.score_map["fit"], rows, records, job.info, model=model, tokenizer=tokenizer,
+                    probe=job.stack_probe)
 
 
 def scoring_schema(args: argparse.Namespace, manifest: dict, manifest_path: Path):
