@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.score_map != "none" and (args.scorer == "probe" or args.no_weighted):
         p.error(f"--score_map maps the LoRA scorer's weighted expectation; not with "
                 f"{'--scorer probe' if args.scorer == 'probe' else '--no_weighted'}")
+    if args.head_layer is not None and (args.scorer == "probe" or args.head_layer < 0 or args.head_weight < 0):
+        p.error("--head_layer trains with the LoRA scorer (not --scorer probe), needs an index >= 0 and a "
+                "--head_weight >= 0")
     if args.probe_max_tokens < 1:
         p.error(f"--probe_max_tokens must be >= 1, got {args.probe_max_tokens}")
     if args.lora_top_layers < 0:
@@ -113,6 +116,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "essays: stretch = a linear map of it; stack = of it and --stack_probe's output "
                         "(modules/calibrate.py); saved in the run and applied by --score_path")
     p.add_argument("--stack_probe", default=None, help="--score_map stack: a --scorer probe run on the same base model")
+    p.add_argument("--head_layer", type=int, default=None,
+                   help="train a score head with the LoRA: a linear read-out per rubric on this hidden-state index's "
+                        "pooled prompt states (0 = embeddings), started from the ridge on the untrained model; saved "
+                        "in the run folder, its scores are the 'head' row (modules/score_head.py)")
+    p.add_argument("--head_weight", type=float, default=1.0, help="--head_layer: the head loss's weight in the total")
+    p.add_argument("--head_learning_rate", type=float, default=None,
+                   help="--head_layer: the head's learning rate (default --learning_rate), on the same schedule")
     p.add_argument("--device_id", default=None,
                    help="GPU index among the visible GPUs (CUDA_VISIBLE_DEVICES order), or cpu (default: the "
                         "first GPU, else the CPU); a GPU that is not there is an error")
@@ -209,7 +219,8 @@ def newest_checkpoint(run_dir: Path) -> Path:
 RESUME_KEYS = ("base_model_name", "data_dir", "mtl", "ratio", "seed", "ntl_weights", "emo_weights", "loss_type",
                "emo_topk", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                "warmup_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-               "lora_top_layers", "group_by_length", "load_in_4bit", "prompt_format")
+               "lora_top_layers", "group_by_length", "load_in_4bit", "prompt_format", "head_layer", "head_weight",
+               "head_learning_rate")
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -357,10 +368,14 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     except ValueError as err:  # e.g. --lora_top_layers beyond the model's depth: every rank meets it
         return stop(f"--lora_top_layers {args.lora_top_layers}: {err}")
     loss_config = loss_config_for(args, number_values)
+    settings = PromptSettings(args.mtl, args.prompt_format, max_prompt_tokens)
+    head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume)
+    if error:
+        return stop(error)
     if args.dry_run:
         return dry_run_forward(model, tokenizer, encoded["train"][: args.per_device_train_batch_size], loss_config,
-                               device)
-    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device, precision)
+                               device, head, args.head_weight)
+    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device, precision, head)
     manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume, precision)
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
     if args.skip_scoring:
@@ -371,18 +386,18 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
             print(f"adapter saved in {run_dir}; scoring skipped (--skip_scoring)")
         return 0
     model = scoring_model(args, trainer, model, run_dir, device)
-    settings = PromptSettings(args.mtl, args.prompt_format, max_prompt_tokens)
+    head = load_score_head(run_dir, info, device)
     test_records = splits["test"][: args.test_limit] if args.test_limit else splits["test"]
     annotate, mapped = None, None
     if not args.no_weighted:
-        valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, settings)
+        valid_rows = score_valid(args, model, tokenizer, splits["valid"], info, run_dir, settings, head)
         if args.score_map != "none":
             mapped, valid_rows = fit_score_map(args, model, tokenizer, valid_rows, splits["valid"], info, run_dir,
                                                manifest)
         annotate = lambda rows: calibrated_rows(rows, valid_rows, splits["valid"], test_records, info, run_dir, args)
 
     def predict(records: list) -> list[dict]:
-        rows = predict_records(args, model, tokenizer, records, info, settings)
+        rows = predict_records(args, model, tokenizer, records, info, settings, head)
         return mapped(rows, records) if mapped and rows is not None else rows
 
     return score_and_report(args, test_records, info, run_dir, manifest, predict, annotate=annotate)
@@ -448,7 +463,45 @@ def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_valu
                                      max_seq_length=args.max_seq_length, max_prompt_tokens=max_prompt_tokens,
                                      number_values=number_values) for r in records]
                for name, records in wanted.items()}
+    if args.head_layer is not None:  # the gold scores the score head trains on
+        encoded = {name: [{**ex, "scores": list(r.scores)} for ex, r in zip(encoded[name], wanted[name])]
+                   for name in encoded}
     return encoded, max_prompt_tokens
+
+
+def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_records: list, settings: PromptSettings,
+                   resume) -> tuple[object, str | None]:
+    """--head_layer: (the score head, None) attached to the model as ``score_head`` (so the optimizer
+    trains it): the resumed checkpoint's head, else the ridge on the untrained model's pooled prompt
+    states of the training essays; (None, None) without the flag; (None, error) when refused."""
+    from modules import dist
+    from modules.score_head import initial_head, load_head
+
+    if args.head_layer is None:
+        return None, None
+    if dist.world_size() > 1:
+        return None, "--head_layer trains in one process; start it without torchrun / accelerate launch"
+    device = model.get_input_embeddings().weight.device
+    try:
+        head = load_head(resume[0], device) if resume is not None else None
+        if resume is not None and head is None:
+            return None, f"{resume[0]}: no score head to resume (the run was started with --head_layer?)"
+        head = head or initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed)
+    except ValueError as err:
+        return None, str(err)
+    model.score_head = head
+    return head, None
+
+
+def load_score_head(run_dir, info, device):
+    """The score head saved in a run folder, checked against the dataset's rubrics (None: no head)."""
+    from modules.score_head import check_head_rubrics, load_head
+
+    head = load_head(run_dir, device)
+    if head is not None:
+        check_head_rubrics(head, info, run_dir)
+        head.eval()
+    return head
 
 
 def weights_dtype(precision, device):
@@ -490,7 +543,7 @@ def loss_config_for(args: argparse.Namespace, number_values):
                       emo_topk=args.emo_topk)
 
 
-def dry_run_forward(model, tokenizer, examples: list, loss_config, device) -> int:
+def dry_run_forward(model, tokenizer, examples: list, loss_config, device, head=None, head_weight: float = 0.0) -> int:
     """One forward pass on one batch; rank 0 prints the batch shape and every loss term."""
     import torch
 
@@ -500,7 +553,7 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device) -> in
 
     batch = {k: v.to(device) for k, v in ScoringCollator(tokenizer.pad_token_id)(examples).items()}
     with torch.no_grad():
-        _, terms, _ = compute_loss_terms(model, batch, loss_config)
+        _, terms, _ = compute_loss_terms(model, batch, loss_config, head, head_weight)
     if dist.is_main():
         print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
               + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
@@ -508,7 +561,7 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device) -> in
 
 
 def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device,
-                  precision):
+                  precision, head=None):
     """The CustomTrainer: evaluation and a checkpoint each epoch (or --eval_steps), the best
     checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping;
     bf16 autocast as ``precision`` (modules.precision) chose."""
@@ -536,7 +589,8 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
         ddp_backend=dist.backend(), ddp_find_unused_parameters=False)
     return CustomTrainer(model=model, args=training_args, train_dataset=encoded["train"],
                          eval_dataset=encoded["valid"], data_collator=ScoringCollator(tokenizer.pad_token_id),
-                         loss_config=loss_config,
+                         loss_config=loss_config, score_head=head, head_weight=args.head_weight,
+                         head_learning_rate=args.head_learning_rate,
                          callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
 
 
@@ -577,11 +631,15 @@ def train_and_save(args: argparse.Namespace, trainer, tokenizer, run_dir: Path, 
     started = time.time()
     train_result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume is not None else None)
     train_seconds = time.time() - started
-    trainer.save_model(str(run_dir))  # every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
     # The saved weights: the best checkpoint's, or with --no-load_best_model_at_end the last step's
     # (every run ends with a save: at its last epoch, eval step or early stop).
     kept = (trainer.state.best_model_checkpoint if args.load_best_model_at_end
             else str(run_dir / f"checkpoint-{trainer.state.global_step}"))
+    if trainer.score_head is not None and kept:  # the Trainer reloads the best adapter; its head goes with it
+        from modules.score_head import load_head
+
+        trainer.score_head.load_state_dict(load_head(kept).state_dict())
+    trainer.save_model(str(run_dir))  # every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
     manifest["train"] = {"seconds": round(train_seconds, 1), "global_step": trainer.state.global_step,
                          "best_checkpoint": trainer.state.best_model_checkpoint, "kept_checkpoint": kept,
                          "best_eval_loss": trainer.state.best_metric, **train_result.metrics}
@@ -620,7 +678,7 @@ def scoring_model(args: argparse.Namespace, trainer, model, run_dir: Path, devic
 
 
 def predict_records(args: argparse.Namespace, model, tokenizer, records: list, info,
-                    settings: PromptSettings) -> list[dict]:
+                    settings: PromptSettings, head=None) -> list[dict]:
     """Greedy and weighted predictions of ``records``, prompted exactly as in training (``settings``):
     each process scores every world_size-th essay and rank 0 gets them all back in file order."""
     from modules import dist
@@ -628,17 +686,18 @@ def predict_records(args: argparse.Namespace, model, tokenizer, records: list, i
 
     return dist.gather(predict_split(
         model, tokenizer, dist.shard(records), info, settings, batch_size=args.per_device_eval_batch_size,
-        weighted=not args.no_weighted, generate_feedback=args.generate_feedback, constrained=args.constrained))
+        weighted=not args.no_weighted, generate_feedback=args.generate_feedback, constrained=args.constrained,
+        head=head))
 
 
 def score_valid(args: argparse.Namespace, model, tokenizer, records: list, info, run_dir: Path,
-                settings: PromptSettings) -> list[dict]:
+                settings: PromptSettings, head=None) -> list[dict]:
     """The validation essays' predictions (valid_predictions.jsonl): what the confidence signal, the
     conformal quantiles and the review threshold are chosen on, so that test gold never is."""
     from modules import dist
     from modules.jsonio import write_jsonl_atomic
 
-    rows = predict_records(args, model, tokenizer, records, info, settings)
+    rows = predict_records(args, model, tokenizer, records, info, settings, head)
     if dist.is_main():
         write_jsonl_atomic(run_dir / "valid_predictions.jsonl", rows)
     return rows
@@ -788,8 +847,13 @@ def score_main(args: argparse.Namespace, device) -> int:
         predict = lambda records: dist.gather(probe_rows(model, tokenizer, probe["probe"], dist.shard(records),
                                                          job.info, args.per_device_eval_batch_size))
     else:
+        try:
+            head = load_score_head(args.adapter_dir, job.info, device)
+        except ValueError as err:
+            return stop(str(err))
         predict = lambda records: mapped_rows(job, model, tokenizer, records,
-                                              predict_records(args, model, tokenizer, records, job.info, job.settings))
+                                              predict_records(args, model, tokenizer, records, job.info, job.settings,
+                                                              head))
     return score_and_report(args, job.records, job.info, run_dir, manifest, predict,
                             annotate=lambda rows: confidence_rows(rows, job))
 

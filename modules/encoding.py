@@ -111,4 +111,6 @@ class ScoringCollator:
             batch["attention_mask"][row, cols] = 1
             for key in self.keys:
                 batch[key][row, cols] = torch.tensor(f[key])
+        if "scores" in features[0]:  # the gold scores a score head trains on (modules.score_head)
+            batch["scores"] = torch.tensor([f["scores"] for f in features], dtype=torch.float32)
         return batch

@@ -28,7 +28,8 @@ def _score_block(predictions: list[dict], info: DatasetInfo, key: str) -> dict:
 
 def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     """QWK per rubric, pooled over all essay-rubric pairs (``overall``) and averaged, for the
-    greedy (``token``) and weighted predictions; ``weighted`` is left out when not computed.
+    greedy (``token``) and weighted predictions, and the score head's (``head``) and the score map's
+    (``final``) where every row has them; ``weighted`` is left out when not computed.
     ``token.invalid`` counts essays whose score line was invalid, ``weighted.underflow`` the
     essay-rubric pairs whose weighted distribution underflowed to uniform."""
     if not predictions:
@@ -39,17 +40,18 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
     if all(p.get("weighted") is not None for p in predictions):
         results["weighted"] = _score_block(predictions, info, "weighted")
         results["weighted"]["underflow"] = underflow_count(predictions)
-    if all(p.get("final") is not None for p in predictions):
-        results["final"] = _score_block(predictions, info, "final")
+    for key in ("head", "final"):
+        if all(p.get(key) is not None for p in predictions):
+            results[key] = _score_block(predictions, info, key)
     return results
 
 
 def format_results_table(results: dict, info: DatasetInfo, constrained: bool = False) -> str:
     """Plain-text QWK table: rubrics, overall and average down, token and weighted (and the score
-    map's final) across, then the invalid and truncated counts and the decoding mode that produced
+    head's and the score map's final) across, then the invalid and truncated counts and the decoding mode that produced
     the greedy answers."""
     rows = info.rubric_names + ["overall", "average"]
-    blocks = ["token", "weighted", *(["final"] if "final" in results else [])]
+    blocks = ["token", "weighted", *(b for b in ("head", "final") if b in results)]
     counts = [row for row in ("invalid", "truncated", "underflow") if any(row in results.get(b, {}) for b in blocks)]
     width = max(len(r) for r in rows + counts)
 

@@ -51,12 +51,24 @@ def _round_half_up(x: float, lo: int, hi: int) -> int:
     return int(min(max(np.floor(x + 0.5), lo), hi))
 
 
-def prediction_row(model, tokenizer, record: EssayRecord, answer: dict, state, info: DatasetInfo) -> dict:
+def head_keys(head, pooled: torch.Tensor | None) -> dict:
+    """A row's ``head_expected`` (the score head's output clipped to each rubric's range) and
+    ``head`` (it rounded half up) from the prompt's pooled states; nothing without a head."""
+    if head is None:
+        return {}
+    expected, rounded = head.expected_and_rounded(pooled[None].to(head.feature_mean.device))
+    return {"head": rounded[0], "head_expected": expected[0]}
+
+
+def prediction_row(model, tokenizer, record: EssayRecord, answer: dict, state, info: DatasetInfo,
+                   head=None) -> dict:
     """One essay's prediction dict (:func:`predict_split`'s rows): its greedy row from ``answer``
     and, when ``state`` (its prompt's :class:`~modules.scoring.PromptState`) is given, the weighted
-    prediction continuing from that state, conditioned on the greedy scores when they are valid."""
+    prediction continuing from that state, conditioned on the greedy scores when they are valid;
+    with ``head`` (:class:`~modules.score_head.ScoreHead`), its scores from the state's pooled states."""
     pred = {**greedy_row(record, answer, [r.midpoint for r in info.rubrics]), "weighted": None,
-            "weighted_expected": None, "probabilities": None, "weighted_underflow": None}
+            "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
+            **head_keys(head, None if state is None else state.pooled)}
     if state is not None:
         ranges = info.ranges
         expected, probs, underflow = weighted_predict(model, tokenizer, state, ranges, prefix_scores=answer["scores"])
@@ -69,15 +81,17 @@ def prediction_row(model, tokenizer, record: EssayRecord, answer: dict, state, i
 
 def decode_batch(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                  constrained: bool = False, generate_feedback: bool = False,
-                 both_decodings: bool = False) -> tuple[list[PromptState], list[dict], list[dict] | None]:
+                 both_decodings: bool = False, pool_layer: int | None = None,
+                 ) -> tuple[list[PromptState], list[dict], list[dict] | None]:
     """Each prompt run through the model alone, once (unpadded: the state is exactly what the
     weighted scorer would compute itself), then the batch's greedy answers decoded together from
     those states. ``both_decodings``: the unconstrained and the ``--constrained`` answers
     (:func:`~modules.scoring.greedy_pair_from_states`), else the ones ``constrained`` asks for and
-    None. Returns (states, answers, constrained answers or None). The prompts' caches must be
+    None. ``pool_layer``: the states keep that layer's pooled prompt states (the score head's
+    input). Returns (states, answers, constrained answers or None). The prompts' caches must be
     exactly cuttable back, as the weighted scorer needs (full attention, or a sliding window
     longer than the prompt): else ``ValueError``. Call under ``torch.inference_mode()``."""
-    states = [prefill(model, tokenizer, prompt) for prompt in prompts]
+    states = [prefill(model, tokenizer, prompt, pool_layer=pool_layer) for prompt in prompts]
     for state in states:
         check_tree_cache(state.cache, len(state.ids))
     if both_decodings:
@@ -98,16 +112,18 @@ class BatchRows(NamedTuple):
 
 def predict_batch(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, settings: PromptSettings, *,
                   constrained: bool = False, generate_feedback: bool = False, both_decodings: bool = False,
-                  draws: SampleDraws | None = None, first_index: int = 0) -> BatchRows:
+                  draws: SampleDraws | None = None, first_index: int = 0, head=None) -> BatchRows:
     """Every row of one batch of essays (``first_index``, ``first_index + 1``, ... of their split)
-    from one prefill of each prompt: greedy and weighted predictions, and on request the
+    from one prefill of each prompt: greedy and weighted predictions (and the score head's, with
+    ``head``), and on request the
     constrained greedy rows and ``draws.m`` self-consistency samples per essay, unconstrained and
     constrained (:func:`~modules.sampling.trie_sample`, from the same prompt states)."""
     prompts = [settings.prompt(r, info, tokenizer) for r in records]
     with eval_mode(model), torch.inference_mode():
         states, answers, bound = decode_batch(model, tokenizer, prompts, info.ranges, constrained=constrained,
-                                              generate_feedback=generate_feedback, both_decodings=both_decodings)
-        predictions = [prediction_row(model, tokenizer, r, answer, state, info)
+                                              generate_feedback=generate_feedback, both_decodings=both_decodings,
+                                              pool_layer=None if head is None else head.layer)
+        predictions = [prediction_row(model, tokenizer, r, answer, state, info, head)
                        for r, answer, state in zip(records, answers, states)]
         samples = None if draws is None else {
             c: trie_sample(model, tokenizer, prompts, info.ranges,
@@ -124,8 +140,8 @@ def predict_batch(model, tokenizer, records: Sequence[EssayRecord], info: Datase
 
 def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: DatasetInfo, settings: PromptSettings, *,
                   batch_size: int = 8, weighted: bool = True, generate_feedback: bool = False,
-                  constrained: bool = False) -> list[dict]:
-    """Greedy (and weighted) predictions for every record, one dict each, in batches of
+                  constrained: bool = False, head=None) -> list[dict]:
+    """Greedy (and weighted, and the score head's) predictions for every record, one dict each, in batches of
     ``batch_size`` (:func:`predict_batch`).
 
     An invalid or truncated generated line scores each rubric's midpoint and is marked
@@ -135,7 +151,8 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
     replaced by the uniform distribution (usually none). Without ``weighted`` the weighted keys
     hold None and each batch is one padded ``generate`` (:func:`~modules.scoring.greedy_predict`).
     ``constrained``: greedy decoding restricted to valid score lines (``--constrained``); the
-    weighted prediction is unchanged (it already only weighs valid values).
+    weighted prediction is unchanged (it already only weighs valid values). ``head``: the run's
+    :class:`~modules.score_head.ScoreHead`, whose ``head`` and ``head_expected`` keys join each row.
     """
     if weighted:
         predictions = []
@@ -143,13 +160,18 @@ def predict_split(model, tokenizer, records: Sequence[EssayRecord], info: Datase
             for start in range(0, len(records), batch_size):
                 batch = records[start:start + batch_size]
                 predictions += predict_batch(model, tokenizer, batch, info, settings, constrained=constrained,
-                                             generate_feedback=generate_feedback).predictions
+                                             generate_feedback=generate_feedback, head=head).predictions
                 bar.update(len(batch))
     else:
         prompts = [settings.prompt(r, info, tokenizer) for r in records]
         answers = greedy_predict(model, tokenizer, prompts, info.ranges, batch_size=batch_size,
                                  generate_feedback=generate_feedback, constrained=constrained)
         predictions = [prediction_row(model, tokenizer, r, answer, None, info) for r, answer in zip(records, answers)]
+        if head is not None:
+            from modules.score_head import prompt_features
+
+            pooled = prompt_features(model, tokenizer, prompts, head.layer)
+            predictions = [{**row, **head_keys(head, torch.from_numpy(p))} for row, p in zip(predictions, pooled)]
     invalid = sum(not p["valid"] for p in predictions)
     if invalid:
         logger.warning("%d of %d generated score lines were invalid; scored with the rubric midpoints",

@@ -221,29 +221,43 @@ def greedy_predict(model, tokenizer, prompts: list[str], ranges: Sequence[tuple[
 
 
 def model_forward(model, ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
-                  last_only: bool = False, position_ids: torch.Tensor | None = None):
-    """One forward that grows ``cache``; ``last_only`` keeps the last position's logits only."""
+                  last_only: bool = False, position_ids: torch.Tensor | None = None, hidden_states: bool = False):
+    """One forward that grows ``cache``; ``last_only`` keeps the last position's logits only;
+    ``hidden_states`` returns every layer's states too."""
     kwargs = {"logits_to_keep": 1} if last_only else {}
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
     return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                  use_cache=True, **kwargs)
 
 
 class PromptState(NamedTuple):
-    """A prompt run through the model once: its token ids, its KV cache, and the float32 logits of
-    its last position (the first answer token's distribution)."""
+    """A prompt run through the model once: its token ids, its KV cache, the float32 logits of
+    its last position (the first answer token's distribution) and, when asked for, one layer's
+    states pooled as the score head reads them (float32 [D])."""
     ids: list[int]
     cache: Cache
     logits: torch.Tensor
+    pooled: torch.Tensor | None = None
 
 
-def prefill(model, tokenizer, prompt: str) -> PromptState:
+def prefill(model, tokenizer, prompt: str, pool_layer: int | None = None) -> PromptState:
     """Run ``prompt`` alone (no padding, no special tokens added) through the model once, keeping
-    its cache and the last position's logits only. Call under ``torch.inference_mode()``."""
+    its cache and the last position's logits only; with ``pool_layer``, also the mean of that
+    hidden-state index over the prompt without its first token (:mod:`modules.score_head`). Call
+    under ``torch.inference_mode()``."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("scoring needs a non-empty prompt")
-    out = model_forward(model, torch.tensor([ids], device=input_device(model)), last_only=True)
-    return PromptState(ids, out.cache, out.logits[0, -1].float())
+    out = model_forward(model, torch.tensor([ids], device=input_device(model)), last_only=True,
+                        hidden_states=pool_layer is not None)
+    pooled = None
+    if pool_layer is not None:
+        from modules.score_head import pool_states
+
+        positions = torch.arange(len(ids), device=out.logits.device)[None, :] > 0
+        pooled = pool_states(out.hidden_states[pool_layer], positions)[0]
+    return PromptState(ids, out.cache, out.logits[0, -1].float(), pooled)
 
 
 def left_padded_cache(model, states: Sequence[PromptState], *, last_token: bool = False) -> DynamicCache:

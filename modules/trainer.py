@@ -129,18 +129,31 @@ def output_embedding(model) -> torch.Tensor:
     return weight
 
 
-def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfig) -> tuple[torch.Tensor, dict[str, float], object]:
-    """One forward pass and every loss term: the composite loss, its logged parts and the model outputs."""
+def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfig,
+                       head=None, head_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float], object]:
+    """One forward pass and every loss term: the composite loss, its logged parts and the model outputs.
+
+    With a score head (:class:`modules.score_head.ScoreHead`) the same forward also returns the
+    hidden states; the head reads its layer's pooled prompt states, and ``head_weight`` times
+    :func:`modules.score_head.head_loss` against ``inputs["scores"]`` joins the total (logged as
+    ``loss_head``, unweighted)."""
     attention_mask = inputs["attention_mask"]
     keep = logits_to_keep(inputs["labels"])
     # Positions from the mask, so left padding (the collator's default) does not shift them.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     outputs = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=keep, use_cache=False)
+                    logits_to_keep=keep, use_cache=False, output_hidden_states=head is not None)
     logits = outputs.logits  # [B, keep, V]: only the positions that predict a target token
     rows = labeled_log_probs(logits, *(shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES))
     ce, ntl, emo = loss_terms(*rows, config, output_embedding(model) if config.emo_weight else None)
     total, logged = composite_loss(ce, ntl, emo, config.ntl_weight, config.emo_weight)
+    if head is not None:
+        from modules.score_head import head_loss, pool_states, prompt_positions
+
+        pooled = pool_states(outputs.hidden_states[head.layer], prompt_positions(attention_mask, inputs["labels"]))
+        term = head_loss(head(pooled), inputs["scores"], head.score_scale)
+        total = total + head_weight * term
+        logged = {**logged, "loss_head": float(term.detach()), "loss_total": float(total.detach())}
     return total, logged, outputs
 
 
@@ -193,17 +206,34 @@ class CustomTrainer(Trainer):
     Weights follow the original tool: a weight of 0 disables its term, a negative weight selects
     dynamic weighting (``modules.losses.composite_loss``). Every term is averaged over the steps
     since the last log and logged as ``loss_ce``, ``loss_ntl``, ``loss_emo``, ``loss_total``
-    (and ``dynamic_lambda``) into ``state.log_history`` and every reporter (wandb).
+    (and ``dynamic_lambda``, and ``loss_head`` with a score head) into ``state.log_history`` and every reporter (wandb).
     """
 
     # compute_loss returns a per-micro-batch mean; the Trainer divides it for gradient accumulation.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+    def __init__(self, *args, loss_config: LossConfig, score_head=None, head_weight: float = 0.0,
+                 head_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
+        # The head is a submodule of the model (so the optimizer trains it) and saved beside each
+        # adapter, which save_pretrained alone would leave out.
+        self.score_head, self.head_weight, self.head_learning_rate = score_head, head_weight, head_learning_rate
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
+
+    def create_optimizer(self, model=None):
+        had_one = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        if had_one or self.score_head is None or self.head_learning_rate is None:
+            return optimizer
+        # The head in a group of its own at its own learning rate (the schedule scales every group).
+        head_ids = {id(p) for p in self.score_head.parameters()}
+        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in head_ids]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+        optimizer.add_param_group({"params": moved, "lr": self.head_learning_rate, "weight_decay": 0.0})
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         # "group_by_length" means ShuffledLengthBuckets here: the Trainer's own grouped order
@@ -216,12 +246,19 @@ class CustomTrainer(Trainer):
                                      self.args.train_batch_size, seed=seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        total, logged, outputs = compute_loss_terms(model, inputs, self.loss_config)
+        total, logged, outputs = compute_loss_terms(model, inputs, self.loss_config, self.score_head, self.head_weight)
         if model.training:
             for key, value in logged.items():
                 self._term_sums[key] += value
             self._term_count += 1
         return (total, outputs) if return_outputs else total
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.score_head is not None and self.args.should_save:
+            from modules.score_head import save_head
+
+            save_head(output_dir or self.args.output_dir, self.score_head)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._term_count:

@@ -166,7 +166,8 @@ def weighted_predict(model, tokenizer, prompt: str | PromptState, ranges: Sequen
     underflow: list[int] = []
     chosen: list[int] = []
     with eval_mode(model), torch.inference_mode():
-        _, prompt_cache, prompt_logits = prefill(model, tokenizer, prompt) if isinstance(prompt, str) else prompt
+        state = prefill(model, tokenizer, prompt) if isinstance(prompt, str) else prompt
+        prompt_cache, prompt_logits = state.cache, state.logits
         if prefix_scores is not None:  # every line is known: one trie for all rubrics
             lines = [score_line(prefix_scores[:k]) + " " if k else "" for k in range(len(ranges))]
             known = _candidate_log_scores(model, tokenizer, prompt_cache, prompt_logits,
