@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=False,
                    help="main_pipeline.py's flag; the recipe keeps the last step's weights (docs/results.md, levers)")
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
+    p.add_argument("--head_layer", type=int, default=None,
+                   help="main_pipeline.py --head_layer: a score head trained with the LoRA (its 'head' row)")
+    p.add_argument("--head_weight", type=float, default=None, help="main_pipeline.py --head_weight (default 1)")
+    p.add_argument("--head_learning_rate", type=float, default=None,
+                   help="main_pipeline.py --head_learning_rate (default --learning_rate)")
     p.add_argument("--target_modules", default=DEFAULT_TARGET_MODULES,
                    help="main_pipeline.py --lora_target_modules: the projections LoRA adapts")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
@@ -229,6 +234,8 @@ def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: f
            "--max_seq_length", str(args.max_seq_length), "--ntl_weights", str(ntl_weight), "--emo_weights", "0",
            "--skip_scoring"]
     cmd += ["--group_by_length"] if args.group_by_length else []
+    for flag in ("head_layer", "head_weight", "head_learning_rate"):
+        cmd += [f"--{flag}", str(getattr(args, flag))] if getattr(args, flag) is not None else []
     run_logged(cmd, log)
     manifest = read_json(run_dir / "run_manifest.json")
     history = json.loads(read_text_utf8(run_dir / "log_history.json"))  # a list: the Trainer's log entries
@@ -283,16 +290,18 @@ def lora_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path
     from modules.models import load_adapter
     from modules.predict import SampleDraws, predict_batch, predict_split
     from modules.runs import PromptSettings
+    from modules.score_head import load_head
 
     info = load_dataset_info(data_dir)
     settings = PromptSettings.from_run(run_dir)
     model, tokenizer = load_adapter(args.base_model, run_dir)
+    head = load_head(run_dir)  # None without --head_layer
     records = {split: load_split(data_dir / f"{split}.jsonl", info) for split in splits}
     run["predictions"] = {}
     if args.replicate:
         for split in splits:
             run["predictions"][split] = predict_split(model, tokenizer, records[split], info, settings,
-                                                      batch_size=args.batch_essays)
+                                                      batch_size=args.batch_essays, head=head)
             run[split] = split_entry(run["predictions"][split])
         return {}
     banks = {}
@@ -309,7 +318,7 @@ def lora_rows(args: argparse.Namespace, data_dir: Path, run_dir: Path, out: Path
                               unit="batch", disable=None):
                 batch = records[split][start:start + args.batch_essays]
                 rows = predict_batch(model, tokenizer, batch, info, settings, both_decodings=True,
-                                     draws=SampleDraws(args.m, args.seed), first_index=start)
+                                     draws=SampleDraws(args.m, args.seed), first_index=start, head=head)
                 predictions += rows.predictions
                 constrained_greedy += rows.constrained
                 for constrained, handle in handles.items():

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = 1
 VARIANT_NAMES = {"ce+ntl": "LoRA CE+NTL", "ce": "LoRA CE only"}
-LORA_ROWS = ("greedy", "weighted", "greedy, constrained", "SC majority", "SC average",
+LORA_ROWS = ("greedy", "weighted", "head", "greedy, constrained", "SC majority", "SC average",
              "SC majority, constrained", "SC average, constrained")
-REPLICATE_ROWS = ("greedy", "weighted")  # the LoRA rows of a result with "replicate": true
+REPLICATE_ROWS = ("greedy", "weighted", "head")  # the LoRA rows of a result with "replicate": true (head: with one)
 BASELINE_ROWS = ("TF-IDF ridge, same essays", "TF-IDF ridge, all train essays", "essay-length ridge", "training mean")
 # Rows that depend on the data alone, one value per corpus, in table order: the frozen probe
 # (benchmarks/bench_probe.py's result files, variant "probe"), the tuned ridge, the other baselines.
@@ -44,10 +44,12 @@ ROW_LABELS = {"TF-IDF ridge, same essays": "TF-IDF ridge (untuned, alpha 1), sam
 # rule (--load_best_model_at_end) is left out: a run that kept its last checkpoint is the same run
 # under either rule, and the runs table shows the checkpoint each result kept.
 RECIPE_KEYS = ("base_model", "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "top_layers",
-               "target_modules", "group_by_length", "max_seq_length", "m")
+               "target_modules", "group_by_length", "max_seq_length", "m", "head_layer", "head_weight",
+               "head_learning_rate")
 DEFAULT_TARGET_MODULES = "q_proj,v_proj"
 # Options added after results were recorded: an older file ran with the value its command had then.
-RECIPE_DEFAULTS = {"target_modules": DEFAULT_TARGET_MODULES}
+RECIPE_DEFAULTS = {"target_modules": DEFAULT_TARGET_MODULES, "head_layer": None, "head_weight": None,
+                   "head_learning_rate": None}
 
 # The flags that name files or folders: a result file records them relative to the repository, so
 # that it holds no machine's absolute paths (the input is also named, with its sha256, under "data").
@@ -173,10 +175,15 @@ def expected_scores(predictions: list[dict]) -> list[list[float]]:
 
 
 def split_entry(predictions: list[dict]) -> dict:
-    """One split's greedy and weighted rows as the result file keeps them."""
-    return {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
-            "rows": {"greedy": [p["greedy"] for p in predictions], "weighted": [p["weighted"] for p in predictions]},
-            "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
+    """One split's greedy and weighted rows (and the score head's, its unrounded output under
+    ``continuous``) as the result file keeps them."""
+    entry = {"ids": [p["id"] for p in predictions], "gold": [p["gold"] for p in predictions],
+             "rows": {"greedy": [p["greedy"] for p in predictions], "weighted": [p["weighted"] for p in predictions]},
+             "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
+    if predictions and all(p.get("head") is not None for p in predictions):
+        entry["rows"]["head"] = [p["head"] for p in predictions]
+        entry["continuous"] = {"head": [[round(float(e), 4) for e in p["head_expected"]] for p in predictions]}
+    return entry
 
 
 def round_floats(value, digits: int = SIGNAL_DIGITS):

@@ -636,6 +636,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     from modules.models import load_adapter
     from modules.predict import predict_split
     from modules.runs import PromptSettings
+    from modules.score_head import load_head
 
     def bank_rows(bank: Path) -> list:
         return [(r["id"], [(s["text"], s["scores"]) for s in r["samples"]]) for r in map(json.loads, bank.read_text().splitlines())]
@@ -701,6 +702,24 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert set(entry["rows"]) == {"greedy", "weighted"} | set(result_files.BASELINE_ROWS) | {TUNED_RIDGE}
         assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
         assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
+    # a score head (--head_layer): its row and unrounded output, from the head the run saved; its
+    # recipe is its own group in the tables
+    assert bench.main([*argv, "--seed", "2", "--replicate", "--head_layer", "1", "--head_learning_rate", "0.01"]) == 0
+    [head_path] = list((out / "results" / "ell").glob("ce-ntl_seed2_*.json"))
+    with_head = json.loads(head_path.read_text())
+    assert with_head["rows"] == ["greedy", "weighted", "head"] and with_head["config"]["head_layer"] == 1
+    run_dir = out / "run_ce+ntl_seed2"
+    assert json.loads((run_dir / "run_manifest.json").read_text())["config"]["head_learning_rate"] == 0.01
+    model, tokenizer = load_adapter("tiny-random-llama", run_dir)
+    head = load_head(run_dir)
+    scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / "valid.jsonl", info), info,
+                           PromptSettings(max_prompt_tokens=with_head["data"]["max_prompt_tokens"]), batch_size=3,
+                           head=head)
+    entry = with_head["splits"]["valid"]
+    assert entry["rows"]["head"] == [p["head"] for p in scored]
+    np.testing.assert_allclose(entry["continuous"]["head"], [p["head_expected"] for p in scored], atol=1e-4)
+    assert tables.main(["--results", str(out / "results"), "--bootstrap", "20"]) == 0
+    assert "| LoRA CE+NTL, head | 2 |" in capsys.readouterr().out
 
 
 def test_rubric_alone_against_sharing_its_line(tmp_path: Path, capsys) -> None:
