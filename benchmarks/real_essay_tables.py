@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.result_files import (DATA_ROWS, FROZEN_VARIANT, LORA_ROWS, REPLICATE_ROWS, RESULTS, VARIANT_NAMES,
+from benchmarks.result_files import (DATA_ROWS, FROZEN_VARIANT, LORA_ROWS, RESULTS, VARIANT_NAMES,
                                      data_key, format_spread, group_key, read_results, recipe, row_name,
                                      row_predictions)
 from benchmarks.trust_tables import trust_lines
@@ -219,7 +219,7 @@ def runs_table(group: Group) -> list[str]:
         train = r.get("training", {})
         losses = ", ".join(f"{loss:.3f}" for _, loss in train.get("eval_loss", []))
         machine, git = r.get("machine", {}), r.get("git", {})
-        rows = "all" if not r.get("replicate") else ", ".join(REPLICATE_ROWS)
+        rows = "all" if not r.get("replicate") else ", ".join(r["rows"])
         lines.append(f"| {VARIANT_NAMES[r['variant']]}, seed {r['seed']} | {rows} | {minutes(r.get('timings', {}).get('total'))} "
                      f"| {minutes(train.get('seconds'))}, {train.get('global_step')} steps | {losses} "
                      f"({train.get('kept_checkpoint') or train.get('best_checkpoint')}) | {machine.get('cpu')}, {machine.get('torch')} "

@@ -29,7 +29,6 @@ SCHEMA = 1
 VARIANT_NAMES = {"ce+ntl": "LoRA CE+NTL", "ce": "LoRA CE only"}
 LORA_ROWS = ("greedy", "weighted", "head", "greedy, constrained", "SC majority", "SC average",
              "SC majority, constrained", "SC average, constrained")
-REPLICATE_ROWS = ("greedy", "weighted", "head")  # the LoRA rows of a result with "replicate": true (head: with one)
 BASELINE_ROWS = ("TF-IDF ridge, same essays", "TF-IDF ridge, all train essays", "essay-length ridge", "training mean")
 # Rows that depend on the data alone, one value per corpus, in table order: the frozen probe
 # (benchmarks/bench_probe.py's result files, variant "probe"), the tuned ridge, the other baselines.
