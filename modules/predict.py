@@ -51,11 +51,9 @@ def _round_half_up(x: float, lo: int, hi: int) -> int:
     return int(min(max(np.floor(x + 0.5), lo), hi))
 
 
-def head_keys(head, pooled: torch.Tensor | None) -> dict:
+def head_keys(head, pooled: torch.Tensor) -> dict:
     """A row's ``head_expected`` (the score head's output clipped to each rubric's range) and
-    ``head`` (it rounded half up) from the prompt's pooled states; nothing without a head."""
-    if head is None:
-        return {}
+    ``head`` (it rounded half up) from the prompt's pooled states."""
     expected, rounded = head.expected_and_rounded(pooled[None].to(head.feature_mean.device))
     return {"head": rounded[0], "head_expected": expected[0]}
 
@@ -68,7 +66,7 @@ def prediction_row(model, tokenizer, record: EssayRecord, answer: dict, state, i
     with ``head`` (:class:`~modules.score_head.ScoreHead`), its scores from the state's pooled states."""
     pred = {**greedy_row(record, answer, [r.midpoint for r in info.rubrics]), "weighted": None,
             "weighted_expected": None, "probabilities": None, "weighted_underflow": None,
-            **head_keys(head, None if state is None else state.pooled)}
+            **(head_keys(head, state.pooled) if head is not None and state is not None else {})}
     if state is not None:
         ranges = info.ranges
         expected, probs, underflow = weighted_predict(model, tokenizer, state, ranges, prefix_scores=answer["scores"])

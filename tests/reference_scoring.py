@@ -16,10 +16,12 @@ from modules.scoring import greedy_predict
 
 
 def two_pass(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *, constrained: bool = False,
-             generate_feedback: bool = False, both_decodings: bool = False) -> tuple[list[str], list[dict], None]:
+             generate_feedback: bool = False, both_decodings: bool = False,
+             pool_layer: int | None = None) -> tuple[list[str], list[dict], None]:
     """``decode_batch`` as it was: the batch's greedy answers from one padded ``generate``, with the
     prompts' texts in place of their states, so that ``weighted_predict`` runs each prompt again."""
     assert not both_decodings, "the two-pass path decoded one way at a time"
+    assert pool_layer is None, "the two-pass path had no score head"
     return list(prompts), greedy_predict(model, tokenizer, list(prompts), ranges, batch_size=len(prompts),
                                          constrained=constrained, generate_feedback=generate_feedback), None
 
