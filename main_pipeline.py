@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--probe_max_tokens must be >= 1, got {args.probe_max_tokens}")
     if args.lora_top_layers < 0:
         p.error(f"--lora_top_layers must be >= 0, got {args.lora_top_layers}")
+    if args.cache_frozen_layers and not args.lora_top_layers:
+        p.error("--cache_frozen_layers needs --lora_top_layers N: only layers below the adapted ones can be cached")
     if args.bf16:
         if args.precision == "fp32":
             p.error("--bf16 asks for --precision bf16; do not also give --precision fp32")
@@ -154,6 +156,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
     p.add_argument("--lora_top_layers", type=int, default=0,
                    help="adapt only the last N decoder layers (0 = all); the backward pass stops below them")
+    p.add_argument("--cache_frozen_layers", action="store_true",
+                   help="with --lora_top_layers N: compute each example's input to the first adapted layer once, "
+                        "and train from there (modules/frozen_cache.py)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="training precision: auto = bf16 autocast on a GPU with bf16 or a CPU with native bf16 "
                         "matmuls (AVX512-BF16, AMX; checked and timed), float32 elsewhere; bf16 / fp32 force it "
@@ -372,10 +377,14 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume)
     if error:
         return stop(error)
+    frozen_start, error = cache_frozen_layers(args, model, encoded, head, precision, device)
+    if error:
+        return stop(error)
     if args.dry_run:
         return dry_run_forward(model, tokenizer, encoded["train"][: args.per_device_train_batch_size], loss_config,
-                               device, head, args.head_weight)
-    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device, precision, head)
+                               device, head, args.head_weight, frozen_start)
+    trainer = build_trainer(args, model, tokenizer, encoded, loss_config, run_dir, device, precision, head,
+                            frozen_start)
     manifest = start_manifest(args, run_dir, device, model, info, splits, max_prompt_tokens, resume, precision)
     train_and_save(args, trainer, tokenizer, run_dir, manifest, resume)
     if args.skip_scoring:
@@ -493,6 +502,36 @@ def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_recor
     return head, None
 
 
+def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, precision, device) -> tuple[int, str | None]:
+    """--cache_frozen_layers: every training and validation example gains its states entering the
+    first adapted layer (computed once, under the training autocast), after a check that the cached
+    path gives a full forward's logits. Returns (that layer or 0, error)."""
+    import torch
+
+    from modules.frozen_cache import STATES_KEY, check_cached_forward, first_adapted_layer, frozen_states
+
+    if not args.cache_frozen_layers:
+        return 0, None
+    start = first_adapted_layer(model)
+    if head is not None and head.layer < start:
+        return 0, (f"--head_layer {head.layer} reads below the first adapted layer {start}; with "
+                   f"--cache_frozen_layers it must be {start} or more")
+    try:
+        gap = check_cached_forward(model, encoded["train"][0], start)
+    except ValueError as err:
+        return 0, str(err)
+    logger.info("frozen-layer cache: layers 0..%d computed once (cached logits within %.2g of a full forward)",
+                start - 1, gap)
+    if args.dry_run:  # the one batch it runs
+        encoded["train"] = encoded["train"][: args.per_device_train_batch_size]
+        encoded.pop("valid", None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+        for name in encoded:
+            states = frozen_states(model, encoded[name], start)
+            encoded[name] = [{**ex, STATES_KEY: s} for ex, s in zip(encoded[name], states)]
+    return start, None
+
+
 def load_score_head(run_dir, info, device):
     """The score head saved in a run folder, checked against the dataset's rubrics (None: no head)."""
     from modules.score_head import check_head_rubrics, load_head
@@ -543,7 +582,8 @@ def loss_config_for(args: argparse.Namespace, number_values):
                       emo_topk=args.emo_topk)
 
 
-def dry_run_forward(model, tokenizer, examples: list, loss_config, device, head=None, head_weight: float = 0.0) -> int:
+def dry_run_forward(model, tokenizer, examples: list, loss_config, device, head=None, head_weight: float = 0.0,
+                    frozen_start: int = 0) -> int:
     """One forward pass on one batch; rank 0 prints the batch shape and every loss term."""
     import torch
 
@@ -553,7 +593,7 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device, head=
 
     batch = {k: v.to(device) for k, v in ScoringCollator(tokenizer.pad_token_id)(examples).items()}
     with torch.no_grad():
-        _, terms, _ = compute_loss_terms(model, batch, loss_config, head, head_weight)
+        _, terms, _ = compute_loss_terms(model, batch, loss_config, head, head_weight, frozen_start)
     if dist.is_main():
         print(f"dry run: batch {tuple(batch['input_ids'].shape)} on {device}; "
               + ", ".join(f"{k}={v:.4f}" for k, v in terms.items()))
@@ -561,7 +601,7 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device, head=
 
 
 def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device,
-                  precision, head=None):
+                  precision, head=None, frozen_start: int = 0):
     """The CustomTrainer: evaluation and a checkpoint each epoch (or --eval_steps), the best
     checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping;
     bf16 autocast as ``precision`` (modules.precision) chose."""
@@ -590,7 +630,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
     return CustomTrainer(model=model, args=training_args, train_dataset=encoded["train"],
                          eval_dataset=encoded["valid"], data_collator=ScoringCollator(tokenizer.pad_token_id),
                          loss_config=loss_config, score_head=head, head_weight=args.head_weight,
-                         head_learning_rate=args.head_learning_rate,
+                         head_learning_rate=args.head_learning_rate, frozen_start=frozen_start,
                          callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
 
 

@@ -113,4 +113,11 @@ class ScoringCollator:
                 batch[key][row, cols] = torch.tensor(f[key])
         if "scores" in features[0]:  # the gold scores a score head trains on (modules.score_head)
             batch["scores"] = torch.tensor([f["scores"] for f in features], dtype=torch.float32)
+        if "frozen_states" in features[0]:  # [T, D] per example (modules.frozen_cache), padded as the ids
+            dim = features[0]["frozen_states"].shape[-1]
+            batch["frozen_states"] = torch.zeros((len(features), width, dim), dtype=features[0]["frozen_states"].dtype)
+            for row, f in enumerate(features):
+                n = len(f["input_ids"])
+                cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+                batch["frozen_states"][row, cols] = f["frozen_states"]
         return batch

@@ -129,20 +129,29 @@ def output_embedding(model) -> torch.Tensor:
     return weight
 
 
-def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfig,
-                       head=None, head_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float], object]:
+def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfig, head=None,
+                       head_weight: float = 0.0, frozen_start: int = 0) -> tuple[torch.Tensor, dict[str, float], object]:
     """One forward pass and every loss term: the composite loss, its logged parts and the model outputs.
 
     With a score head (:class:`modules.score_head.ScoreHead`) the same forward also returns the
     hidden states; the head reads its layer's pooled prompt states, and ``head_weight`` times
     :func:`modules.score_head.head_loss` against ``inputs["scores"]`` joins the total (logged as
-    ``loss_head``, unweighted)."""
+    ``loss_head``, unweighted). A batch carrying ``frozen_states`` (the states entering decoder
+    layer ``frozen_start``, :mod:`modules.frozen_cache`) runs from that layer on."""
     attention_mask = inputs["attention_mask"]
     keep = logits_to_keep(inputs["labels"])
     # Positions from the mask, so left padding (the collator's default) does not shift them.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=keep, use_cache=False, output_hidden_states=head is not None)
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False,
+                  output_hidden_states=head is not None)
+    start = 0
+    if "frozen_states" in inputs:
+        from modules.frozen_cache import cached_forward
+
+        start = frozen_start
+        outputs = cached_forward(model, inputs["frozen_states"], start, **kwargs)
+    else:
+        outputs = model(input_ids=inputs["input_ids"], **kwargs)
     logits = outputs.logits  # [B, keep, V]: only the positions that predict a target token
     rows = labeled_log_probs(logits, *(shift_labels(inputs[k])[:, -keep:] for k in LABEL_NAMES))
     ce, ntl, emo = loss_terms(*rows, config, output_embedding(model) if config.emo_weight else None)
@@ -150,7 +159,8 @@ def compute_loss_terms(model, inputs: dict[str, torch.Tensor], config: LossConfi
     if head is not None:
         from modules.score_head import head_loss, pool_states, prompt_positions
 
-        pooled = pool_states(outputs.hidden_states[head.layer], prompt_positions(attention_mask, inputs["labels"]))
+        pooled = pool_states(outputs.hidden_states[head.layer - start],
+                             prompt_positions(attention_mask, inputs["labels"]))
         term = head_loss(head(pooled), inputs["scores"], head.score_scale)
         total = total + head_weight * term
         logged = {**logged, "loss_head": float(term.detach()), "loss_total": float(total.detach())}
@@ -213,12 +223,13 @@ class CustomTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, loss_config: LossConfig, score_head=None, head_weight: float = 0.0,
-                 head_learning_rate: float | None = None, **kwargs):
+                 head_learning_rate: float | None = None, frozen_start: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         # The head is a submodule of the model (so the optimizer trains it) and saved beside each
         # adapter, which save_pretrained alone would leave out.
         self.score_head, self.head_weight, self.head_learning_rate = score_head, head_weight, head_learning_rate
+        self.frozen_start = frozen_start  # the layer cached examples' frozen_states enter (--cache_frozen_layers)
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
 
@@ -246,7 +257,8 @@ class CustomTrainer(Trainer):
                                      self.args.train_batch_size, seed=seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        total, logged, outputs = compute_loss_terms(model, inputs, self.loss_config, self.score_head, self.head_weight)
+        total, logged, outputs = compute_loss_terms(model, inputs, self.loss_config, self.score_head, self.head_weight,
+                                                    self.frozen_start)
         if model.training:
             for key, value in logged.items():
                 self._term_sums[key] += value
