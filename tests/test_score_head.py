@@ -226,3 +226,17 @@ def test_a_head_layer_beyond_the_model_is_refused(tmp_path):
     proc = run_cli("--base_model_name", "tiny-random-llama", "--data_dir", str(data), "--no_wandb", "--head_layer", "99",
                    "--output_dir", str(tmp_path / "run"), "--max_steps", "1")
     assert proc.returncode != 0 and "--head_layer 99: the model has hidden-state indices 0.." in proc.stderr
+
+
+def test_the_best_checkpoint_keeps_its_own_head(head_run, tmp_path):
+    """--load_best_model_at_end: the Trainer reloads the best adapter, and the run saves that
+    checkpoint's head with it, not the last step's."""
+    _, _, flags, _ = head_run
+    run = tmp_path / "best"
+    proc = run_cli(*flags, "--output_dir", str(run), "--max_steps", "4", "--skip_scoring")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = json.loads((run / "run_manifest.json").read_text())["train"]["kept_checkpoint"]
+    saved = H.load_head(run).linear.weight
+    torch.testing.assert_close(saved, H.load_head(kept).linear.weight, rtol=0, atol=0)
+    others = [c for c in run.glob("checkpoint-*") if c.name != kept.split("/")[-1]]
+    assert all(not torch.equal(saved, H.load_head(c).linear.weight) for c in others)
