@@ -492,10 +492,12 @@ def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_recor
         return None, "--head_layer trains in one process; start it without torchrun / accelerate launch"
     device = model.get_input_embeddings().weight.device
     try:
-        head = load_head(resume[0], device) if resume is not None else None
-        if resume is not None and head is None:
-            return None, f"{resume[0]}: no score head to resume (the run was started with --head_layer?)"
-        head = head or initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed)
+        if resume is None:
+            head = initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed)
+        else:
+            head = load_head(resume[0], device)
+            if head is None:
+                return None, f"{resume[0]}: no score head to resume (the run was started with --head_layer?)"
     except ValueError as err:
         return None, str(err)
     model.score_head = head

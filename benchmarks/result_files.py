@@ -168,9 +168,10 @@ def line_counts(predictions: list[dict]) -> dict[str, int]:
             "truncated": sum(bool(p["truncated"]) for p in predictions)}
 
 
-def expected_scores(predictions: list[dict]) -> list[list[float]]:
-    """The weighted row's unrounded expected scores, rounded to 4 decimals to keep the file small."""
-    return [[round(float(e), 4) for e in p["weighted_expected"]] for p in predictions]
+def expected_scores(predictions: list[dict], key: str = "weighted_expected") -> list[list[float]]:
+    """A row's unrounded scores (the weighted row's expected scores; the head's ``head_expected``),
+    rounded to 4 decimals to keep the file small."""
+    return [[round(float(e), 4) for e in p[key]] for p in predictions]
 
 
 def split_entry(predictions: list[dict]) -> dict:
@@ -181,7 +182,7 @@ def split_entry(predictions: list[dict]) -> dict:
              "weighted_expected": expected_scores(predictions), "line_counts": {"greedy": line_counts(predictions)}}
     if predictions and all(p.get("head") is not None for p in predictions):
         entry["rows"]["head"] = [p["head"] for p in predictions]
-        entry["continuous"] = {"head": [[round(float(e), 4) for e in p["head_expected"]] for p in predictions]}
+        entry["continuous"] = {"head": expected_scores(predictions, "head_expected")}
     return entry
 
 

@@ -104,6 +104,9 @@ class ScoringCollator:
                  "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}
         for key in self.keys:
             batch[key] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        states = features[0].get("frozen_states")  # [T, D] per example (modules.frozen_cache), padded as the ids
+        if states is not None:
+            batch["frozen_states"] = torch.zeros((len(features), width, states.shape[-1]), dtype=states.dtype)
         for row, f in enumerate(features):
             n = len(f["input_ids"])
             cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
@@ -111,13 +114,8 @@ class ScoringCollator:
             batch["attention_mask"][row, cols] = 1
             for key in self.keys:
                 batch[key][row, cols] = torch.tensor(f[key])
+            if states is not None:
+                batch["frozen_states"][row, cols] = f["frozen_states"]
         if "scores" in features[0]:  # the gold scores a score head trains on (modules.score_head)
             batch["scores"] = torch.tensor([f["scores"] for f in features], dtype=torch.float32)
-        if "frozen_states" in features[0]:  # [T, D] per example (modules.frozen_cache), padded as the ids
-            dim = features[0]["frozen_states"].shape[-1]
-            batch["frozen_states"] = torch.zeros((len(features), width, dim), dtype=features[0]["frozen_states"].dtype)
-            for row, f in enumerate(features):
-                n = len(f["input_ids"])
-                cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-                batch["frozen_states"][row, cols] = f["frozen_states"]
         return batch

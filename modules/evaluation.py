@@ -48,8 +48,8 @@ def evaluate_predictions(predictions: list[dict], info: DatasetInfo) -> dict:
 
 def format_results_table(results: dict, info: DatasetInfo, constrained: bool = False) -> str:
     """Plain-text QWK table: rubrics, overall and average down, token and weighted (and the score
-    head's and the score map's final) across, then the invalid and truncated counts and the decoding mode that produced
-    the greedy answers."""
+    head's and the score map's final) across, then the invalid and truncated counts and the
+    decoding mode that produced the greedy answers."""
     rows = info.rubric_names + ["overall", "average"]
     blocks = ["token", "weighted", *(b for b in ("head", "final") if b in results)]
     counts = [row for row in ("invalid", "truncated", "underflow") if any(row in results.get(b, {}) for b in blocks)]

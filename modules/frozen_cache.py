@@ -71,7 +71,7 @@ def frozen_states(model, examples: Sequence[dict], start: int) -> list[torch.Ten
     captured: list[torch.Tensor] = []
     hook = inner.layers[start - 1].register_forward_hook(
         lambda module, args, output: captured.append((output[0] if isinstance(output, tuple) else output).detach()))
-    device = inner.layers[0].parameters().__next__().device
+    device = inner.norm.weight.device
     was_training = model.training
     model.eval()
     states = []

@@ -79,8 +79,8 @@ def prediction_row(model, tokenizer, record: EssayRecord, answer: dict, state, i
 
 def decode_batch(model, tokenizer, prompts: Sequence[str], ranges: Sequence[tuple[int, int]], *,
                  constrained: bool = False, generate_feedback: bool = False,
-                 both_decodings: bool = False, pool_layer: int | None = None,
-                 ) -> tuple[list[PromptState], list[dict], list[dict] | None]:
+                 both_decodings: bool = False,
+                 pool_layer: int | None = None) -> tuple[list[PromptState], list[dict], list[dict] | None]:
     """Each prompt run through the model alone, once (unpadded: the state is exactly what the
     weighted scorer would compute itself), then the batch's greedy answers decoded together from
     those states. ``both_decodings``: the unconstrained and the ``--constrained`` answers
