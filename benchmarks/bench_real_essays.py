@@ -4,16 +4,18 @@ prediction in a tracked result file (fields: benchmarks/results/README.md; recip
 levers: docs/results.md). ``benchmarks/bench_probe.py`` adds the frozen probe on the same essays.
 
     python -m benchmarks.bench_real_essays --corpus asap|asap-traits|ell   # + --ablation: CE only
-    python -m benchmarks.bench_real_essays --corpus asap --seed 1 --replicate  # greedy + weighted only
+    python -m benchmarks.bench_real_essays --corpus asap --seed 1 --replicate  # greedy + weighted (+ head) only
     python -m benchmarks.real_essay_tables                                  # the tables of every result
 
-The corpus files are shared data outside the repository (``../shared/data``); when one is absent
-the script says so and exits 0. Stages, each timed (run it alone: the times are part of the result):
-convert + subset (``modules.convert``, a seeded subset shared by every command on the corpus);
-train (``main_pipeline.py --skip_scoring`` as a subprocess); every LoRA row on the test, validation
-and pick essays from one prefill per prompt (``modules.predict.predict_batch``, prompted as the run
-manifest says: greedy, weighted, constrained greedy, ``--m`` self-consistency samples and their
-votes; ``--replicate``: greedy and weighted only); baselines; the confidence study
+The corpus files are shared data outside the repository (``../shared/data``); when one is absent the
+script says so and exits 0. On asap the recipe trains a score head on layer 21 with the LoRA
+(``Corpus.head_layer``; ``--no_head`` trains without it, as the recipe did before issue 46). Stages,
+each timed (run it alone: the times are part of the result): convert + subset (``modules.convert``,
+a seeded subset shared by every command on the corpus); train (``main_pipeline.py --skip_scoring``
+as a subprocess); every LoRA row on the test, validation and pick essays from one prefill per prompt
+(``modules.predict.predict_batch``, prompted as the run manifest says: greedy, weighted, constrained
+greedy, ``--m`` self-consistency samples and their votes; the head's row where the run trained one;
+``--replicate``: greedy, weighted and head only); baselines; the confidence study
 (``modules.evaluation.evaluate_confidence``). It ends with ``best_lora_qwk=<x>``: the test average
 QWK of the LoRA row best on the validation and pick essays, mean over seeds.
 """
@@ -66,10 +68,14 @@ class Corpus:
     test_essays: int  # also the minimum for a result to report
     pick_essays: int  # validation essays for the row pick beyond the 30 (module docstring)
     probe_tokens: int = 512  # the essay tokens the probe reads (benchmarks/bench_probe.py)
+    # the score head the recipe trains with the LoRA (main_pipeline.py --head_layer), where it was kept
+    # on validation essays (docs/results.md, "The score head"); None: no head
+    head_layer: int | None = None
+    head_learning_rate: float | None = None
 
 
 CORPORA = {
-    "asap": Corpus(ASAP7, 800, 2.5, 150, 120),
+    "asap": Corpus(ASAP7, 800, 2.5, 150, 120, head_layer=21, head_learning_rate=1e-4),
     "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", None, 2.0, 150, 60),
     "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0, 768),
 }
@@ -105,10 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="main_pipeline.py's flag; the recipe keeps the last step's weights (docs/results.md, levers)")
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
     p.add_argument("--head_layer", type=int, default=None,
-                   help="main_pipeline.py --head_layer: a score head trained with the LoRA (its 'head' row)")
+                   help="main_pipeline.py --head_layer: a score head trained with the LoRA (its 'head' row); "
+                        "default: the corpus's (asap: 21)")
     p.add_argument("--head_weight", type=float, default=None, help="main_pipeline.py --head_weight (default 1)")
     p.add_argument("--head_learning_rate", type=float, default=None,
-                   help="main_pipeline.py --head_learning_rate (default --learning_rate)")
+                   help="main_pipeline.py --head_learning_rate (default: the corpus's, else --learning_rate)")
+    p.add_argument("--no_head", action="store_true",
+                   help="train without the corpus's score head (asap's recipe before the head was kept)")
     p.add_argument("--target_modules", default=DEFAULT_TARGET_MODULES,
                    help="main_pipeline.py --lora_target_modules: the projections LoRA adapts")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
@@ -126,6 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("train_essays", "test_essays", "pick_essays"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(corpus, key))
+    head_flags = [f"--{key}" for key in ("head_layer", "head_weight", "head_learning_rate")
+                  if getattr(args, key) is not None]
+    if args.no_head and head_flags:
+        p.error(f"--no_head with {', '.join(head_flags)}: choose one")
+    if not args.no_head and args.head_layer is None:
+        args.head_layer = corpus.head_layer
+    if args.head_layer is not None and args.head_learning_rate is None:
+        args.head_learning_rate = corpus.head_learning_rate
     if args.pick_essays < 0:
         p.error("--pick_essays must be >= 0")
     for key in ("train_essays", "valid_essays", "test_essays", "m", "batch_size", "grad_accum", "bootstrap",
