@@ -21,7 +21,9 @@ width, so its padding is the epoch's (each line prints both). Throughput is essa
 - precision: float32 against bf16 autocast, the default setting on the same ``--precision_essays``
   essays (fewer than ``--essays``: where bf16 is emulated a step takes minutes), and which one
   ``auto`` picks here and why.
-- ``--levers``: also each lever (or the ones named) alone on top of ``default``; the prompt levers
+- ``--levers``: also each lever (or the ones named) alone on top of ``default``
+  (``top_layers=8, cached``: ``main_pipeline.py --cache_frozen_layers``, its once-per-essay pass of
+  the frozen layers printed apart from the steps' throughput); the prompt levers
   (``short system prompt``, ``no writing prompt``: dataset.json's writing prompt left out of every
   prompt, ``prompt <= 256 tokens``) show what a shorter prompt buys.
 
@@ -54,6 +56,7 @@ LEVERS = {
     "top_layers=8": {"top_layers": 8},
     "top_layers=16": {"top_layers": 16},
     "top_layers=8, all linear": {"top_layers": 8, "target_modules": ALL_LINEAR},
+    "top_layers=8, cached": {"top_layers": 8, "cache": True},
     "torch.compile": {"compile": True},
     "1 thread": {"threads": 1},
     "prompt <= 256 tokens": {"max_prompt_tokens": 256},
@@ -152,8 +155,10 @@ def padded_tokens(examples: list[dict], batches: list[list[int]]) -> float:
 
 def time_setting(examples: list[dict], batches: list[list[int]], number_values, seed: int, *, top_layers: int = 0,
                  target_modules: tuple[str, ...] = ("q_proj", "v_proj"), bf16: bool = False, compile: bool = False,
-                 threads: int | None = None, **_) -> dict:
-    """One epoch over ``batches`` (in that order) with a fresh LoRA; essays/s from the Trainer's runtime."""
+                 threads: int | None = None, cache: bool = False, **_) -> dict:
+    """One epoch over ``batches`` (in that order) with a fresh LoRA; essays/s from the Trainer's runtime.
+    ``cache``: main_pipeline.py's --cache_frozen_layers, the frozen layers' pass timed apart
+    (``cache_seconds``: it runs once per essay, not once per epoch)."""
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -167,6 +172,16 @@ def time_setting(examples: list[dict], batches: list[list[int]], number_values, 
     model, tokenizer = load_base_model("smollm2-135m", device=torch.device("cpu"))
     model = add_lora(model, target_modules=target_modules, top_layers=top_layers)
     ordered = [examples[i] for batch in batches for i in batch]
+    frozen_start, cache_seconds = 0, 0.0
+    if cache:
+        from modules.frozen_cache import STATES_KEY, first_adapted_layer, frozen_states
+
+        frozen_start = first_adapted_layer(model)
+        began = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            states = frozen_states(model, ordered, frozen_start)
+        cache_seconds = time.perf_counter() - began
+        ordered = [{**ex, STATES_KEY: state} for ex, state in zip(ordered, states)]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, seed=seed, num_train_epochs=1, learning_rate=1e-3, per_device_train_batch_size=4,
@@ -176,12 +191,13 @@ def time_setting(examples: list[dict], batches: list[list[int]], number_values, 
             train_sampling_strategy="sequential")
         trainer = CustomTrainer(model=model, args=args, train_dataset=ordered,
                                 data_collator=ScoringCollator(tokenizer.pad_token_id),
-                                loss_config=LossConfig(number_values, ntl_weight=2.0, emo_weight=0.0))
+                                loss_config=LossConfig(number_values, ntl_weight=2.0, emo_weight=0.0),
+                                frozen_start=frozen_start)
         result = trainer.train()
     torch.set_num_threads(default_threads)
     seconds = result.metrics["train_runtime"]
     return {"essays_per_s": len(ordered) / seconds, "seconds": seconds, "loss": result.training_loss,
-            "padded_tokens": padded_tokens(examples, batches)}
+            "padded_tokens": padded_tokens(examples, batches), "cache_seconds": cache_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = row = time_setting(examples, batches, values, args.seed, **setting)
         print(f"{name:26s} {row['essays_per_s']:.3f} essays/s  ({row['seconds']:.1f} s for {args.essays} essays, "
               f"{row['padded_tokens']:.0f} padded tokens/essay, whole epoch {padded_tokens(examples, epoch):.0f}; "
-              f"loss {row['loss']:.3f})", flush=True)
+              f"loss {row['loss']:.3f})" + (f"; frozen-layer pass {row['cache_seconds']:.1f} s, once per essay"
+                                          if setting.get("cache") else ""), flush=True)
     examples, values, _ = encoded[(None, None, True)]
     batches = sampled_batches(examples, epoch_batches(examples, False, args.seed), args.essays // 4)
     batches = batches[:: args.essays // args.precision_essays][: args.precision_essays // 4]
