@@ -510,7 +510,7 @@ def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, pr
     path gives a full forward's logits. Returns (that layer or 0, error)."""
     import torch
 
-    from modules.frozen_cache import STATES_KEY, check_cached_forward, first_adapted_layer, frozen_states
+    from modules.frozen_cache import check_cached_forward, first_adapted_layer, with_frozen_states
 
     if not args.cache_frozen_layers:
         return 0, None
@@ -529,8 +529,7 @@ def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, pr
         encoded.pop("valid", None)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
         for name in encoded:
-            states = frozen_states(model, encoded[name], start)
-            encoded[name] = [{**ex, STATES_KEY: s} for ex, s in zip(encoded[name], states)]
+            encoded[name] = with_frozen_states(model, encoded[name], start)
     return start, None
 
 

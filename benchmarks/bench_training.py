@@ -174,14 +174,13 @@ def time_setting(examples: list[dict], batches: list[list[int]], number_values, 
     ordered = [examples[i] for batch in batches for i in batch]
     frozen_start, cache_seconds = 0, 0.0
     if cache:
-        from modules.frozen_cache import STATES_KEY, first_adapted_layer, frozen_states
+        from modules.frozen_cache import first_adapted_layer, with_frozen_states
 
         frozen_start = first_adapted_layer(model)
         began = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            states = frozen_states(model, ordered, frozen_start)
+            ordered = with_frozen_states(model, ordered, frozen_start)
         cache_seconds = time.perf_counter() - began
-        ordered = [{**ex, STATES_KEY: state} for ex, state in zip(ordered, states)]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, seed=seed, num_train_epochs=1, learning_rate=1e-3, per_device_train_batch_size=4,

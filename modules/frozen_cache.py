@@ -87,6 +87,12 @@ def frozen_states(model, examples: Sequence[dict], start: int) -> list[torch.Ten
     return states
 
 
+def with_frozen_states(model, examples: Sequence[dict], start: int) -> list[dict]:
+    """``examples`` each with its :func:`frozen_states` under ``STATES_KEY`` (what the collator pads
+    and the trainer's cached path reads), under the caller's autocast."""
+    return [{**ex, STATES_KEY: state} for ex, state in zip(examples, frozen_states(model, examples, start))]
+
+
 def cached_forward(model, states: torch.Tensor, start: int, **kwargs):
     """The model's outputs from ``states`` [B, T, D] entering layer ``start`` (``kwargs``: the
     attention mask, positions, ``logits_to_keep``, ...); hidden-state index l is l - start here."""
