@@ -47,12 +47,25 @@ def layers_from(model, start: int, stop: int | None = None) -> Iterator[None]:
     cut; the final norm and LM head still run). Give it ``inputs_embeds`` = the states entering
     layer ``start``."""
     inner = decoder(model)
+    hook_whole_stack(inner)
     layers = inner.layers
     inner.layers = nn.ModuleList(list(layers)[start:stop])
     try:
         yield
     finally:
         inner.layers = layers
+
+
+def hook_whole_stack(inner: nn.Module) -> None:
+    """Install transformers' hidden-state recording hooks on every decoder layer of ``inner`` now.
+    transformers installs them once, on the first forward that asks for hidden states, on the
+    layers present then: first asked inside :func:`layers_from`, every later whole pass would miss
+    the dropped layers' states (a run resumed with a score head and the cache, then scored)."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # a transformers that records without lasting hooks
+        return
+    maybe_install_capturing_hooks(inner)
 
 
 def first_adapted_layer(model) -> int:

@@ -44,6 +44,20 @@ def test_the_first_adapted_layer_is_the_lowest_with_lora(adapted):
     assert len(F.decoder(model).layers) == n  # restored
 
 
+def test_hidden_states_asked_inside_a_cut_leave_the_whole_pass_whole():
+    """transformers hooks its hidden-state recording on the first forward that asks for it: asked
+    first inside layers_from, a later whole pass must still return every layer's states."""
+    model, _ = load_base_model("tiny-random-llama", device=torch.device("cpu"))
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        with F.layers_from(model, 1):
+            cut = model(inputs_embeds=model.get_input_embeddings()(ids), output_hidden_states=True).hidden_states
+        whole = model(input_ids=ids, output_hidden_states=True).hidden_states
+    n = model.config.num_hidden_layers
+    assert len(cut) == n and len(whole) == n + 1
+    torch.testing.assert_close(whole[0], model.get_input_embeddings()(ids))
+
+
 def test_the_cached_path_equals_a_full_forward(adapted):
     """A padded batch, the LoRA on: logits, every hidden state above the cut and every loss term
     (with a score head reading an adapted layer) agree with the full forward to 1e-5."""
