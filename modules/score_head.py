@@ -126,11 +126,17 @@ def head_from_ridge(fit, layer: int, gold: np.ndarray, rubric_names: Sequence[st
 
 def prompt_features(model, tokenizer, prompts: Sequence[str], layer: int) -> np.ndarray:
     """float32 [N, D]: each prompt run alone through ``model`` (:func:`modules.scoring.prefill`, as
-    scoring runs it), its states of ``layer`` pooled (module docstring)."""
+    scoring runs it), its states of ``layer`` pooled (module docstring). Only the decoder layers up
+    to ``layer`` run: the ones above it cannot change its states, so the features are those of the
+    whole model's pass, bit for bit, at about ``(layer + 1) / num_hidden_layers`` of its cost."""
+    from modules.frozen_cache import layers_from
     from modules.scoring import eval_mode, prefill
 
+    # One layer more than the head reads: the model normalises its last layer's output (hidden-state
+    # index n is norm(L_{n-1}(...))), so the cut stack's last index is not the full pass's.
+    stop = layer + 1 if layer < model.config.num_hidden_layers else None
     rows = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), layers_from(model, 0, stop):
         for prompt in tqdm(prompts, desc="head features", unit="essay", disable=None):
             rows.append(prefill(model, tokenizer, prompt, pool_layer=layer).pooled.cpu().numpy())
     return np.stack(rows)

@@ -72,6 +72,32 @@ def test_a_training_batch_pools_what_scoring_prefill_pools(tiny, shipped):
             torch.testing.assert_close(trained, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_head_features_run_only_the_layers_up_to_the_head(tiny, shipped):
+    """The starting ridge's features: the whole model's pooled states at every index, bit for bit,
+    from a pass that never runs a decoder layer more than one above the head's."""
+    from transformers import LlamaForCausalLM
+
+    _, tok = tiny
+    info, records = shipped
+    config = tiny[0].config.to_dict()
+    config["num_hidden_layers"] = 4  # the built-in model has two: too few to cut
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(type(tiny[0].config).from_dict(config)).eval()
+    prompts = [PromptSettings().prompt(r, info, tok) for r in records[:3]]
+    ran: list[int] = []
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda module, args, output, index=index: ran.append(index))
+    for head_layer in range(5):
+        ran.clear()
+        features = H.prompt_features(model, tok, prompts, head_layer)
+        assert max(ran) == min(head_layer, 3), head_layer  # layers above head_layer + 1 never ran
+        with torch.inference_mode():
+            whole = np.stack([prefill(model, tok, p, pool_layer=head_layer).pooled.numpy() for p in prompts])
+        assert len(model.model.layers) == 4  # the stack is whole again
+        np.testing.assert_array_equal(features, whole)
+
+
 def test_the_head_starts_as_the_ridge_and_its_file_keeps_it(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)) * [1, 5, 0.1, 2, 3, 1] + [0, 10, -3, 0, 1, 0]
