@@ -23,7 +23,8 @@ width, so its padding is the epoch's (each line prints both). Throughput is essa
   ``auto`` picks here and why.
 - ``--levers``: also each lever (or the ones named) alone on top of ``default``
   (``top_layers=8, cached``: ``main_pipeline.py --cache_frozen_layers``, its once-per-essay pass of
-  the frozen layers printed apart from the steps' throughput); the prompt levers
+  the frozen layers printed apart from the steps' throughput; ``score head``: ``--head_layer 20``,
+  what the head adds to a step); the prompt levers
   (``short system prompt``, ``no writing prompt``: dataset.json's writing prompt left out of every
   prompt, ``prompt <= 256 tokens``) show what a shorter prompt buys.
 
@@ -57,6 +58,7 @@ LEVERS = {
     "top_layers=16": {"top_layers": 16},
     "top_layers=8, all linear": {"top_layers": 8, "target_modules": ALL_LINEAR},
     "top_layers=8, cached": {"top_layers": 8, "cache": True},
+    "score head": {"head_layer": 20},
     "torch.compile": {"compile": True},
     "1 thread": {"threads": 1},
     "prompt <= 256 tokens": {"max_prompt_tokens": 256},
@@ -108,8 +110,8 @@ def encode_train_split(corpus: str, source: str, seed: int, max_prompt_tokens: i
     if max_prompt_tokens is not None:
         budget = min(budget, max_prompt_tokens)
     values = number_token_values(tokenizer)
-    examples = [encode_example(r, info, tokenizer, mtl=False, max_seq_length=1024, max_prompt_tokens=budget,
-                               number_values=values) for r in splits["train"]]
+    examples = [{**encode_example(r, info, tokenizer, mtl=False, max_seq_length=1024, max_prompt_tokens=budget,
+                                  number_values=values), "scores": list(r.scores)} for r in splits["train"]]
     frame = [len(tokenizer(build_prompt(replace(r, essay=""), info, tokenizer), add_special_tokens=False)["input_ids"])
              for r in splits["train"]]
     total = [len(e["input_ids"]) for e in examples]
@@ -155,10 +157,12 @@ def padded_tokens(examples: list[dict], batches: list[list[int]]) -> float:
 
 def time_setting(examples: list[dict], batches: list[list[int]], number_values, seed: int, *, top_layers: int = 0,
                  target_modules: tuple[str, ...] = ("q_proj", "v_proj"), bf16: bool = False, compile: bool = False,
-                 threads: int | None = None, cache: bool = False, **_) -> dict:
+                 threads: int | None = None, cache: bool = False, head_layer: int | None = None, **_) -> dict:
     """One epoch over ``batches`` (in that order) with a fresh LoRA; essays/s from the Trainer's runtime.
     ``cache``: main_pipeline.py's --cache_frozen_layers, the frozen layers' pass timed apart
-    (``cache_seconds``: it runs once per essay, not once per epoch)."""
+    (``cache_seconds``: it runs once per essay, not once per epoch). ``head_layer``: a score head on
+    that layer trained with the LoRA (main_pipeline.py --head_layer, --head_learning_rate 1e-4), its
+    starting ridge left out (it runs once, before training: ``bench_head_start.py``)."""
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -172,6 +176,16 @@ def time_setting(examples: list[dict], batches: list[list[int]], number_values, 
     model, tokenizer = load_base_model("smollm2-135m", device=torch.device("cpu"))
     model = add_lora(model, target_modules=target_modules, top_layers=top_layers)
     ordered = [examples[i] for batch in batches for i in batch]
+    head = None
+    if head_layer is not None:
+        from modules.score_head import ScoreHead
+
+        gold = torch.tensor([ex["scores"] for ex in ordered], dtype=torch.float32)
+        head = ScoreHead(head_layer, model.config.hidden_size, [f"rubric {k}" for k in range(gold.shape[1])],
+                         [(0, 100)] * gold.shape[1])
+        head.score_mean.copy_(gold.mean(0))
+        head.score_scale.copy_(gold.std(0).clamp_min(1.0))
+        model.score_head = head  # as main_pipeline.py attaches it, so the optimizer trains it
     frozen_start, cache_seconds = 0, 0.0
     if cache:
         from modules.frozen_cache import first_adapted_layer, with_frozen_states
@@ -191,7 +205,8 @@ def time_setting(examples: list[dict], batches: list[list[int]], number_values, 
         trainer = CustomTrainer(model=model, args=args, train_dataset=ordered,
                                 data_collator=ScoringCollator(tokenizer.pad_token_id),
                                 loss_config=LossConfig(number_values, ntl_weight=2.0, emo_weight=0.0),
-                                frozen_start=frozen_start)
+                                frozen_start=frozen_start, score_head=head, head_weight=1.0,
+                                head_learning_rate=None if head is None else 1e-4)
         result = trainer.train()
     torch.set_num_threads(default_threads)
     seconds = result.metrics["train_runtime"]
