@@ -278,10 +278,11 @@ def test_benchmark_defaults_per_corpus() -> None:
     for zero in (["--grad_accum", "0"], ["--train_essays", "0"]):  # an explicit 0 is refused, not read as the default
         with pytest.raises(SystemExit):
             bench.parse_args(zero)
-    # asap's recipe trains the score head kept on validation; --no_head is the recipe before it
+    # asap's and the traits' recipes train the score head kept on validation; --no_head is the recipe before it
     head = ("head_layer", "head_weight", "head_learning_rate")
-    assert [tuple(getattr(a, k) for k in head) for a in map(bench.parse_args, ([], ["--no_head"], ["--corpus", "ell"]))] \
-        == [(21, None, 1e-4), (None, None, None), (None, None, None)]
+    argvs = ([], ["--no_head"], ["--corpus", "asap-traits"], ["--corpus", "asap-traits", "--no_head"], ["--corpus", "ell"])
+    assert [tuple(getattr(a, k) for k in head) for a in map(bench.parse_args, argvs)] \
+        == [(21, None, 1e-4), (None, None, None), (20, None, 1e-4), (None, None, None), (None, None, None)]
     args = bench.parse_args(["--head_layer", "20"])  # another layer keeps the recipe's head learning rate
     assert (args.head_layer, args.head_learning_rate) == (20, 1e-4)
     args = bench.parse_args(["--corpus", "ell", "--head_layer", "19"])  # no corpus head: main_pipeline's default
