@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks import bench_real_essays
 from benchmarks.bench_real_essays import SYSTEM_PROMPT, shared_file_missing
+from benchmarks.bench_training import train_split
 
 # The layer the head would read where a corpus keeps none: its probe's, chosen on validation
 # (docs/results.md).
@@ -46,21 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def training_prompts(corpus: str, source: str) -> tuple[list[str], int]:
-    """Every training essay's prompt as the benchmark's training renders it, and the split's size."""
-    from modules.data import load_splits
-    from modules.encoding import prompt_token_budget
-    from modules.models import load_tokenizer
+def training_prompts(corpus: str, source: str) -> list[str]:
+    """Every training essay's prompt as the benchmark's training renders it."""
     from modules.runs import PromptSettings
 
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_real_essays.convert(bench_real_essays.parse_args(["--corpus", corpus, "--input", source]),
-                                  Path(tmp) / "data")
-        info, splits = load_splits(Path(tmp) / "data")
+    info, train, tokenizer, budget = train_split(corpus, source)
     info = replace(info, system_prompt=SYSTEM_PROMPT)
-    tokenizer = load_tokenizer("smollm2-135m")
-    settings = PromptSettings(max_prompt_tokens=prompt_token_budget(splits["train"], tokenizer, False, 1024))
-    return [settings.prompt(r, info, tokenizer) for r in splits["train"]], len(splits["train"])
+    settings = PromptSettings(max_prompt_tokens=budget)
+    return [settings.prompt(r, info, tokenizer) for r in train]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
-    prompts, n_train = training_prompts(args.corpus, args.input)
+    prompts = training_prompts(args.corpus, args.input)
+    n_train = len(prompts)
     prompts = prompts[: args.essays]
     model, tokenizer = load_base_model("smollm2-135m", device=torch.device("cpu"))
     n_layers = model.config.num_hidden_layers

@@ -87,6 +87,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def train_split(corpus: str, source: str, seed: int = 0):
+    """The corpus's train split as ``bench_real_essays.py --data_seed seed`` converts it, its
+    dataset.json info, and the prompt token budget its training uses (``--max_seq_length 1024``)
+    with SmolLM2-135M's tokenizer: ``(info, records, tokenizer, budget)``."""
+    from modules.data import load_splits
+    from modules.encoding import prompt_token_budget
+    from modules.models import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_real_essays.convert(bench_real_essays.parse_args(["--corpus", corpus, "--input", source,
+                                                                "--data_seed", str(seed)]), Path(tmp) / "data")
+        info, splits = load_splits(Path(tmp) / "data")
+    tokenizer = load_tokenizer("smollm2-135m")
+    return info, splits["train"], tokenizer, prompt_token_budget(splits["train"], tokenizer, False, 1024)
+
+
 def encode_train_split(corpus: str, source: str, seed: int, max_prompt_tokens: int | None = None,
                        system_prompt: str | None = None, writing_prompt: bool = True):
     """Every essay of the corpus's converted train split, encoded as main_pipeline.py encodes it
@@ -95,25 +111,19 @@ def encode_train_split(corpus: str, source: str, seed: int, max_prompt_tokens: i
     essay, target + EOS)."""
     from dataclasses import replace
 
-    from modules.data import build_prompt, load_splits
-    from modules.encoding import encode_example, prompt_token_budget
+    from modules.data import build_prompt
+    from modules.encoding import encode_example
     from modules.losses import number_token_values
-    from modules.models import load_tokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_real_essays.convert(bench_real_essays.parse_args(["--corpus", corpus, "--input", source,
-                                                                "--data_seed", str(seed)]), Path(tmp) / "data")
-        info, splits = load_splits(Path(tmp) / "data")
+    info, train, tokenizer, budget = train_split(corpus, source, seed)
     info = replace(info, system_prompt=system_prompt, prompts=info.prompts if writing_prompt else {})
-    tokenizer = load_tokenizer("smollm2-135m")
-    budget = prompt_token_budget(splits["train"], tokenizer, False, 1024)
     if max_prompt_tokens is not None:
         budget = min(budget, max_prompt_tokens)
     values = number_token_values(tokenizer)
     examples = [{**encode_example(r, info, tokenizer, mtl=False, max_seq_length=1024, max_prompt_tokens=budget,
-                                  number_values=values), "scores": list(r.scores)} for r in splits["train"]]
+                                  number_values=values), "scores": list(r.scores)} for r in train]
     frame = [len(tokenizer(build_prompt(replace(r, essay=""), info, tokenizer), add_special_tokens=False)["input_ids"])
-             for r in splits["train"]]
+             for r in train]
     total = [len(e["input_ids"]) for e in examples]
     target = [sum(label != -100 for label in e["labels"]) for e in examples]
     n = len(examples)
