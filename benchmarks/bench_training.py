@@ -41,10 +41,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from benchmarks import bench_real_essays
 from benchmarks.bench_real_essays import SYSTEM_PROMPT, shared_file_missing
+
+if TYPE_CHECKING:  # only for annotations: the modules load lazily, after argument parsing
+    from transformers import PreTrainedTokenizerBase
+
+    from modules.data import DatasetInfo, EssayRecord
 
 # The CPU recipe of the real-essay runs (docs/results.md): length-bucketed batches in random order
 # (--group_by_length) and bench_real_essays.py's short system message, in auto's precision (main()).
@@ -87,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_split(corpus: str, source: str, seed: int = 0):
+def train_split(corpus: str, source: str,
+                seed: int = 0) -> tuple[DatasetInfo, list[EssayRecord], PreTrainedTokenizerBase, int]:
     """The corpus's train split as ``bench_real_essays.py --data_seed seed`` converts it, its
     dataset.json info, and the prompt token budget its training uses (``--max_seq_length 1024``)
     with SmolLM2-135M's tokenizer: ``(info, records, tokenizer, budget)``."""
