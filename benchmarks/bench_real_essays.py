@@ -8,9 +8,9 @@ levers: docs/results.md). ``benchmarks/bench_probe.py`` adds the frozen probe on
     python -m benchmarks.real_essay_tables                                  # the tables of every result
 
 The corpus files are shared data outside the repository (``../shared/data``); when one is absent the
-script says so and exits 0. On asap and asap-traits the recipe trains a score head (layers 21 and
-20) with the LoRA (``Corpus.head_layer``; ``--no_head`` trains without it, as the recipe did before
-issue 46). Stages,
+script says so and exits 0. On every corpus the recipe trains a score head (asap layer 21,
+asap-traits 20, ell 19) with the LoRA (``Corpus.head_layer``; ``--no_head`` trains without it, as the
+recipe did before issue 46). Stages,
 each timed (run it alone: the times are part of the result): convert + subset (``modules.convert``,
 a seeded subset shared by every command on the corpus); train (``main_pipeline.py --skip_scoring``
 as a subprocess); every LoRA row on the test, validation and pick essays from one prefill per prompt
@@ -79,7 +79,7 @@ CORPORA = {
     "asap": Corpus(ASAP7, 800, 2.5, 150, 120, head_layer=21, head_learning_rate=1e-4),
     "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", None, 2.0, 150, 60, head_layer=20,
                           head_learning_rate=1e-4),
-    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0, 768),
+    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0, 768, head_layer=19, head_learning_rate=1e-4),
 }
 
 
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
     p.add_argument("--head_layer", type=int, default=None,
                    help="main_pipeline.py --head_layer: a score head trained with the LoRA (its 'head' row); "
-                        "default: the corpus's (asap: 21, asap-traits: 20)")
+                        "default: the corpus's (asap: 21, asap-traits: 20, ell: 19)")
     p.add_argument("--head_weight", type=float, default=None, help="main_pipeline.py --head_weight (default 1)")
     p.add_argument("--head_learning_rate", type=float, default=None,
                    help="main_pipeline.py --head_learning_rate (default: the corpus's, else --learning_rate)")

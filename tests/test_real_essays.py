@@ -278,15 +278,17 @@ def test_benchmark_defaults_per_corpus() -> None:
     for zero in (["--grad_accum", "0"], ["--train_essays", "0"]):  # an explicit 0 is refused, not read as the default
         with pytest.raises(SystemExit):
             bench.parse_args(zero)
-    # asap's and the traits' recipes train the score head kept on validation; --no_head is the recipe before it
+    # every corpus's recipe trains the score head kept on validation; --no_head is the recipe before it
     head = ("head_layer", "head_weight", "head_learning_rate")
-    argvs = ([], ["--no_head"], ["--corpus", "asap-traits"], ["--corpus", "asap-traits", "--no_head"], ["--corpus", "ell"])
+    argvs = ([], ["--no_head"], ["--corpus", "asap-traits"], ["--corpus", "asap-traits", "--no_head"], ["--corpus", "ell"],
+             ["--corpus", "ell", "--no_head"])
     assert [tuple(getattr(a, k) for k in head) for a in map(bench.parse_args, argvs)] \
-        == [(21, None, 1e-4), (None, None, None), (20, None, 1e-4), (None, None, None), (None, None, None)]
+        == [(21, None, 1e-4), (None, None, None), (20, None, 1e-4), (None, None, None), (19, None, 1e-4),
+            (None, None, None)]
     args = bench.parse_args(["--head_layer", "20"])  # another layer keeps the recipe's head learning rate
     assert (args.head_layer, args.head_learning_rate) == (20, 1e-4)
-    args = bench.parse_args(["--corpus", "ell", "--head_layer", "19"])  # no corpus head: main_pipeline's default
-    assert (args.head_layer, args.head_learning_rate) == (19, None)
+    args = bench.parse_args(["--corpus", "ell", "--head_layer", "23", "--head_learning_rate", "1e-3"])  # both overridden
+    assert (args.head_layer, args.head_learning_rate) == (23, 1e-3)
     with pytest.raises(SystemExit):
         bench.parse_args(["--no_head", "--head_layer", "20"])
 
@@ -585,6 +587,8 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
             "tiny-random-llama", "--train_essays", "8", "--valid_essays", "4", "--test_essays", "4", "--max_steps", "2",
             "--m", "3", "--max_seq_length", "256", "--bootstrap", "20", "--pick_essays", "2",
             "--target_modules", "q_proj,v_proj,down_proj",
+            # the recipe's head reads layer 19, which the tiny model lacks: seed 2 below trains one on layer 1
+            "--no_head",
             # batches of 3 essays, so that the one-prefill stage's second batch must seed its essays as
             # self_consistency.py does (seed + the essay's index in the file)
             "--batch_essays", "3"]
@@ -715,7 +719,8 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
     # a score head (--head_layer): its row and unrounded output, from the head the run saved; its
     # recipe is its own group in the tables
-    assert bench.main([*argv, "--seed", "2", "--replicate", "--head_layer", "1", "--head_learning_rate", "0.01"]) == 0
+    with_head_argv = [a for a in argv if a != "--no_head"]
+    assert bench.main([*with_head_argv, "--seed", "2", "--replicate", "--head_layer", "1", "--head_learning_rate", "0.01"]) == 0
     [head_path] = list((out / "results" / "ell").glob("ce-ntl_seed2_*.json"))
     with_head = json.loads(head_path.read_text())
     assert with_head["rows"] == ["greedy", "weighted", "head"] and with_head["config"]["head_layer"] == 1
