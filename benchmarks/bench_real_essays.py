@@ -73,13 +73,17 @@ class Corpus:
     # on validation essays (docs/results.md, "The score head"); None: no head
     head_layer: int | None = None
     head_learning_rate: float | None = None
+    # self-consistency samples per essay (--m): ELL's six score lines make each sample dear, and at
+    # 10 its command ran 60 min 33 s with the head (docs/results.md, ELL)
+    m: int = 10
 
 
 CORPORA = {
     "asap": Corpus(ASAP7, 800, 2.5, 150, 120, head_layer=21, head_learning_rate=1e-4),
     "asap-traits": Corpus(SHARED / "asap" / "asap_set7_traits.tsv", None, 2.0, 150, 60, head_layer=20,
                           head_learning_rate=1e-4),
-    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0, 768, head_layer=19, head_learning_rate=1e-4),
+    "ell": Corpus(SHARED / "ell" / "ell_train.csv", 800, 1.5, 200, 0, 768, head_layer=19, head_learning_rate=1e-4,
+                  m=5),
 }
 
 
@@ -125,7 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="main_pipeline.py --group_by_length: length-bucketed batches in random order (default on)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="prompt + target tokens (the essay budget)")
-    p.add_argument("--m", type=int, default=10, help="self-consistency samples per essay")
+    p.add_argument("--m", type=int, default=None, help="self-consistency samples per essay (default: the corpus's: "
+                                                       "asap and asap-traits 10, ell 5)")
     p.add_argument("--batch_essays", type=int, default=8,
                    help="essays decoded together (main_pipeline.py's --per_device_eval_batch_size default)")
     p.add_argument("--bootstrap", type=int, default=2000, help="hierarchical bootstrap resamples of the printed tables")
@@ -134,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.input = args.input or str(corpus.default_input)
     args.epochs = args.epochs or corpus.epochs
     # None, not 0, means "the corpus's": an explicit 0 reaches the checks below
-    for key in ("train_essays", "test_essays", "pick_essays"):
+    for key in ("train_essays", "test_essays", "pick_essays", "m"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(corpus, key))
     head_flags = [f"--{key}" for key in ("head_layer", "head_weight", "head_learning_rate")

@@ -264,7 +264,10 @@ def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> No
 
 def test_benchmark_defaults_per_corpus() -> None:
     args = bench.parse_args(["--corpus", "ell"])
-    assert (args.train_essays, args.epochs, args.test_essays) == (800, 1.5, 200)
+    assert (args.train_essays, args.epochs, args.test_essays, args.m) == (800, 1.5, 200, 5)
+    # ELL draws 5 self-consistency samples to fit the hour; the ASAP corpora 10; --m overrides either
+    assert [bench.parse_args(a).m for a in ([], ["--corpus", "asap-traits"], ["--corpus", "ell", "--m", "10"])] \
+        == [10, 10, 10]
     assert args.input.endswith("ell/ell_train.csv") and bench.corpus_key(args) == "ell"
     args = bench.parse_args(["--corpus", "asap-traits", "--essay_set", "8", "--train_essays", "10"])
     assert args.train_essays == 10 and args.test_essays == 150 and bench.corpus_key(args) == "asap-set8-traits"
