@@ -73,8 +73,9 @@ class Corpus:
     # on validation essays (docs/results.md, "The score head"); None: no head
     head_layer: int | None = None
     head_learning_rate: float | None = None
-    # self-consistency samples per essay (--m): ELL's six score lines make each sample dear, and at
-    # 10 its command ran 60 min 33 s with the head (docs/results.md, ELL)
+    # self-consistency samples per essay (--m): ELL's six score lines make each sample dear (at 10 its
+    # command ran 60 min 33 s with the head; 5 cost about 0.6 s less an essay, yet the hour is still
+    # not met: docs/results.md, ELL)
     m: int = 10
 
 
