@@ -76,8 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.precision == "fp32":
             p.error("--bf16 asks for --precision bf16; do not also give --precision fp32")
         args.precision = "bf16"
+    if args.eval_strategy == "no" and args.load_best_model_at_end:
+        p.error("--eval_strategy no leaves no eval loss to pick the best checkpoint by: add --no-load_best_model_at_end")
+    if args.eval_strategy in ("epoch", "steps") and args.eval_strategy != checkpoint_strategy(args):
+        p.error(f"--eval_strategy {args.eval_strategy}: the run evaluates where it saves, "
+                f"{'every --eval_steps' if args.eval_steps else 'each epoch'}; drop the flag or give --eval_strategy no")
     _check_confidence_flags(p, args)
     return args
+
+
+def checkpoint_strategy(args: argparse.Namespace) -> str:
+    """When checkpoints are saved: ``steps`` with --eval_steps, else ``epoch``."""
+    return "steps" if args.eval_steps else "epoch"
 
 
 def _check_confidence_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -176,6 +186,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA (CUDA only)")
     p.add_argument("--prompt_format", choices=("chat", "plain"), default="chat")
     p.add_argument("--eval_steps", type=int, default=None, help="evaluate/save every N steps instead of each epoch")
+    p.add_argument("--eval_strategy", choices=("epoch", "steps", "no"), default=None,
+                   help="when the validation loss is computed during training (TrainingArguments' name): by default "
+                        "at each checkpoint (each epoch, or every --eval_steps); no: never, which saves its time "
+                        "where it chooses nothing (needs --no-load_best_model_at_end; no early stopping; "
+                        "checkpoints are still saved)")
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--warmup_steps", type=float, default=0.03, help="int = steps, float in [0, 1) = ratio of all steps")
     p.add_argument("--test_limit", type=int, default=None, help="score only the first N test essays")
@@ -374,7 +389,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         return stop(f"--lora_top_layers {args.lora_top_layers}: {err}")
     loss_config = loss_config_for(args, number_values)
     settings = PromptSettings(args.mtl, args.prompt_format, max_prompt_tokens)
-    head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume)
+    head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume, precision)
     if error:
         return stop(error)
     frozen_start, error = cache_frozen_layers(args, model, encoded, head, precision, device)
@@ -479,11 +494,13 @@ def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_valu
 
 
 def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_records: list, settings: PromptSettings,
-                   resume) -> tuple[object, str | None]:
+                   resume, precision) -> tuple[object, str | None]:
     """--head_layer: (the score head, None) attached to the model as ``score_head`` (so the optimizer
     trains it): the resumed checkpoint's head, else the ridge on the untrained model's pooled prompt
-    states of the training essays; (None, None) without the flag; (None, error) when refused."""
+    states of the training essays, computed under the training autocast (the states the head then
+    trains on); (None, None) without the flag; (None, error) when refused."""
     from modules import dist
+    from modules.precision import training_autocast
     from modules.score_head import initial_head, load_head
 
     if args.head_layer is None:
@@ -493,7 +510,8 @@ def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_recor
     device = model.get_input_embeddings().weight.device
     try:
         if resume is None:
-            head = initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed)
+            with training_autocast(precision, device):
+                head = initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed)
         else:
             head = load_head(resume[0], device)
             if head is None:
@@ -508,9 +526,8 @@ def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, pr
     """--cache_frozen_layers: every training and validation example gains its states entering the
     first adapted layer (computed once, under the training autocast), after a check that the cached
     path gives a full forward's logits. Returns (that layer or 0, error)."""
-    import torch
-
     from modules.frozen_cache import check_cached_forward, first_adapted_layer, with_frozen_states
+    from modules.precision import training_autocast
 
     if not args.cache_frozen_layers:
         return 0, None
@@ -527,7 +544,7 @@ def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, pr
     if args.dry_run:  # the one batch it runs
         encoded["train"] = encoded["train"][: args.per_device_train_batch_size]
         encoded.pop("valid", None)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+    with training_autocast(precision, device):
         for name in encoded:
             encoded[name] = with_frozen_states(model, encoded[name], start)
     return start, None
@@ -604,7 +621,8 @@ def dry_run_forward(model, tokenizer, examples: list, loss_config, device, head=
 def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, loss_config, run_dir: Path, device,
                   precision, head=None, frozen_start: int = 0):
     """The CustomTrainer: evaluation and a checkpoint each epoch (or --eval_steps), the best
-    checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping;
+    checkpoint by eval loss loaded at the end (unless --no-load_best_model_at_end), early stopping
+    (with --eval_strategy no: the checkpoints only);
     bf16 autocast as ``precision`` (modules.precision) chose."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
@@ -612,7 +630,8 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
     from modules.encoding import ScoringCollator
     from modules.trainer import LABEL_NAMES, CustomTrainer
 
-    strategy = "steps" if args.eval_steps else "epoch"
+    strategy = checkpoint_strategy(args)
+    evaluate = args.eval_strategy != "no"
     training_args = TrainingArguments(
         output_dir=str(run_dir), run_name=run_dir.name, seed=args.seed,
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
@@ -620,7 +639,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        eval_strategy=strategy, save_strategy=strategy, eval_steps=args.eval_steps, save_steps=args.eval_steps,
+        eval_strategy=strategy if evaluate else "no", save_strategy=strategy, eval_steps=args.eval_steps, save_steps=args.eval_steps,
         load_best_model_at_end=args.load_best_model_at_end, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=setup_wandb(args, run_dir),
         label_names=LABEL_NAMES, remove_unused_columns=False, prediction_loss_only=True,
@@ -632,7 +651,8 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, encoded: dict, los
                          eval_dataset=encoded["valid"], data_collator=ScoringCollator(tokenizer.pad_token_id),
                          loss_config=loss_config, score_head=head, head_weight=args.head_weight,
                          head_learning_rate=args.head_learning_rate, frozen_start=frozen_start,
-                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)])
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)]
+                         if evaluate else [])
 
 
 def start_manifest(args: argparse.Namespace, run_dir: Path, device, model, info, splits, max_prompt_tokens: int,

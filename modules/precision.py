@@ -122,6 +122,13 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, chosen, reason, native)
 
 
+def training_autocast(precision: Precision, device: torch.device) -> torch.autocast:
+    """The autocast a training run computes under, for the passes it makes outside the Trainer (the
+    score head's starting ridge, the frozen-layer cache): bf16 where ``precision`` chose it, a
+    context that changes nothing where it chose float32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision.bf16)
+
+
 def slow_bf16_warning(precision: Precision, device: torch.device) -> str | None:
     """The warning for bf16 forced on a CPU that emulates it, None otherwise."""
     if precision.bf16 and torch.device(device).type == "cpu" and precision.native_bf16 is False:

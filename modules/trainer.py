@@ -265,6 +265,14 @@ class CustomTrainer(Trainer):
             self._term_count += 1
         return (total, outputs) if return_outputs else total
 
+    def evaluate(self, *args, **kwargs):
+        # An evaluation draws from the global RNG (each DataLoader iterator takes a base seed), which
+        # would shift the LoRA dropout masks of every later step: forked, it leaves the training, and
+        # so the adapter, the same whether and however often the run evaluates (--eval_strategy).
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.score_head is not None and self.args.should_save:

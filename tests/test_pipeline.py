@@ -70,7 +70,7 @@ def test_dry_run_prints_every_loss_term(small_data):
 # An evaluation and a checkpoint after every step, at a learning rate high enough that the eval
 # loss goes up and down: the best checkpoint is not the last one, and early stopping ends the run.
 EARLY_STOP_FLAGS = ["--eval_steps", "1", "--early_stopping_patience", "2", "--learning_rate", "0.05",
-                    "--max_steps", "8"]
+                    "--max_steps", "12"]
 
 
 def early_stop_step(evals: list[tuple[int, float]], patience: int, resumed_at: int = 0) -> int | None:
@@ -130,8 +130,34 @@ def test_no_load_best_model_at_end_keeps_the_last_step(small_data, tmp_path):
     result = run_cli(*TRAIN_FLAGS, *EARLY_STOP_FLAGS, "--data_dir", str(small_data), "--output_dir", str(run_dir),
                      "--no_wandb", "--no-load_best_model_at_end", "--test_limit", "1", "--no_weighted")
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = check_training_record(run_dir, max_steps=8, kept="last")
+    manifest = check_training_record(run_dir, max_steps=12, kept="last")
     assert manifest["config"]["load_best_model_at_end"] is False
+
+
+def test_eval_strategy_no_trains_the_same_adapter_without_evaluating(small_data, tmp_path):
+    """--eval_strategy no only drops the evaluations: with --no-load_best_model_at_end they choose
+    nothing, so the adapter is the evaluated run's bit for bit, and the checkpoints are still saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    flags = [*TRAIN_FLAGS, "--data_dir", str(small_data), "--no_wandb", "--no-load_best_model_at_end", "--max_steps", "4",
+             "--learning_rate", "0.05", "--skip_scoring"]
+    runs = {}
+    for name, extra in (("evaluated", []), ("not", ["--eval_strategy", "no"])):
+        result = run_cli(*flags, *extra, "--output_dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        history = json.loads((tmp_path / name / "log_history.json").read_text())
+        runs[name] = (load_file(tmp_path / name / "adapter_model.safetensors"),
+                      [h["step"] for h in history if "eval_loss" in h],
+                      sorted(p.name for p in (tmp_path / name).glob("checkpoint-*")))
+    (evaluated, eval_steps, checkpoints), (plain, no_evals, plain_checkpoints) = runs["evaluated"], runs["not"]
+    assert eval_steps == [2, 4] and no_evals == []
+    assert checkpoints == plain_checkpoints == ["checkpoint-2", "checkpoint-4"]
+    assert evaluated.keys() == plain.keys() and all(torch.equal(evaluated[k], plain[k]) for k in evaluated)
+    refused = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--eval_strategy", "no")
+    assert refused.returncode == 2 and "add --no-load_best_model_at_end" in refused.stderr
+    mismatched = run_cli(*TRAIN_FLAGS, "--data_dir", str(small_data), "--eval_strategy", "epoch")
+    assert mismatched.returncode == 2 and "evaluates where it saves, every --eval_steps" in mismatched.stderr
 
 
 def test_train_infer_evaluate_and_resume(small_data, tmp_path):
@@ -150,7 +176,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "tiny-random-llama"
     assert adapter_config["layers_to_transform"] == [1]  # the tiny model's top layer of 2
-    manifest = check_training_record(run_dir, max_steps=8)
+    manifest = check_training_record(run_dir, max_steps=12)
     last = manifest["train"]["global_step"]
     assert manifest["seed"] == 42
     assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
@@ -222,7 +248,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
     assert (f"python main_pipeline.py --base_model_name tiny-random-llama --adapter_dir {run_dir} "
             f"--score_path new_essays.jsonl") in card
 
-    # Resume from the newest checkpoint (where early stopping ended the run) up to 8 steps: step
+    # Resume from the newest checkpoint (where early stopping ended the run) up to 12 steps: step
     # count, log history, optimizer state and the best checkpoint so far come back, and the
     # resumed run stops early again, its patience counted from the resume.
     state_before = json.loads((run_dir / f"checkpoint-{last}" / "trainer_state.json").read_text())
@@ -231,7 +257,7 @@ def test_train_infer_evaluate_and_resume(small_data, tmp_path):
                       str(run_dir), "--no_wandb", "--lora_top_layers", "1", "--group_by_length")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run_dir / f'checkpoint-{last}'} (global step {last})" in resumed.stdout
-    resumed_manifest = check_training_record(run_dir, max_steps=8, resumed_at=last)
+    resumed_manifest = check_training_record(run_dir, max_steps=12, resumed_at=last)
     now = resumed_manifest["train"]["global_step"]
     assert now > last
     state_after = json.loads((run_dir / f"checkpoint-{now}" / "trainer_state.json").read_text())

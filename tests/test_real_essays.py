@@ -264,8 +264,8 @@ def test_ell_table_has_mcrmse_with_expected_scores(tmp_path: Path, capsys) -> No
 
 def test_benchmark_defaults_per_corpus() -> None:
     args = bench.parse_args(["--corpus", "ell"])
-    assert (args.train_essays, args.epochs, args.test_essays, args.m) == (800, 1.5, 200, 5)
-    # ELL draws 5 self-consistency samples to fit the hour; the ASAP corpora 10; --m overrides either
+    assert (args.train_essays, args.epochs, args.test_essays, args.m) == (800, 1.5, 200, 3)
+    # ELL draws 3 self-consistency samples to fit the hour; the ASAP corpora 10; --m overrides either
     assert [bench.parse_args(a).m for a in ([], ["--corpus", "asap-traits"], ["--corpus", "ell", "--m", "10"])] \
         == [10, 10, 10]
     assert args.input.endswith("ell/ell_train.csv") and bench.corpus_key(args) == "ell"
@@ -604,6 +604,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     assert saved["corpus"] == "ell" and saved["variant"] == "ce+ntl" and not saved["replicate"]
     # the recipe keeps the last step's weights: main_pipeline.py's run folder says which checkpoint
     assert saved["config"]["load_best_model_at_end"] is False and saved["training"]["kept_checkpoint"] == "checkpoint-2"
+    assert saved["training"]["eval_loss"] == []  # so no in-training evaluation: it would choose nothing
     # no machine paths: the input file and every folder relative to the repository
     assert saved["config"]["input"] == os.path.relpath(tmp_path / "ell.csv", ROOT) and saved["data"]["input"] == "ell.csv"
     assert not [token for token in saved["command"].split() if os.path.isabs(token)]

@@ -98,6 +98,37 @@ def test_head_features_run_only_the_layers_up_to_the_head(tiny, shipped):
         np.testing.assert_array_equal(features, whole)
 
 
+def test_the_starting_ridge_reads_the_states_under_the_training_autocast(tiny):
+    """main_pipeline fits the head's starting ridge on the states the head then trains on: under bf16
+    autocast where the run's precision chose bf16 (the same head as :func:`initial_head` called under
+    that autocast, bit for bit), in float32 where it chose float32."""
+    import argparse
+
+    import main_pipeline
+    from modules.precision import Precision
+
+    model, tok = tiny
+    info = load_dataset_info("aes_dataset_mtl")
+    records = load_split("aes_dataset_mtl/train.jsonl", info)[:12]
+    settings = PromptSettings()
+    args = argparse.Namespace(head_layer=1, seed=0)
+
+    def started(chosen: str) -> H.ScoreHead:
+        head, error = main_pipeline.score_head_for(args, model, tok, info, records, settings, None,
+                                                   Precision(chosen, chosen, "test", True))
+        assert error is None
+        del model.score_head  # score_head_for attaches it; the fixture model is shared
+        return head
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_by_hand = H.initial_head(model, tok, records, info, settings, 1, seed=0)
+    fp32_by_hand = H.initial_head(model, tok, records, info, settings, 1, seed=0)
+    bf16, fp32 = started("bf16"), started("fp32")
+    torch.testing.assert_close(bf16.state_dict(), bf16_by_hand.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(fp32.state_dict(), fp32_by_hand.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(bf16.feature_mean, fp32.feature_mean)  # bf16 states are not float32's
+
+
 def test_the_head_starts_as_the_ridge_and_its_file_keeps_it(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)) * [1, 5, 0.1, 2, 3, 1] + [0, 10, -3, 0, 1, 0]
