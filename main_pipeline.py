@@ -389,10 +389,12 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
         return stop(f"--lora_top_layers {args.lora_top_layers}: {err}")
     loss_config = loss_config_for(args, number_values)
     settings = PromptSettings(args.mtl, args.prompt_format, max_prompt_tokens)
-    head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume, precision)
+    frozen_start, error = cache_frozen_layers(args, model, encoded, precision, device)
     if error:
         return stop(error)
-    frozen_start, error = cache_frozen_layers(args, model, encoded, head, precision, device)
+    head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume, precision,
+                                 cached=encoded["train"] if frozen_start and not args.dry_run else None,
+                                 frozen_start=frozen_start)
     if error:
         return stop(error)
     if args.dry_run:
@@ -494,14 +496,16 @@ def encode_splits(args: argparse.Namespace, info, splits, tokenizer, number_valu
 
 
 def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_records: list, settings: PromptSettings,
-                   resume, precision) -> tuple[object, str | None]:
+                   resume, precision, cached: list[dict] | None = None,
+                   frozen_start: int = 0) -> tuple[object, str | None]:
     """--head_layer: (the score head, None) attached to the model as ``score_head`` (so the optimizer
     trains it): the resumed checkpoint's head, else the ridge on the untrained model's pooled prompt
     states of the training essays, computed under the training autocast (the states the head then
-    trains on); (None, None) without the flag; (None, error) when refused."""
+    trains on), from ``cached`` (the training examples with their frozen-layer cache entering layer
+    ``frozen_start``) where given; (None, None) without the flag; (None, error) when refused."""
     from modules import dist
     from modules.precision import training_autocast
-    from modules.score_head import initial_head, load_head
+    from modules.score_head import cached_prompt_features, initial_head, load_head
 
     if args.head_layer is None:
         return None, None
@@ -511,7 +515,10 @@ def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_recor
     try:
         if resume is None:
             with training_autocast(precision, device):
-                head = initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed)
+                features = (None if cached is None
+                            else cached_prompt_features(model, cached, frozen_start, args.head_layer))
+                head = initial_head(model, tokenizer, train_records, info, settings, args.head_layer, seed=args.seed,
+                                    features=features)
         else:
             head = load_head(resume[0], device)
             if head is None:
@@ -522,18 +529,19 @@ def score_head_for(args: argparse.Namespace, model, tokenizer, info, train_recor
     return head, None
 
 
-def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, precision, device) -> tuple[int, str | None]:
+def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, precision, device) -> tuple[int, str | None]:
     """--cache_frozen_layers: every training and validation example gains its states entering the
     first adapted layer (computed once, under the training autocast), after a check that the cached
-    path gives a full forward's logits. Returns (that layer or 0, error)."""
+    path gives a full forward's logits; the score head's starting ridge then reads them too. Returns
+    (that layer or 0, error)."""
     from modules.frozen_cache import check_cached_forward, first_adapted_layer, with_frozen_states
     from modules.precision import training_autocast
 
     if not args.cache_frozen_layers:
         return 0, None
     start = first_adapted_layer(model)
-    if head is not None and head.layer < start:
-        return 0, (f"--head_layer {head.layer} reads below the first adapted layer {start}; with "
+    if args.head_layer is not None and args.head_layer < start:
+        return 0, (f"--head_layer {args.head_layer} reads below the first adapted layer {start}; with "
                    f"--cache_frozen_layers it must be {start} or more")
     try:
         gap = check_cached_forward(model, encoded["train"][0], start)
@@ -546,6 +554,8 @@ def cache_frozen_layers(args: argparse.Namespace, model, encoded: dict, head, pr
         encoded.pop("valid", None)
     with training_autocast(precision, device):
         for name in encoded:
+            if name == "valid" and args.eval_strategy == "no":  # never evaluated: nothing to cache
+                continue
             encoded[name] = with_frozen_states(model, encoded[name], start)
     return start, None
 

@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--load_best_model_at_end", action=argparse.BooleanOptionalAction, default=False,
                    help="main_pipeline.py's flag; the recipe keeps the last step's weights (docs/results.md, levers)")
-    p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer)")
+    p.add_argument("--top_layers", type=int, default=0, help="main_pipeline.py --lora_top_layers (0: every layer); N > 0 also caches the frozen layers "
+                        "below (--cache_frozen_layers)")
     p.add_argument("--head_layer", type=int, default=None,
                    help="main_pipeline.py --head_layer: a score head trained with the LoRA (its 'head' row); "
                         "default: the corpus's (asap: 21, asap-traits: 20, ell: 19)")
@@ -255,6 +256,9 @@ def train(args: argparse.Namespace, data_dir: Path, run_dir: Path, ntl_weight: f
            "--per_device_train_batch_size", str(args.batch_size),
            "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.learning_rate),
            "--lora_top_layers", str(args.top_layers), "--lora_target_modules", args.target_modules,
+           # LoRA on the top layers only: the frozen ones below run once per essay (the same training,
+           # tested to 1e-5), and the head's starting ridge reads that pass too
+           *(["--cache_frozen_layers"] if args.top_layers else []),
            # keeping the last step, the in-training evaluations would choose nothing: skip their time
            *(["--load_best_model_at_end"] if args.load_best_model_at_end
              else ["--no-load_best_model_at_end", "--eval_strategy", "no"]),

@@ -106,10 +106,11 @@ def with_frozen_states(model, examples: Sequence[dict], start: int) -> list[dict
     return [{**ex, STATES_KEY: state} for ex, state in zip(examples, frozen_states(model, examples, start))]
 
 
-def cached_forward(model, states: torch.Tensor, start: int, **kwargs):
+def cached_forward(model, states: torch.Tensor, start: int, stop: int | None = None, **kwargs):
     """The model's outputs from ``states`` [B, T, D] entering layer ``start`` (``kwargs``: the
-    attention mask, positions, ``logits_to_keep``, ...); hidden-state index l is l - start here."""
-    with layers_from(model, start):
+    attention mask, positions, ``logits_to_keep``, ...), through layer ``stop - 1`` (default: the
+    last); hidden-state index l is l - start here."""
+    with layers_from(model, start, stop):
         return model(inputs_embeds=states.to(decoder(model).norm.weight.dtype), **kwargs)
 
 

@@ -142,15 +142,48 @@ def prompt_features(model, tokenizer, prompts: Sequence[str], layer: int) -> np.
     return np.stack(rows)
 
 
-def initial_head(model, tokenizer, records: Sequence, info, settings, layer: int, seed: int = 0) -> ScoreHead:
+def cached_prompt_features(model, examples: Sequence[dict], start: int, layer: int) -> np.ndarray:
+    """float32 [N, D]: :func:`prompt_features` of the training ``examples`` read from their
+    frozen-layer cache (``frozen_states``, the states entering decoder layer ``start`` <= ``layer``;
+    :mod:`modules.frozen_cache`): only layers ``start`` .. ``layer`` run, so the starting ridge
+    costs no pass of its own through the frozen layers. Each example holds its prompt and then its
+    target; a prompt position's states never see the target after it, so these are the prompt's
+    own pooled states, to float rounding."""
+    from modules.frozen_cache import STATES_KEY, cached_forward, decoder
+    from modules.scoring import eval_mode
+
+    if layer < start:
+        raise ValueError(f"--head_layer {layer} reads below the first adapted layer {start}")
+    stop = layer + 1 if layer < model.config.num_hidden_layers else None  # as prompt_features cuts
+    device = decoder(model).norm.weight.device
+    rows = []
+    with eval_mode(model), torch.inference_mode():
+        for example in tqdm(examples, desc="head features (cached)", unit="essay", disable=None):
+            states = example[STATES_KEY][None].to(device)
+            mask = torch.ones(states.shape[:2], dtype=torch.long, device=device)
+            if layer == start:
+                hidden = states
+            else:
+                hidden = cached_forward(model, states, start, stop=stop, attention_mask=mask, logits_to_keep=1,
+                                        use_cache=False, output_hidden_states=True).hidden_states[layer - start]
+            positions = prompt_positions(mask, torch.tensor([example["labels"]], device=device))
+            rows.append(pool_states(hidden, positions)[0].cpu().numpy())
+    return np.stack(rows)
+
+
+def initial_head(model, tokenizer, records: Sequence, info, settings, layer: int, seed: int = 0,
+                 features: np.ndarray | None = None) -> ScoreHead:
     """The head before training: the ridge on the (still untrained) model's pooled prompt states of
-    the training ``records`` (:func:`head_from_ridge`), in float32 on the model's device."""
+    the training ``records`` (:func:`head_from_ridge`), in float32 on the model's device.
+    ``features``: those states already pooled, one row per record (:func:`cached_prompt_features`);
+    else :func:`prompt_features` computes them."""
     from modules.probe import fit_ridge
 
     n_states = model.config.num_hidden_layers + 1
     if not 0 <= layer < n_states:
         raise ValueError(f"--head_layer {layer}: the model has hidden-state indices 0..{n_states - 1}")
-    feats = prompt_features(model, tokenizer, [settings.prompt(r, info, tokenizer) for r in records], layer)
+    feats = features if features is not None else prompt_features(
+        model, tokenizer, [settings.prompt(r, info, tokenizer) for r in records], layer)
     gold = np.array([r.scores for r in records], dtype=np.float64)
     fit = fit_ridge(feats, gold, seed=seed)
     logger.info("score head: layer %d, initial ridge alpha %s", layer, ", ".join(f"{a:g}" for a in fit.alpha))

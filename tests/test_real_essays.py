@@ -722,14 +722,18 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
         assert entry["rows"]["weighted"] == [p["weighted"] for p in scored]
         assert entry["rows"]["greedy"] == [p["greedy"] for p in scored]
     # a score head (--head_layer): its row and unrounded output, from the head the run saved; its
-    # recipe is its own group in the tables
+    # recipe is its own group in the tables. LoRA on the top layer only, so the layer below is cached
+    # and the head's starting ridge reads the cache
     with_head_argv = [a for a in argv if a != "--no_head"]
-    assert bench.main([*with_head_argv, "--seed", "2", "--replicate", "--head_layer", "1", "--head_learning_rate", "0.01"]) == 0
+    assert bench.main([*with_head_argv, "--seed", "2", "--replicate", "--head_layer", "1", "--head_learning_rate", "0.01",
+                       "--top_layers", "1"]) == 0
     [head_path] = list((out / "results" / "ell").glob("ce-ntl_seed2_*.json"))
     with_head = json.loads(head_path.read_text())
     assert with_head["rows"] == ["greedy", "weighted", "head"] and with_head["config"]["head_layer"] == 1
     run_dir = out / "run_ce+ntl_seed2"
-    assert json.loads((run_dir / "run_manifest.json").read_text())["config"]["head_learning_rate"] == 0.01
+    run_config = json.loads((run_dir / "run_manifest.json").read_text())["config"]
+    assert (run_config["head_learning_rate"], run_config["lora_top_layers"], run_config["cache_frozen_layers"]) \
+        == (0.01, 1, True)
     model, tokenizer = load_adapter("tiny-random-llama", run_dir)
     head = load_head(run_dir)
     scored = predict_split(model, tokenizer, load_split(out / "data_seed0" / "valid.jsonl", info), info,

@@ -98,6 +98,33 @@ def test_head_features_run_only_the_layers_up_to_the_head(tiny, shipped):
         np.testing.assert_array_equal(features, whole)
 
 
+def test_head_features_from_the_frozen_layer_cache_are_the_prompts_own(tiny, shipped):
+    """With --cache_frozen_layers the starting ridge reads each training example's cached states
+    (prompt then target) through layers start..head only: the prompt-alone features to 1e-5, at
+    every head layer from the cache's up to the last (normed) index."""
+    from transformers import LlamaForCausalLM
+
+    from modules.frozen_cache import with_frozen_states
+
+    _, tok = tiny
+    info, records = shipped
+    config = tiny[0].config.to_dict()
+    config["num_hidden_layers"] = 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(type(tiny[0].config).from_dict(config)).eval()
+    prompts = [PromptSettings().prompt(r, info, tok) for r in records[:3]]
+    examples = [encode_example(r, info, tok, number_values=number_token_values(tok)) for r in records[:3]]
+    for start in (1, 3):
+        cached = with_frozen_states(model, examples, start)
+        for head_layer in range(start, 5):
+            np.testing.assert_allclose(H.cached_prompt_features(model, cached, start, head_layer),
+                                       H.prompt_features(model, tok, prompts, head_layer), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="reads below the first adapted layer"):
+            H.cached_prompt_features(model, cached, start, start - 1)
+    assert len(model.model.layers) == 4  # the stack is whole again
+
+
 def test_the_starting_ridge_reads_the_states_under_the_training_autocast(tiny):
     """main_pipeline fits the head's starting ridge on the states the head then trains on: under bf16
     autocast where the run's precision chose bf16 (the same head as :func:`initial_head` called under
