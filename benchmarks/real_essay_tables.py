@@ -217,7 +217,7 @@ def runs_table(group: Group) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(group.results, key=lambda r: (list(VARIANT_NAMES).index(r["variant"]), r["seed"])):
         train = r.get("training", {})
-        losses = ", ".join(f"{loss:.3f}" for _, loss in train.get("eval_loss", []))
+        losses = ", ".join(f"{loss:.3f}" for _, loss in train.get("eval_loss", [])) or "not evaluated"
         machine, git = r.get("machine", {}), r.get("git", {})
         rows = "all" if not r.get("replicate") else ", ".join(r["rows"])
         lines.append(f"| {VARIANT_NAMES[r['variant']]}, seed {r['seed']} | {rows} | {minutes(r.get('timings', {}).get('total'))} "

@@ -605,6 +605,7 @@ def test_benchmark_end_to_end_on_a_tiny_ell_file(tmp_path: Path, monkeypatch, ca
     # the recipe keeps the last step's weights: main_pipeline.py's run folder says which checkpoint
     assert saved["config"]["load_best_model_at_end"] is False and saved["training"]["kept_checkpoint"] == "checkpoint-2"
     assert saved["training"]["eval_loss"] == []  # so no in-training evaluation: it would choose nothing
+    assert "| not evaluated (checkpoint-2) |" in printed
     # no machine paths: the input file and every folder relative to the repository
     assert saved["config"]["input"] == os.path.relpath(tmp_path / "ell.csv", ROOT) and saved["data"]["input"] == "ell.csv"
     assert not [token for token in saved["command"].split() if os.path.isabs(token)]
