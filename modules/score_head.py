@@ -124,6 +124,13 @@ def head_from_ridge(fit, layer: int, gold: np.ndarray, rubric_names: Sequence[st
     return head
 
 
+def stack_stop(model, layer: int) -> int | None:
+    """Where a pass that reads hidden-state index ``layer`` may cut the decoder stack: one layer more
+    than it reads, since the model normalises its last layer's output (hidden-state index n is
+    norm(L_{n-1}(...))), so a cut stack's last index is not the full pass's; None for the last index."""
+    return layer + 1 if layer < model.config.num_hidden_layers else None
+
+
 def prompt_features(model, tokenizer, prompts: Sequence[str], layer: int) -> np.ndarray:
     """float32 [N, D]: each prompt run alone through ``model`` (:func:`modules.scoring.prefill`, as
     scoring runs it), its states of ``layer`` pooled (module docstring). Only the decoder layers up
@@ -132,9 +139,7 @@ def prompt_features(model, tokenizer, prompts: Sequence[str], layer: int) -> np.
     from modules.frozen_cache import layers_from
     from modules.scoring import eval_mode, prefill
 
-    # One layer more than the head reads: the model normalises its last layer's output (hidden-state
-    # index n is norm(L_{n-1}(...))), so the cut stack's last index is not the full pass's.
-    stop = layer + 1 if layer < model.config.num_hidden_layers else None
+    stop = stack_stop(model, layer)
     rows = []
     with eval_mode(model), torch.inference_mode(), layers_from(model, 0, stop):
         for prompt in tqdm(prompts, desc="head features", unit="essay", disable=None):
@@ -154,7 +159,7 @@ def cached_prompt_features(model, examples: Sequence[dict], start: int, layer: i
 
     if layer < start:
         raise ValueError(f"--head_layer {layer} reads below the first adapted layer {start}")
-    stop = layer + 1 if layer < model.config.num_hidden_layers else None  # as prompt_features cuts
+    stop = stack_stop(model, layer)
     device = decoder(model).norm.weight.device
     rows = []
     with eval_mode(model), torch.inference_mode():
