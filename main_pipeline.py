@@ -392,6 +392,7 @@ def run(args: argparse.Namespace, info, splits, device, resume: tuple[Path, dict
     frozen_start, error = cache_frozen_layers(args, model, encoded, precision, device)
     if error:
         return stop(error)
+    # a dry run caches one batch only, so its starting ridge reads every training essay the uncached way
     head, error = score_head_for(args, model, tokenizer, info, splits["train"], settings, resume, precision,
                                  cached=encoded["train"] if frozen_start and not args.dry_run else None,
                                  frozen_start=frozen_start)
